@@ -1,0 +1,58 @@
+# balloon-hints — every set-up step lives here, so a fresh clone needs only Python 3.11 and make.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv install test test-fast bench lint demo chaos system-deps deploy-test container-test clean
+
+help:
+	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
+	@echo "make test        install what the tests need and run them"
+	@echo "make bench       run the benchmark suite and rewrite docs/PERFORMANCE.md"
+	@echo "make chaos       long crash test: host and guests killed at random, no page may be lost"
+	@echo "make lint        ruff"
+	@echo "make deploy-test slower checks of deploy/ (real Prometheus, schemas)"
+	@echo "make container-test build and run the image with podman"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,plot,dev]'
+	@touch $(STAMP)
+
+venv install: $(STAMP)
+
+# Debian packages the tests use (promtool). Installed only when missing and only where
+# apt-get can run as root (CI, fresh machines); elsewhere the dependent tests skip loudly.
+system-deps:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus for promtool"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing and cannot apt-get install it: promtool tests will skip"; fi; \
+	fi
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check shared guest_agent host_daemon tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+demo: $(STAMP)
+	$(BIN)/python -m guest_agent.demo
+
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

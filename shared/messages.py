@@ -1,0 +1,436 @@
+"""The v1 message set: one small typed class per message, to and from msgpack arrays.
+
+Every message on the wire is a msgpack array whose first element is its type number
+(DESIGN §3). ``from_wire`` checks the shape and the type of every field and raises
+RemoteProtocolError ``bad-shape`` (or a more specific code) — the parsers never trust
+a length or a count the peer chose. Maps use string keys; unknown map keys are ignored
+so that later minor versions can add optional fields.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .errors import RemoteProtocolError
+
+U64_MAX = (1 << 64) - 1
+GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MAX_FEATURES = 32
+MAX_NAME_LEN = 64
+MAX_TEXT_LEN = 1024
+MAX_STATS = 64
+
+
+class MessageType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REPORT = 3
+    ACK = 4
+    REUSE = 5
+    INFLATE = 6
+    DEFLATE = 7
+    TARGET = 8
+    HINT_START = 9
+    HINT = 10
+    HINT_DONE = 11
+    HINT_STOP = 12
+    STATS = 13
+    PING = 14
+    ERROR = 15
+    PONG = 16
+    BYE = 17
+
+
+# --- field checks -------------------------------------------------------------------
+
+
+def _bad(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError("bad-shape", detail)
+
+
+def _uint(value: Any, what: str, maximum: int = U64_MAX) -> int:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise _bad(f"{what} must be an integer in 0..{maximum}, got {value!r:.60}")
+    return value
+
+
+def _text(value: Any, what: str, maximum: int = MAX_TEXT_LEN) -> str:
+    if type(value) is not str or len(value) > maximum:
+        raise _bad(f"{what} must be a string of at most {maximum} characters")
+    return value
+
+
+def _payload(value: Any, what: str = "payload") -> bytes:
+    if type(value) is not bytes:
+        raise _bad(f"{what} must be msgpack bin, got {type(value).__name__}")
+    return value
+
+
+def _features(value: Any) -> tuple[str, ...]:
+    if type(value) is not list or len(value) > MAX_FEATURES:
+        raise _bad(f"features must be a list of at most {MAX_FEATURES} strings")
+    return tuple(_text(name, "feature name", MAX_NAME_LEN) for name in value)
+
+
+def _map(value: Any, what: str) -> dict:
+    if type(value) is not dict or not all(type(key) is str for key in value):
+        raise _bad(f"{what} must be a map with string keys")
+    return value
+
+
+def _require(fields: dict, key: str, what: str) -> Any:
+    if key not in fields:
+        raise _bad(f"{what} lacks required key {key!r}")
+    return fields[key]
+
+
+def valid_guest_id(name: str) -> bool:
+    """Guest ids name RAM files and metric labels, so they are kept to a safe alphabet."""
+    return type(name) is str and GUEST_ID.fullmatch(name) is not None
+
+
+# --- message classes ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Message:
+    TYPE: ClassVar[MessageType]
+    ARITY: ClassVar[int]
+
+    def to_wire(self) -> list:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, fields: list) -> Message:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Hello(Message):
+    """Guest → host, first message: who I am, how much RAM, which features I offer."""
+
+    TYPE: ClassVar = MessageType.HELLO
+    ARITY: ClassVar = 2
+    guest: str
+    pages: int
+    features: tuple[str, ...] = ()
+    version: int = 1
+    page_size: int = 4096
+    token: str | None = None
+
+    def to_wire(self) -> list:
+        body = {
+            "version": self.version,
+            "guest": self.guest,
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "features": list(self.features),
+        }
+        if self.token is not None:
+            body["token"] = self.token
+        return [int(self.TYPE), body]
+
+    @classmethod
+    def parse(cls, fields: list) -> Hello:
+        body = _map(fields[1], "HELLO body")
+        token = body.get("token")
+        return cls(
+            version=_uint(_require(body, "version", "HELLO"), "version"),
+            guest=_text(_require(body, "guest", "HELLO"), "guest", MAX_NAME_LEN),
+            page_size=_uint(_require(body, "page_size", "HELLO"), "page_size"),
+            pages=_uint(_require(body, "pages", "HELLO"), "pages", 1 << 52),
+            features=_features(_require(body, "features", "HELLO")),
+            token=None if token is None else _text(token, "token", 256),
+        )
+
+
+@dataclass(slots=True)
+class Welcome(Message):
+    """Host → guest: the accepted features, the window and the batch limit."""
+
+    TYPE: ClassVar = MessageType.WELCOME
+    ARITY: ClassVar = 2
+    window: int
+    max_ranges: int
+    features: tuple[str, ...] = ()
+    version: int = 1
+    max_message_bytes: int | None = None
+    ram_file: str | None = None
+
+    def to_wire(self) -> list:
+        body: dict[str, Any] = {
+            "version": self.version,
+            "window": self.window,
+            "max_ranges": self.max_ranges,
+            "features": list(self.features),
+        }
+        if self.max_message_bytes is not None:
+            body["max_message_bytes"] = self.max_message_bytes
+        if self.ram_file is not None:
+            body["ram_file"] = self.ram_file
+        return [int(self.TYPE), body]
+
+    @classmethod
+    def parse(cls, fields: list) -> Welcome:
+        body = _map(fields[1], "WELCOME body")
+        window = _uint(_require(body, "window", "WELCOME"), "window", 1 << 16)
+        max_ranges = _uint(_require(body, "max_ranges", "WELCOME"), "max_ranges", 1 << 24)
+        if window < 1 or max_ranges < 1:
+            raise _bad("window and max_ranges must be at least 1")
+        mmb = body.get("max_message_bytes")
+        ram_file = body.get("ram_file")
+        return cls(
+            version=_uint(_require(body, "version", "WELCOME"), "version"),
+            window=window,
+            max_ranges=max_ranges,
+            features=_features(_require(body, "features", "WELCOME")),
+            max_message_bytes=None if mmb is None else _uint(mmb, "max_message_bytes"),
+            ram_file=None if ram_file is None else _text(ram_file, "ram_file", 4096),
+        )
+
+
+@dataclass(slots=True)
+class Batch(Message):
+    """A batch of ranges that the host must ACK: ``[type, seq, payload]``.
+
+    ``pfns``/``counts`` are filled in by the receiving connection after it decodes the
+    payload with the negotiated encoding; they are not part of the wire form.
+    """
+
+    ARITY: ClassVar = 3
+    payload: bytes
+    seq: int | None = None
+    pfns: np.ndarray | None = field(default=None, compare=False, repr=False)
+    counts: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.seq, self.payload]
+
+    @classmethod
+    def parse(cls, fields: list) -> Batch:
+        return cls(seq=_uint(fields[1], "seq"), payload=_payload(fields[2]))
+
+
+@dataclass(slots=True)
+class Report(Batch):
+    """Free page report; the guest keeps the pages isolated until the ACK."""
+
+    TYPE: ClassVar = MessageType.REPORT
+
+
+@dataclass(slots=True)
+class Reuse(Batch):
+    """The guest takes back pages it reported earlier (before it touches them)."""
+
+    TYPE: ClassVar = MessageType.REUSE
+
+
+@dataclass(slots=True)
+class Inflate(Batch):
+    """Pages the guest put into the balloon: the host may discard them."""
+
+    TYPE: ClassVar = MessageType.INFLATE
+
+
+@dataclass(slots=True)
+class Deflate(Batch):
+    """Pages the guest takes out of the balloon; it frees them only after the ACK."""
+
+    TYPE: ClassVar = MessageType.DEFLATE
+
+
+@dataclass(slots=True)
+class Hint(Batch):
+    """Free page hints for migration command ``cmd_id``: ``[10, seq, cmd_id, payload]``."""
+
+    TYPE: ClassVar = MessageType.HINT
+    ARITY: ClassVar = 4
+    cmd_id: int = 0
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.seq, self.cmd_id, self.payload]
+
+    @classmethod
+    def parse(cls, fields: list) -> Hint:
+        return cls(
+            seq=_uint(fields[1], "seq"),
+            cmd_id=_uint(fields[2], "cmd_id", 0xFFFFFFFF),
+            payload=_payload(fields[3]),
+        )
+
+
+@dataclass(slots=True)
+class Ack(Message):
+    """Host → guest: batch ``seq`` is applied; ``rejected_pages`` of it were skipped."""
+
+    TYPE: ClassVar = MessageType.ACK
+    ARITY: ClassVar = 3
+    seq: int
+    rejected_pages: int = 0
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.seq, self.rejected_pages]
+
+    @classmethod
+    def parse(cls, fields: list) -> Ack:
+        return cls(seq=_uint(fields[1], "seq"), rejected_pages=_uint(fields[2], "rejected_pages"))
+
+
+@dataclass(slots=True)
+class Target(Message):
+    """Host → guest: hold this many pages in the balloon."""
+
+    TYPE: ClassVar = MessageType.TARGET
+    ARITY: ClassVar = 2
+    pages: int
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.pages]
+
+    @classmethod
+    def parse(cls, fields: list) -> Target:
+        return cls(pages=_uint(fields[1], "pages", 1 << 52))
+
+
+@dataclass(slots=True)
+class _Command(Message):
+    ARITY: ClassVar = 2
+    cmd_id: int
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.cmd_id]
+
+    @classmethod
+    def parse(cls, fields: list) -> _Command:
+        return cls(cmd_id=_uint(fields[1], "cmd_id", 0xFFFFFFFF))
+
+
+@dataclass(slots=True)
+class HintStart(_Command):
+    """Host → guest: start hinting free pages for migration command ``cmd_id``."""
+
+    TYPE: ClassVar = MessageType.HINT_START
+
+
+@dataclass(slots=True)
+class HintDone(_Command):
+    """Guest → host: every free block has been hinted for ``cmd_id``."""
+
+    TYPE: ClassVar = MessageType.HINT_DONE
+
+
+@dataclass(slots=True)
+class HintStop(_Command):
+    """Host → guest: command ``cmd_id`` is over; hints tagged with it are now stale."""
+
+    TYPE: ClassVar = MessageType.HINT_STOP
+
+
+@dataclass(slots=True)
+class Stats(Message):
+    """Guest → host: virtio-balloon stats as ``[[tag, value], ...]``.
+
+    Tags 0..9 are in the virtio spec, 10..15 arrived with Linux 6.12; any other tag is
+    kept as is and must be ignored by consumers, never rejected.
+    """
+
+    TYPE: ClassVar = MessageType.STATS
+    ARITY: ClassVar = 2
+    values: dict[int, int] = field(default_factory=dict)
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), [[tag, value] for tag, value in self.values.items()]]
+
+    @classmethod
+    def parse(cls, fields: list) -> Stats:
+        pairs = fields[1]
+        if type(pairs) is not list or len(pairs) > MAX_STATS:
+            raise _bad(f"STATS must carry a list of at most {MAX_STATS} [tag, value] pairs")
+        values = {}
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise _bad("each STATS entry must be a [tag, value] pair")
+            values[_uint(pair[0], "stat tag", 0xFFFF)] = _uint(pair[1], "stat value")
+        return cls(values=values)
+
+
+@dataclass(slots=True)
+class Ping(Message):
+    """Either way: keepalive; the peer answers PONG with the same nonce."""
+
+    TYPE: ClassVar = MessageType.PING
+    ARITY: ClassVar = 2
+    nonce: int = 0
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.nonce]
+
+    @classmethod
+    def parse(cls, fields: list) -> Ping:
+        return cls(nonce=_uint(fields[1], "nonce"))
+
+
+@dataclass(slots=True)
+class Pong(Ping):
+    TYPE: ClassVar = MessageType.PONG
+
+
+@dataclass(slots=True)
+class Bye(Message):
+    """Either way: orderly goodbye; the sender closes after it."""
+
+    TYPE: ClassVar = MessageType.BYE
+    ARITY: ClassVar = 2
+    reason: str = ""
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.reason]
+
+    @classmethod
+    def parse(cls, fields: list) -> Bye:
+        return cls(reason=_text(fields[1], "reason"))
+
+
+@dataclass(slots=True)
+class Error(Message):
+    """Either way: fatal error with a stable code; the sender closes after it."""
+
+    TYPE: ClassVar = MessageType.ERROR
+    ARITY: ClassVar = 3
+    code: str
+    detail: str = ""
+
+    def to_wire(self) -> list:
+        return [int(self.TYPE), self.code, self.detail]
+
+    @classmethod
+    def parse(cls, fields: list) -> Error:
+        return cls(code=_text(fields[1], "code", MAX_NAME_LEN), detail=_text(fields[2], "detail"))
+
+
+BATCH_TYPES = (Report, Reuse, Inflate, Deflate, Hint)
+MESSAGE_CLASSES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Welcome, Report, Ack, Reuse, Inflate, Deflate, Target, HintStart, Hint,
+                HintDone, HintStop, Stats, Ping, Error, Pong, Bye)
+}
+
+
+def from_wire(obj: Any) -> Message:
+    """Build a message from one unpacked msgpack object, checking every field."""
+    if type(obj) is not list or not obj:
+        raise _bad("a message must be a non-empty msgpack array")
+    kind = obj[0]
+    if type(kind) is not int:
+        raise _bad("the first element of a message must be its integer type")
+    cls = MESSAGE_CLASSES.get(kind)
+    if cls is None:
+        raise RemoteProtocolError("unknown-type", f"message type {kind} is not defined in v1")
+    if len(obj) != cls.ARITY:
+        raise _bad(f"{cls.TYPE.name} has {cls.ARITY} elements, got {len(obj)}")
+    return cls.parse(obj)

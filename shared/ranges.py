@@ -1,0 +1,279 @@
+"""Range codec: the seed's 52-bit PFN + 12-bit length word, vectorized with numpy.
+
+Wire form (DESIGN §3, docs/PROTOCOL.md): each range is one unsigned 64-bit little-endian
+word ``(pfn << 12) | count`` with ``count`` in 1..4095. A count field of 0 is the escape:
+the *next* word holds the page count (>= 1). Encoders escape only counts >= 4096 — v6 of
+the 2016 series inlined 4096, which spills into PFN bit 0; we never do.
+
+No function here loops over ranges in Python: decoding resolves escapes with prefix
+scans, so a batch of any size costs a handful of numpy passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RemoteProtocolError
+
+WORD = np.dtype("<u8")
+PFN_BITS = 52
+COUNT_BITS = 12
+MAX_PFN = (1 << PFN_BITS) - 1
+MAX_INLINE_COUNT = (1 << COUNT_BITS) - 1  # 4095
+COUNT_MASK = np.uint64(MAX_INLINE_COUNT)
+SHIFT = np.uint64(COUNT_BITS)
+
+#: Legacy balloon: one 32-bit PFN per 4 KiB page, at most 256 per message.
+PFN32 = np.dtype("<u4")
+PFN32_MAX_PER_MESSAGE = 256
+
+
+def _as_u64(values, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional")
+    if array.size and array.dtype.kind == "i" and array.min() < 0:
+        raise ValueError(f"{name} must not be negative")
+    if array.dtype.kind not in "iu" and array.size:
+        raise ValueError(f"{name} must be integers, got {array.dtype}")
+    return array.astype(np.uint64, copy=False)
+
+
+def check_ranges(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Validate encoder input; raise ValueError for what the wire cannot carry."""
+    pfns = _as_u64(pfns, "pfns")
+    counts = _as_u64(counts, "counts")
+    if pfns.shape != counts.shape:
+        raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
+    if pfns.size:
+        if int(pfns.max()) > MAX_PFN:
+            raise ValueError(f"PFN {int(pfns.max()):#x} does not fit in {PFN_BITS} bits")
+        if int(counts.min()) == 0:
+            raise ValueError("a range must cover at least one page")
+    return pfns, counts
+
+
+def words_needed(counts) -> int:
+    """Words the canonical encoding of these counts takes (escaped ranges take two)."""
+    counts = np.asarray(counts, dtype=np.uint64)
+    return int(counts.size + np.count_nonzero(counts > MAX_INLINE_COUNT))
+
+
+def encode_words(pfns, counts) -> np.ndarray:
+    """Encode ranges to a uint64 word array (canonical: escape only for counts >= 4096)."""
+    pfns, counts = check_ranges(pfns, counts)
+    escaped = counts > MAX_INLINE_COUNT
+    width = 1 + escaped.astype(np.intp)
+    position = np.cumsum(width) - width
+    words = np.empty(int(width.sum()), dtype=WORD)
+    words[position] = (pfns << SHIFT) | np.where(escaped, np.uint64(0), counts)
+    words[position[escaped] + 1] = counts[escaped]
+    return words
+
+
+def encode_ranges(pfns, counts) -> bytes:
+    """Pack ranges into the bytes of a batch payload."""
+    return encode_words(pfns, counts).tobytes()
+
+
+def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack a batch payload into ``(pfns, counts)`` uint64 arrays.
+
+    Accepts any escaped count >= 1 (a non-canonical escape of a small count is legal).
+    Raises RemoteProtocolError ``bad-payload`` for a payload that is not whole words,
+    ends in an escape, or escapes a count of zero.
+    """
+    size = len(data)
+    if size % WORD.itemsize:
+        raise RemoteProtocolError("bad-payload", f"{size} bytes is not a whole number of 8-byte words")
+    words = np.frombuffer(data, dtype=WORD)
+    if not words.size:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    low = words & COUNT_MASK
+    zero = low == 0
+    if not zero.any():  # fast path: no escapes at all
+        return words >> SHIFT, low
+    # A word whose count field is 0 is either an escape (a range word) or the count word
+    # that follows an escape. Every maximal run of such words starts at a range word, so
+    # inside a run even offsets are escapes and odd offsets are count words; a run of odd
+    # length ends in an escape whose count word is the (nonzero-low) word after the run.
+    index = np.arange(words.size)
+    last_break = np.maximum.accumulate(np.where(zero, -1, index))
+    offset = index - last_break - 1
+    escape = zero & (offset % 2 == 0)
+    if escape[-1]:
+        raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
+    count_word = np.zeros(words.size, dtype=bool)
+    count_word[1:] = escape[:-1]
+    range_word = ~count_word
+    counts = low.copy()
+    escape_at = np.flatnonzero(escape)
+    escaped_counts = words[escape_at + 1]
+    if escaped_counts.size and not escaped_counts.all():
+        raise RemoteProtocolError("bad-payload", "an escape announces a count of zero")
+    counts[escape_at] = escaped_counts
+    return words[range_word] >> SHIFT, counts[range_word]
+
+
+def count_ranges(data) -> int:
+    """How many ranges a payload holds, without building the arrays (for limit checks)."""
+    pfns, _ = decode_ranges(data)
+    return int(pfns.size)
+
+
+def coalesce_ranges(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ranges sorted by PFN where they overlap or touch; returns new arrays."""
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.uint64)
+    if pfns.size <= 1:
+        return pfns.copy(), counts.copy()
+    ends = pfns + counts
+    reach = np.maximum.accumulate(ends)
+    starts_group = np.empty(pfns.size, dtype=bool)
+    starts_group[0] = True
+    starts_group[1:] = pfns[1:] > reach[:-1]
+    first = np.flatnonzero(starts_group)
+    last = np.append(first[1:], pfns.size) - 1
+    merged_pfns = pfns[first]
+    return merged_pfns, reach[last] - merged_pfns
+
+
+def sort_and_coalesce(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Coalesce ranges given in any order."""
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    order = np.argsort(pfns, kind="stable")
+    return coalesce_ranges(pfns[order], np.asarray(counts, dtype=np.uint64)[order])
+
+
+def expand_pages(pfns, counts) -> np.ndarray:
+    """Every PFN the ranges cover, in order (for the legacy one-PFN-per-page form)."""
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.uint64)
+    total = int(counts.sum()) if counts.size else 0
+    if not total:
+        return np.empty(0, np.uint64)
+    starts = np.repeat(pfns - (np.cumsum(counts) - counts), counts.astype(np.intp))
+    return starts + np.arange(total, dtype=np.uint64)
+
+
+def pages_to_ranges(pages) -> tuple[np.ndarray, np.ndarray]:
+    """Collapse a sorted PFN array into (pfn, count) runs of consecutive pages."""
+    pages = np.asarray(pages, dtype=np.uint64)
+    if not pages.size:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    first = np.concatenate(([0], breaks))
+    last = np.concatenate((breaks, [pages.size]))
+    return pages[first], (last - first).astype(np.uint64)
+
+
+def encode_pfn32(pages) -> bytes:
+    """Legacy payload: little-endian 32-bit PFNs, one per 4 KiB page, at most 256."""
+    pages = np.asarray(pages)
+    if pages.size > PFN32_MAX_PER_MESSAGE:
+        raise ValueError(f"{pages.size} PFNs exceed the legacy limit of {PFN32_MAX_PER_MESSAGE}")
+    if pages.size and (int(pages.max()) >= 1 << 32 or (pages.dtype.kind == "i" and pages.min() < 0)):
+        raise ValueError("legacy PFNs must fit in 32 bits")
+    return pages.astype(PFN32).tobytes()
+
+
+def decode_pfn32(data) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a legacy payload to ``(pfns, counts)`` with every count 1."""
+    if len(data) % PFN32.itemsize:
+        raise RemoteProtocolError("bad-payload", f"{len(data)} bytes is not a whole number of 32-bit PFNs")
+    pfns = np.frombuffer(data, dtype=PFN32).astype(np.uint64)
+    if pfns.size > PFN32_MAX_PER_MESSAGE:
+        raise RemoteProtocolError("too-many-ranges", f"{pfns.size} legacy PFNs exceed {PFN32_MAX_PER_MESSAGE}")
+    return pfns, np.ones(pfns.size, dtype=np.uint64)
+
+
+class RangeBuffer:
+    """The seed's fixed, preallocated batch buffer.
+
+    As Liang Li explains in the seed thread, the guest fills one buffer of a fixed
+    number of words and sends it when full — it never allocates a bigger one on the hot
+    path, because that allocation can fail or stall migration. ``append``/``extend``
+    refuse what does not fit; ``take`` hands the filled words out as bytes and resets.
+    """
+
+    __slots__ = ("_words", "_used", "_ranges", "_pages", "max_ranges")
+
+    def __init__(self, capacity_words: int = 4096, max_ranges: int | None = None) -> None:
+        if capacity_words < 2:
+            raise ValueError("a range buffer needs room for at least one escaped range (2 words)")
+        self._words = np.zeros(capacity_words, dtype=WORD)
+        self._used = 0
+        self._ranges = 0
+        self._pages = 0
+        self.max_ranges = capacity_words if max_ranges is None else max_ranges
+
+    @property
+    def capacity(self) -> int:
+        return self._words.size
+
+    def __len__(self) -> int:
+        """Ranges held."""
+        return self._ranges
+
+    @property
+    def pages(self) -> int:
+        return self._pages
+
+    @property
+    def used_words(self) -> int:
+        return self._used
+
+    @property
+    def full(self) -> bool:
+        return self._ranges >= self.max_ranges or self._used >= self._words.size
+
+    def append(self, pfn: int, count: int) -> bool:
+        """Add one range; False (and nothing added) when it does not fit."""
+        if not 0 <= pfn <= MAX_PFN or count < 1:
+            raise ValueError(f"cannot encode range pfn={pfn} count={count}")
+        need = 1 if count <= MAX_INLINE_COUNT else 2
+        if self._ranges >= self.max_ranges or self._used + need > self._words.size:
+            return False
+        if need == 1:
+            self._words[self._used] = (pfn << COUNT_BITS) | count
+        else:
+            self._words[self._used] = pfn << COUNT_BITS
+            self._words[self._used + 1] = count
+        self._used += need
+        self._ranges += 1
+        self._pages += count
+        return True
+
+    def extend(self, pfns, counts) -> int:
+        """Add as many leading ranges as fit; returns how many were taken."""
+        pfns, counts = check_ranges(pfns, counts)
+        if not pfns.size:
+            return 0
+        room_ranges = self.max_ranges - self._ranges
+        width = 1 + (counts > MAX_INLINE_COUNT).astype(np.intp)
+        cumulative = np.cumsum(width)
+        take = int(np.searchsorted(cumulative, self._words.size - self._used, side="right"))
+        take = min(take, room_ranges, pfns.size)
+        if take <= 0:
+            return 0
+        words = encode_words(pfns[:take], counts[:take])
+        self._words[self._used : self._used + words.size] = words
+        self._used += words.size
+        self._ranges += take
+        self._pages += int(counts[:take].sum())
+        return take
+
+    def view(self) -> memoryview:
+        """The filled words as bytes, without copying (valid until the next change)."""
+        return memoryview(self._words[: self._used]).cast("B")
+
+    def take(self) -> bytes:
+        """Copy the filled words out as a payload and empty the buffer for refilling."""
+        payload = self._words[: self._used].tobytes()
+        self.clear()
+        return payload
+
+    def clear(self) -> None:
+        self._used = 0
+        self._ranges = 0
+        self._pages = 0
