@@ -1,0 +1,125 @@
+"""Layered settings for the command-line tools: flag > environment > TOML file > default.
+
+Both daemons describe their options once, as an argparse parser; this module lays the
+environment (``PREFIX_FLAG_NAME``) and a config file's table over the defaults before
+the command line is applied. It reads nothing itself: callers pass ``os.environ`` and
+the parsed TOML, which keeps it testable and the protocol package free of I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping
+from typing import Any
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?|pages?)?\s*", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
+                 "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
+                 "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
+                 "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_DURATION_FACTORS = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str | int) -> int:
+    """``512MiB``, ``8GiB``, ``4096`` (bytes) → bytes. Binary and decimal units both work."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("a size cannot be negative")
+        return text
+    match = _SIZE.fullmatch(str(text))
+    if not match or (match.group(2) or "").lower().startswith("page"):
+        raise ValueError(f"{text!r} is not a size (try 512MiB, 8GiB or a byte count)")
+    unit = (match.group(2) or "").lower()
+    return int(float(match.group(1)) * _SIZE_FACTORS[unit])
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``2s``, ``500ms``, ``1.5`` (seconds), ``5m`` → seconds."""
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(text)
+    match = _DURATION.fullmatch(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (try 2s, 500ms or 5m)")
+    return float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+
+
+def _truthy(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _convert(action: argparse.Action, value: Any, source: str, parser: argparse.ArgumentParser) -> Any:
+    try:
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return _truthy(value) if isinstance(value, str) else bool(value)
+        if isinstance(action, argparse._AppendAction):
+            items = [part for part in value.split(",") if part] if isinstance(value, str) else list(value)
+            return [_one(action, item) for item in items]
+        return _one(action, value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(f"{source}: {error}")
+
+
+def _one(action: argparse.Action, value: Any) -> Any:
+    if action.type is not None and isinstance(value, str):
+        value = action.type(value)
+    elif action.type in (float,) and isinstance(value, int):
+        value = float(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def env_name(prefix: str, dest: str) -> str:
+    return f"{prefix}_{dest.upper()}"
+
+
+def resolve_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
+                     environ: Mapping[str, str], file_settings: Mapping[str, Any] | None = None
+                     ) -> argparse.Namespace:
+    """Parse ``argv`` with environment and file values as the new defaults.
+
+    A repeatable flag given on the command line replaces (not extends) the value from the
+    file or environment, as an operator overriding a unit file would expect. Unknown keys
+    in the file are an error, so a typo never silently keeps a default.
+    """
+    actions = {action.dest: action for action in parser._actions
+               if action.option_strings and action.dest not in ("help", "version", "config")}
+    saved = {dest: action.default for dest, action in actions.items()}
+    for action in actions.values():
+        action.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    finally:
+        for dest, default in saved.items():
+            actions[dest].default = default
+    # argparse converts string defaults through ``type`` only when it applies them itself.
+    values = {dest: (action.type(saved[dest]) if isinstance(saved[dest], str) and action.type else saved[dest])
+              for dest, action in actions.items()}
+    for key, value in (file_settings or {}).items():
+        dest = key.replace("-", "_")
+        if dest not in actions:
+            parser.error(f"config file: unknown setting {key!r}")
+        values[dest] = _convert(actions[dest], value, f"config file setting {key!r}", parser)
+    for dest, action in actions.items():
+        name = env_name(env_prefix, dest)
+        if name in environ:
+            values[dest] = _convert(action, environ[name], f"environment variable {name}", parser)
+    values.update(given)
+    return argparse.Namespace(**values)
+
+
+def describe_layers(prefix: str) -> str:
+    """The epilog both daemons print under --help."""
+    return (f"Every option can also come from the environment as {prefix}_<OPTION> (e.g. "
+            f"--max-guests → {prefix}_MAX_GUESTS; repeatable options take a comma-separated "
+            f"list) or from a TOML file given with --config (keys as option names). "
+            f"Precedence: command line > environment > config file > default.")
