@@ -1,0 +1,33 @@
+"""Channel address syntax: unix:/path, tcp:HOST:PORT, vsock:CID:PORT."""
+
+import pytest
+
+from shared.addresses import Address, parse_address, split_host_port
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("unix:/run/balloon/host.sock", Address("unix", path="/run/balloon/host.sock")),
+    ("tcp:127.0.0.1:9460", Address("tcp", host="127.0.0.1", port=9460)),
+    ("tcp:[::1]:9460", Address("tcp", host="::1", port=9460)),
+    ("tcp:localhost:0", Address("tcp", host="localhost", port=0)),
+    ("vsock:3:1024", Address("vsock", cid=3, port=1024)),
+])
+def test_parse_round_trips(text, expected):
+    assert parse_address(text) == expected
+    assert str(parse_address(text)) == text
+
+
+@pytest.mark.parametrize("text", [
+    "", "/run/x.sock", "unix:", "tcp:9460", "tcp:host:", "tcp:host:70000", "tcp:host:port",
+    "vsock:x:1", "vsock:3", "udp:1.2.3.4:5", "tcp:[::1:5",
+])
+def test_rejects_with_value_error(text):
+    with pytest.raises(ValueError):
+        parse_address(text)
+
+
+def test_split_host_port():
+    assert split_host_port("127.0.0.1:9470") == ("127.0.0.1", 9470)
+    assert split_host_port("[::1]:80") == ("::1", 80)
+    with pytest.raises(ValueError):
+        split_host_port(":80")
