@@ -100,6 +100,7 @@ def valid_guest_id(name: str) -> bool:
 @dataclass(slots=True)
 class Message:
     TYPE: ClassVar[MessageType]
+    WIRE_TYPE: ClassVar[int]  # int(TYPE), cached: hashing and comparing a plain int is cheaper
     ARITY: ClassVar[int]
 
     def to_wire(self) -> list:
@@ -133,7 +134,7 @@ class Hello(Message):
         }
         if self.token is not None:
             body["token"] = self.token
-        return [int(self.TYPE), body]
+        return [self.WIRE_TYPE, body]
 
     @classmethod
     def parse(cls, fields: list) -> Hello:
@@ -173,7 +174,7 @@ class Welcome(Message):
             body["max_message_bytes"] = self.max_message_bytes
         if self.ram_file is not None:
             body["ram_file"] = self.ram_file
-        return [int(self.TYPE), body]
+        return [self.WIRE_TYPE, body]
 
     @classmethod
     def parse(cls, fields: list) -> Welcome:
@@ -209,7 +210,7 @@ class Batch(Message):
     counts: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.seq, self.payload]
+        return [self.WIRE_TYPE, self.seq, self.payload]
 
     @classmethod
     def parse(cls, fields: list) -> Batch:
@@ -253,7 +254,7 @@ class Hint(Batch):
     cmd_id: int = 0
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.seq, self.cmd_id, self.payload]
+        return [self.WIRE_TYPE, self.seq, self.cmd_id, self.payload]
 
     @classmethod
     def parse(cls, fields: list) -> Hint:
@@ -274,7 +275,7 @@ class Ack(Message):
     rejected_pages: int = 0
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.seq, self.rejected_pages]
+        return [self.WIRE_TYPE, self.seq, self.rejected_pages]
 
     @classmethod
     def parse(cls, fields: list) -> Ack:
@@ -290,7 +291,7 @@ class Target(Message):
     pages: int
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.pages]
+        return [self.WIRE_TYPE, self.pages]
 
     @classmethod
     def parse(cls, fields: list) -> Target:
@@ -303,7 +304,7 @@ class _Command(Message):
     cmd_id: int
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.cmd_id]
+        return [self.WIRE_TYPE, self.cmd_id]
 
     @classmethod
     def parse(cls, fields: list) -> _Command:
@@ -344,7 +345,7 @@ class Stats(Message):
     values: dict[int, int] = field(default_factory=dict)
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), [[tag, value] for tag, value in self.values.items()]]
+        return [self.WIRE_TYPE, [[tag, value] for tag, value in self.values.items()]]
 
     @classmethod
     def parse(cls, fields: list) -> Stats:
@@ -368,7 +369,7 @@ class Ping(Message):
     nonce: int = 0
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.nonce]
+        return [self.WIRE_TYPE, self.nonce]
 
     @classmethod
     def parse(cls, fields: list) -> Ping:
@@ -389,7 +390,7 @@ class Bye(Message):
     reason: str = ""
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.reason]
+        return [self.WIRE_TYPE, self.reason]
 
     @classmethod
     def parse(cls, fields: list) -> Bye:
@@ -406,7 +407,7 @@ class Error(Message):
     detail: str = ""
 
     def to_wire(self) -> list:
-        return [int(self.TYPE), self.code, self.detail]
+        return [self.WIRE_TYPE, self.code, self.detail]
 
     @classmethod
     def parse(cls, fields: list) -> Error:
@@ -419,6 +420,11 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
     for cls in (Hello, Welcome, Report, Ack, Reuse, Inflate, Deflate, Target, HintStart, Hint,
                 HintDone, HintStop, Stats, Ping, Error, Pong, Bye)
 }
+for _cls in MESSAGE_CLASSES.values():
+    _cls.WIRE_TYPE = int(_cls.TYPE)
+
+
+_BY_INT: dict[int, type[Message]] = {int(kind): cls for kind, cls in MESSAGE_CLASSES.items()}
 
 
 def from_wire(obj: Any) -> Message:
@@ -428,7 +434,7 @@ def from_wire(obj: Any) -> Message:
     kind = obj[0]
     if type(kind) is not int:
         raise _bad("the first element of a message must be its integer type")
-    cls = MESSAGE_CLASSES.get(kind)
+    cls = _BY_INT.get(kind)
     if cls is None:
         raise RemoteProtocolError("unknown-type", f"message type {kind} is not defined in v1")
     if len(obj) != cls.ARITY:

@@ -77,12 +77,16 @@ CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")
 
 
 def _rules(table: dict[tuple[Role, State], dict[MessageType, State]]):
-    """Add BYE and ERROR (allowed in every open state, always ending it) to a table."""
+    """Add BYE and ERROR (allowed in every open state, always ending it) to a table.
+
+    Keys become plain ints: the tables are consulted for every message, and hashing an
+    IntEnum member runs Python code while hashing an int does not.
+    """
     for (_role, state), moves in table.items():
         if state is not State.CLOSED:
             for ending in ENDINGS:
                 moves[ending] = State.CLOSED
-    return table
+    return {key: {int(kind): after for kind, after in moves.items()} for key, moves in table.items()}
 
 
 SEND_RULES = _rules({
@@ -145,6 +149,7 @@ class Connection:
         self._pending_error: RemoteProtocolError | None = None
         self._dead: RemoteProtocolError | None = None
         self._eof = False
+        self._packer = msgpack.Packer(use_bin_type=True)
         self.state = State.IDLE
         self.features: tuple[str, ...] = ()
         self.window: FlowWindow | None = None
@@ -152,6 +157,18 @@ class Connection:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.messages_received = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        if state is getattr(self, "_state", None):
+            return  # READY -> READY on every batch: keep the hot path free of enum hashing
+        self._state = state
+        self._receive_moves = RECEIVE_RULES[(self.role, state)]
+        self._send_moves = SEND_RULES[(self.role, state)]
 
     # -- receiving ------------------------------------------------------------------
 
@@ -167,11 +184,11 @@ class Connection:
             self._eof = True
             return
         self.bytes_received += len(data)
-        view = memoryview(data)
         step = self.max_message_bytes
-        for start in range(0, len(view), step):
+        view = memoryview(data) if len(data) > step else None
+        for start in range(0, len(data), step):
             try:
-                self._unpacker.feed(view[start : start + step])
+                self._unpacker.feed(data if view is None else view[start : start + step])
                 self._split()
             except RemoteProtocolError as error:
                 self._pending_error = error
@@ -214,7 +231,7 @@ class Connection:
         obj = self._objects.popleft()
         try:
             message = from_wire(obj)
-            next_state = RECEIVE_RULES[(self.role, self.state)].get(message.TYPE)
+            next_state = self._receive_moves.get(obj[0])
             if next_state is None:
                 raise RemoteProtocolError(
                     "bad-state",
@@ -247,14 +264,14 @@ class Connection:
 
     def send(self, message: Message) -> bytes:
         """Check that we may send ``message`` now and return its bytes."""
-        if self._dead is not None and message.TYPE is not M.ERROR:
+        if self._dead is not None and message.WIRE_TYPE != M.ERROR:
             raise LocalProtocolError("bad-state", "the connection is dead after a protocol error")
-        next_state = SEND_RULES[(self.role, self.state)].get(message.TYPE)
-        if next_state is None and not (message.TYPE is M.ERROR and self._dead is not None):
+        next_state = self._send_moves.get(message.WIRE_TYPE)
+        if next_state is None and not (message.WIRE_TYPE == M.ERROR and self._dead is not None):
             raise LocalProtocolError(
                 "bad-state", f"a {self.role.value} in state {self.state.value} cannot send {message.TYPE.name}")
         self._on_send(message)
-        data = msgpack.packb(message.to_wire(), use_bin_type=True)
+        data = self._packer.pack(message.to_wire())
         self.state = State.CLOSED if next_state is None else next_state
         self.bytes_sent += len(data)
         return data
