@@ -1,0 +1,275 @@
+"""GuestTracker against a plain Python-set model of the documented rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from host_daemon.tracker import MAX_PAGES, GuestTracker, IntervalSet
+from shared.ranges import pages_to_ranges
+
+U64_MAX = (1 << 64) - 1
+
+
+class Model:
+    """The module docstring's rules, one range and one page at a time."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.reported: set[int] = set()
+        self.inflated: set[int] = set()
+        self.hinted: set[int] = set()
+        self.command: int | None = None
+
+    def apply(self, kind, pfns, counts, cmd_id=None):
+        rejected: dict[str, int] = {}
+        ranges = list(zip(pfns, counts))
+
+        def reject(reason, count):
+            rejected[reason] = rejected.get(reason, 0) + count
+
+        if kind == "hint" and (cmd_id is None or cmd_id != self.command):
+            for _, count in ranges:
+                reject("stale", count)
+            return rejected, set()
+        valid = []
+        for index, (pfn, count) in enumerate(ranges):
+            if count == 0:
+                reject("zero-length", 0)
+            elif pfn >= 2**52 or pfn + count > self.pages:
+                reject("out-of-range", count)
+            else:
+                valid.append((pfn, index, count))
+        seen: set[int] = set()
+        accepted = set()
+        for pfn, _, count in sorted(valid):
+            pages = set(range(pfn, pfn + count))
+            if pfn in seen:
+                reject("overlap", count)
+            elif kind in ("report", "reuse") and pages & self.inflated:
+                reject("conflict", count)
+            else:
+                accepted |= pages
+            seen |= pages
+        discard = set()
+        if kind == "report":
+            discard = accepted - self.reported
+            self.reported |= accepted
+        elif kind == "reuse":
+            self.reported -= accepted
+        elif kind == "inflate":
+            discard = accepted - self.inflated
+            self.inflated |= accepted
+            self.reported -= accepted
+        elif kind == "deflate":
+            self.inflated -= accepted
+        else:
+            self.hinted |= accepted
+        return rejected, discard
+
+
+def pages_of(pfns, counts) -> set[int]:
+    return {int(p) + i for p, c in zip(pfns, counts) for i in range(int(c))}
+
+
+def check_same(tracker: GuestTracker, model: Model) -> None:
+    assert pages_of(*tracker.reported_ranges()) == model.reported
+    assert pages_of(*tracker.inflated_ranges()) == model.inflated
+    assert pages_of(*tracker.hinted_ranges()) == model.hinted
+    assert tracker.reported_pages == len(model.reported)
+    assert tracker.inflated_pages == len(model.inflated)
+    assert tracker.hinted_pages == len(model.hinted)
+    for starts, counts in (tracker.reported_ranges(), tracker.inflated_ranges()):
+        ends = starts + counts
+        assert np.all(counts > 0)
+        assert np.all(starts[1:] > ends[:-1])  # sorted, disjoint, not touching
+
+
+PAGES = 96
+batch = st.lists(
+    st.tuples(
+        st.one_of(st.integers(0, PAGES + 4), st.sampled_from([2**52, U64_MAX - 1, U64_MAX])),
+        st.one_of(st.integers(0, 12), st.sampled_from([U64_MAX, 2**63, PAGES])),
+    ),
+    max_size=10,
+)
+step = st.tuples(
+    st.sampled_from(["report", "reuse", "inflate", "deflate", "hint", "hint-start", "hint-stop"]),
+    batch,
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, max_size=25))
+def test_tracker_matches_the_set_model(steps):
+    tracker, model = GuestTracker(PAGES), Model(PAGES)
+    for kind, ranges, cmd in steps:
+        if kind == "hint-start":
+            tracker.set_hint_command(cmd)
+            if cmd != model.command:
+                model.hinted.clear()
+            model.command = cmd
+            continue
+        if kind == "hint-stop":
+            tracker.set_hint_command(None)
+            model.command = None
+            continue
+        pfns = np.array([r[0] for r in ranges], dtype=np.uint64)
+        counts = np.array([r[1] for r in ranges], dtype=np.uint64)
+        result = tracker.apply(kind, pfns, counts, cmd_id=cmd)
+        rejected, discard = model.apply(kind, [r[0] for r in ranges], [r[1] for r in ranges], cmd)
+        assert result.rejected == rejected
+        assert result.rejected_pages == sum(rejected.values())
+        assert result.pages == sum(r[1] for r in ranges)
+        assert result.accepted_pages + result.rejected_pages == result.pages
+        assert result.ranges == len(ranges)
+        assert sum(result.rejected_ranges.values()) <= len(ranges)
+        assert pages_of(*result.discard) == discard
+        assert result.discard_pages == len(discard)
+        if result.discard[0].size > 1:  # merged: sorted and not touching
+            assert np.all(result.discard[0][1:] > result.discard[0][:-1] + result.discard[1][:-1])
+        check_same(tracker, model)
+
+
+def apply(tracker, kind, ranges, cmd_id=None):
+    pfns = np.array([p for p, _ in ranges], dtype=np.uint64)
+    counts = np.array([c for _, c in ranges], dtype=np.uint64)
+    return tracker.apply(kind, pfns, counts, cmd_id=cmd_id)
+
+
+def test_exact_counts_by_reason():
+    tracker = GuestTracker(1000)
+    apply(tracker, "inflate", [(900, 10)])
+    result = apply(
+        tracker,
+        "report",
+        [
+            (0, 10),  # accepted
+            (5, 10),  # overlap with (0, 10): 10 pages
+            (15, 5),  # touches (5, 10) (rejected, still counts): accepted
+            (995, 6),  # one page past the end: out-of-range, 6 pages
+            (999, 1),  # last page: accepted
+            (20, 0),  # zero-length
+            (905, 3),  # inside the balloon: conflict, 3 pages
+            (2**52, 1),  # past 2**52: out-of-range
+        ],
+    )
+    assert result.rejected == {"overlap": 10, "out-of-range": 7, "zero-length": 0, "conflict": 3}
+    assert result.rejected_ranges == {"overlap": 1, "out-of-range": 2, "zero-length": 1, "conflict": 1}
+    assert result.rejected_pages == 20
+    assert result.accepted_pages == 16
+    assert tracker.reported_pages == 16
+    assert pages_of(*tracker.reported_ranges()) == set(range(10)) | set(range(15, 20)) | {999}
+    assert [list(a) for a in tracker.reported_ranges()] == [[0, 15, 999], [10, 5, 1]]
+
+
+def test_counts_that_would_wrap_are_out_of_range():
+    tracker = GuestTracker(1 << 20)
+    result = apply(tracker, "report", [(U64_MAX, 2), (10, U64_MAX), (2**52 - 1, 2**12 + 1)])
+    assert result.rejected_ranges == {"out-of-range": 3}
+    assert result.rejected_pages == 2 + U64_MAX + 2**12 + 1  # exact, beyond uint64
+    assert result.ack_rejected_pages == U64_MAX
+    assert tracker.reported_pages == 0
+
+
+def test_repeats_are_idempotent_and_discard_only_fresh_pages():
+    tracker = GuestTracker(4096)
+    first = apply(tracker, "report", [(0, 512), (1024, 512)])
+    assert pages_of(*first.discard) == set(range(512)) | set(range(1024, 1536))
+    again = apply(tracker, "report", [(0, 512), (512, 1024)])
+    assert again.rejected_pages == 0 and again.accepted_pages == 1536
+    assert pages_of(*again.discard) == set(range(512, 1024))
+    assert [list(a) for a in again.discard] == [[512], [512]]  # merged range
+    assert tracker.reported_pages == 1536
+    apply(tracker, "reuse", [(100, 10)])
+    assert tracker.reported_pages == 1526
+    assert apply(tracker, "reuse", [(100, 10)]).rejected_pages == 0  # reusing again: no-op
+    assert apply(tracker, "reuse", [(100, 10)]).discard_pages == 0
+
+
+def test_inflate_moves_reported_pages_into_the_balloon():
+    tracker = GuestTracker(4096)
+    apply(tracker, "report", [(0, 1024)])
+    result = apply(tracker, "inflate", [(512, 1024)])
+    assert pages_of(*result.discard) == set(range(512, 1536))
+    assert tracker.reported_pages == 512
+    assert tracker.inflated_pages == 1024
+    assert apply(tracker, "report", [(600, 1)]).rejected == {"conflict": 1}
+    assert apply(tracker, "reuse", [(1535, 2)]).rejected == {"conflict": 2}
+    assert apply(tracker, "inflate", [(512, 1024)]).discard_pages == 0  # repeat
+    apply(tracker, "deflate", [(512, 512)])
+    assert tracker.inflated_pages == 512
+    assert apply(tracker, "report", [(600, 1)]).rejected_pages == 0
+
+
+def test_hints_follow_the_command_id():
+    tracker = GuestTracker(4096)
+    assert apply(tracker, "hint", [(0, 10)], cmd_id=1).rejected == {"stale": 10}
+    tracker.set_hint_command(1)
+    assert apply(tracker, "hint", [(0, 10)], cmd_id=1).rejected_pages == 0
+    assert apply(tracker, "hint", [(20, 10)], cmd_id=0).rejected == {"stale": 10}
+    assert tracker.hinted_pages == 10
+    tracker.set_hint_command(None)  # done: the set stays readable, new hints are stale
+    assert tracker.hinted_pages == 10
+    assert apply(tracker, "hint", [(30, 1)], cmd_id=1).rejected == {"stale": 1}
+    tracker.set_hint_command(2)
+    assert tracker.hinted_pages == 0
+    result = apply(tracker, "hint", [(30, 1)], cmd_id=2)
+    assert result.discard_pages == 0 and tracker.hinted_pages == 1
+    assert tracker.reported_pages == 0
+
+
+def test_pfns_beyond_32_bits():
+    """BitMap (32-bit) would silently drop these; the tracker must keep them exactly."""
+    pages = MAX_PAGES
+    tracker = GuestTracker(pages)
+    ranges = [(2**32 - 1, 2), (2**40, 2**33), (2**52 - 5, 5)]
+    result = apply(tracker, "report", ranges)
+    assert result.rejected_pages == 0
+    assert tracker.reported_pages == 2 + 2**33 + 5
+    starts, counts = tracker.reported_ranges()
+    assert starts.tolist() == [2**32 - 1, 2**40, 2**52 - 5]
+    assert counts.tolist() == [2, 2**33, 5]
+    apply(tracker, "reuse", [(2**40 + 1, 2**32)])
+    assert tracker.reported_pages == 2 + 2**33 - 2**32 + 5
+    assert apply(tracker, "report", [(2**52 - 1, 2)]).rejected == {"out-of-range": 2}
+
+
+def test_guest_size_is_bounded():
+    with pytest.raises(ValueError):
+        GuestTracker(0)
+    with pytest.raises(ValueError):
+        GuestTracker(MAX_PAGES + 1)
+    with pytest.raises(ValueError):
+        GuestTracker(10).apply("bogus", [], [])
+
+
+def test_reset_and_memory():
+    tracker = GuestTracker(1 << 21)
+    pages = np.arange(0, 1 << 21, 2, dtype=np.uint64)  # every other page: worst case
+    pfns, counts = pages_to_ranges(pages)
+    apply_result = tracker.apply("report", pfns, counts)
+    assert apply_result.accepted_pages == 1 << 20
+    assert tracker.reported.ranges == 1 << 20
+    assert tracker.memory_bytes() == 16 * (1 << 20)
+    tracker.reset()
+    assert tracker.reported_pages == 0 and tracker.memory_bytes() == 0
+
+
+def test_interval_set_touches_any_order():
+    s = IntervalSet()
+    s.update(np.array([10, 30], dtype=np.uint64), np.array([20, 40], dtype=np.uint64))
+    starts = np.array([35, 0, 20, 19, 40, 5], dtype=np.uint64)
+    ends = np.array([36, 10, 30, 21, 50, 11], dtype=np.uint64)
+    assert s.touches(starts, ends).tolist() == [True, False, False, True, False, True]
+
+
+def test_accepts_plain_integer_arrays():
+    tracker = GuestTracker(100)
+    result = tracker.apply("report", [1, 5], [2, 3])
+    assert result.accepted_pages == 5
+    with pytest.raises(ValueError):
+        tracker.apply("report", [1], [1, 2])
