@@ -22,6 +22,7 @@ import msgpack
 
 from . import PAGE_SIZE, PROTOCOL_VERSION
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, as_remote
+from .framing import HEAD_BYTES, announced_size
 from .messages import (
     Ack,
     Batch,
@@ -131,9 +132,11 @@ class Connection:
         if max_message_bytes < 64:
             raise ValueError("max_message_bytes must be at least 64")
         self.max_message_bytes = max_message_bytes
-        # Each limit is checked by msgpack *before* it allocates what a header announces,
-        # so a frame claiming 200 MB costs us nothing. The buffer may hold one incomplete
-        # message plus one fed chunk; receive_data feeds at most max_message_bytes at a time.
+        # msgpack checks container counts as their headers arrive, but bin/str lengths only
+        # once the body is complete; _check_announced refuses an oversized announcement
+        # from the header (shared/framing.py), so a frame claiming 200 MB costs us nothing.
+        # The buffer may hold one incomplete message plus one fed chunk; receive_data feeds
+        # at most max_message_bytes at a time.
         self._unpacker = msgpack.Unpacker(
             raw=False,
             use_list=True,
@@ -149,6 +152,12 @@ class Connection:
         self._pending_error: RemoteProtocolError | None = None
         self._dead: RemoteProtocolError | None = None
         self._eof = False
+        # The first bytes of the incomplete message at stream offset _head_start, so an
+        # announced length that cannot fit is refused before its body is buffered.
+        self._fed = 0
+        self._message_start = 0
+        self._head = bytearray()
+        self._head_start = -1
         self._packer = msgpack.Packer(use_bin_type=True)
         self.state = State.IDLE
         self.features: tuple[str, ...] = ()
@@ -188,8 +197,11 @@ class Connection:
         view = memoryview(data) if len(data) > step else None
         for start in range(0, len(data), step):
             try:
-                self._unpacker.feed(data if view is None else view[start : start + step])
+                chunk = data if view is None else view[start : start + step]
+                self._unpacker.feed(chunk)
+                self._fed += len(chunk)
                 self._split()
+                self._check_announced(chunk)
             except RemoteProtocolError as error:
                 self._pending_error = error
                 return
@@ -201,7 +213,6 @@ class Connection:
     def _split(self) -> None:
         unpacker = self._unpacker
         while True:
-            before = unpacker.tell()
             try:
                 obj = unpacker.unpack()
             except msgpack.OutOfData:
@@ -211,11 +222,40 @@ class Connection:
                 raise RemoteProtocolError(code, str(error)[:200]) from None
             except Exception as error:  # FormatError, StackError, unhashable keys, ...
                 raise RemoteProtocolError("bad-msgpack", f"{type(error).__name__}: {error}"[:200]) from None
-            size = unpacker.tell() - before
+            # tell() also counts bytes of a partly parsed message, so sizes are measured
+            # from where the previous message ended, not from before this unpack().
+            end = unpacker.tell()
+            size = end - self._message_start
+            self._message_start = end
             if size > self.max_message_bytes:
                 raise RemoteProtocolError(
                     "too-large", f"a {size}-byte message exceeds {self.max_message_bytes} bytes")
             self._objects.append(obj)
+
+    def _check_announced(self, chunk) -> None:
+        """Refuse an incomplete message whose headers announce more than the limit."""
+        start = self._message_start
+        if start >= self._fed:
+            return  # nothing incomplete is buffered
+        if self._fed - start > self.max_message_bytes:
+            # The unpacker keeps a partly parsed message as objects, not buffered bytes,
+            # so max_buffer_size alone does not bound a message that trickles in.
+            raise RemoteProtocolError(
+                "too-large", f"an incomplete message exceeds {self.max_message_bytes} bytes")
+        if start != self._head_start:
+            self._head_start = start
+            self._head.clear()
+        have = len(self._head)
+        if have >= HEAD_BYTES:
+            return
+        offset = start + have - (self._fed - len(chunk))  # where the head continues in chunk
+        if offset < 0:
+            return
+        self._head += chunk[offset : offset + HEAD_BYTES - have]
+        size = announced_size(self._head)
+        if size > self.max_message_bytes:
+            raise RemoteProtocolError(
+                "too-large", f"a message announcing at least {size} bytes exceeds {self.max_message_bytes}")
 
     def next_event(self):
         """The next validated message, ``NEED_DATA`` or ``CONNECTION_CLOSED``."""
