@@ -70,45 +70,68 @@ def _total(counts: np.ndarray) -> int:
     """Exact sum of uint64 counts as a Python int (a batch of 2**64-1 counts must not wrap)."""
     if not counts.size:
         return 0
+    if counts.size < 4096 and counts.max() < _SMALL:  # cannot reach 2**64: one pass
+        return int(counts.sum(dtype=U64))
     low = (counts & U64(0xFFFFFFFF)).sum(dtype=U64)
     high = (counts >> U64(32)).sum(dtype=U64)
     return (int(high) << 32) + int(low)
 
 
-def _combine(a_starts, a_ends, b_starts, b_ends, keep) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean combination of two sorted interval lists by a sweep over their boundaries.
+_SMALL = U64(1 << 52)
+_ZERO = U64(0)
 
-    Each list is sorted, its intervals disjoint (touching allowed). ``keep(in_a, in_b)``
-    says which segments belong to the result. Returns sorted, disjoint, non-touching
-    intervals. The boundary arrays are concatenations of two sorted runs, so the stable
-    sort (timsort) is a single linear merge.
+
+def _sweep(a_starts, a_ends, b_starts, b_ends):
+    """Walk the boundaries of two sorted interval lists (each disjoint, touching allowed).
+
+    Returns the distinct boundary points and, for the segment from each point to the
+    next, whether it lies in A and in B. The boundary array is the concatenation of two
+    sorted runs, so the stable sort (timsort) is a single linear merge.
     """
     na, nb = a_starts.size, b_starts.size
     coords = np.empty(2 * (na + nb), dtype=U64)
-    delta_a = np.zeros(coords.size, dtype=np.int32)
-    delta_b = np.zeros(coords.size, dtype=np.int32)
     coords[0 : 2 * na : 2] = a_starts
     coords[1 : 2 * na : 2] = a_ends
     coords[2 * na :: 2] = b_starts
     coords[2 * na + 1 :: 2] = b_ends
-    delta_a[0 : 2 * na : 2] = 1
-    delta_a[1 : 2 * na : 2] = -1
-    delta_b[2 * na :: 2] = 1
-    delta_b[2 * na + 1 :: 2] = -1
+    delta = np.empty(coords.size, dtype=np.int32)  # A counts in units of 1, B of 1 << 16
+    delta[0 : 2 * na : 2] = 1
+    delta[1 : 2 * na : 2] = -1
+    delta[2 * na :: 2] = 1 << 16
+    delta[2 * na + 1 :: 2] = -(1 << 16)
     order = np.argsort(coords, kind="stable")
     coords = coords[order]
-    cover_a = np.cumsum(delta_a[order])
-    cover_b = np.cumsum(delta_b[order])
+    cover = np.cumsum(delta[order])
     # The state after the last event at a coordinate holds up to the next coordinate.
     last = np.empty(coords.size, dtype=bool)
-    last[:-1] = coords[1:] != coords[:-1]
+    np.not_equal(coords[1:], coords[:-1], out=last[:-1])
     last[-1] = True
-    points = coords[last]
-    inside = keep(cover_a[last] > 0, cover_b[last] > 0)
+    cover = cover[last]
+    return coords[last], (cover & 0xFFFF) > 0, cover > 0xFFFF
+
+
+def _segments(points: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of segments marked inside, as (starts, ends)."""
     before = np.empty_like(inside)
     before[0] = False
     before[1:] = inside[:-1]
     return points[inside & ~before], points[~inside & before]
+
+
+def _join_touching(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge sorted, disjoint intervals where one ends exactly where the next starts."""
+    if starts.size <= 1:
+        return starts, ends
+    gap = starts[1:] != ends[:-1]
+    if gap.all():
+        return starts, ends
+    first = np.empty(starts.size, dtype=bool)
+    first[0] = True
+    first[1:] = gap
+    last = np.empty(starts.size, dtype=bool)
+    last[-1] = True
+    last[:-1] = gap
+    return starts[first], ends[last]
 
 
 class IntervalSet:
@@ -143,24 +166,60 @@ class IntervalSet:
         return self.starts.copy(), self.ends - self.starts
 
     def _window(self, starts: np.ndarray, ends: np.ndarray) -> tuple[int, int]:
-        """Stored intervals that overlap or touch [min(starts), max(ends))."""
-        low = int(np.searchsorted(self.ends, starts[0], side="left"))
-        high = int(np.searchsorted(self.starts, ends.max(), side="right"))
+        """Stored intervals that overlap or touch [starts[0], ends[-1]] (inputs sorted)."""
+        low = int(self.ends.searchsorted(starts[0], side="left"))
+        high = int(self.starts.searchsorted(ends[-1], side="right"))
         return low, max(low, high)
 
     def _splice(self, low: int, high: int, starts: np.ndarray, ends: np.ndarray) -> None:
-        removed = int((self.ends[low:high] - self.starts[low:high]).sum(dtype=U64))
-        self._pages += int((ends - starts).sum(dtype=U64)) - removed
+        if high > low:
+            self._pages -= int((self.ends[low:high] - self.starts[low:high]).sum(dtype=U64))
+        self._pages += int((ends - starts).sum(dtype=U64))
         self.starts = np.concatenate((self.starts[:low], starts, self.starts[high:]))
         self.ends = np.concatenate((self.ends[:low], ends, self.ends[high:]))
 
-    def update(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Add sorted, disjoint intervals (touching allowed)."""
+    def update(self, starts: np.ndarray, ends: np.ndarray, fresh: bool = False):
+        """Add sorted, disjoint intervals (touching allowed).
+
+        With ``fresh``, also return the added pages that were not in the set before.
+        """
         if not starts.size:
-            return
+            return (_EMPTY, _EMPTY) if fresh else None
         low, high = self._window(starts, ends)
-        merged = _combine(starts, ends, self.starts[low:high], self.ends[low:high], np.logical_or)
-        self._splice(low, high, *merged)
+        if low == high:  # nothing stored nearby: the batch goes in as it is
+            starts, ends = _join_touching(starts, ends)
+            self._splice(low, high, starts, ends)
+            return (starts, ends) if fresh else None
+        near_starts, near_ends = self.starts[low:high], self.ends[low:high]
+        added = None
+        if fresh:
+            added = self._fresh(starts, ends, near_starts, near_ends)
+        # Union: merge the two sorted runs, then join where an interval starts at or
+        # before the furthest end seen so far.
+        all_starts = np.concatenate((near_starts, starts))
+        all_ends = np.concatenate((near_ends, ends))
+        order = np.argsort(all_starts, kind="stable")
+        all_starts = all_starts[order]
+        reach = np.maximum.accumulate(all_ends[order])
+        breaks = np.flatnonzero(all_starts[1:] > reach[:-1])
+        first = np.empty(breaks.size + 1, dtype=np.intp)
+        first[0] = 0
+        first[1:] = breaks + 1
+        last = np.empty(breaks.size + 1, dtype=np.intp)
+        last[:-1] = breaks
+        last[-1] = reach.size - 1
+        self._splice(low, high, all_starts[first], reach[last])
+        return added
+
+    @staticmethod
+    def _fresh(starts, ends, near_starts, near_ends):
+        """Parts of the batch outside the stored window (usually: the whole batch)."""
+        index = near_starts.searchsorted(ends, side="left").astype(np.intp) - 1
+        hit = (index >= 0) & (near_ends[np.maximum(index, 0)] > starts)
+        if not hit.any():
+            return _join_touching(starts, ends)
+        points, in_batch, in_set = _sweep(starts, ends, near_starts, near_ends)
+        return _segments(points, in_batch & ~in_set)
 
     def difference_update(self, starts: np.ndarray, ends: np.ndarray) -> None:
         """Remove sorted, disjoint intervals."""
@@ -169,19 +228,18 @@ class IntervalSet:
         low, high = self._window(starts, ends)
         if low == high:
             return
-        kept = _combine(
-            starts, ends, self.starts[low:high], self.ends[low:high], lambda a, b: b & ~a
-        )
-        self._splice(low, high, *kept)
+        points, in_batch, in_set = _sweep(starts, ends, self.starts[low:high], self.ends[low:high])
+        self._splice(low, high, *_segments(points, in_set & ~in_batch))
 
     def missing(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The parts of sorted, disjoint intervals not in this set, merged."""
         if not starts.size:
             return _EMPTY, _EMPTY
         low, high = self._window(starts, ends)
-        return _combine(
-            starts, ends, self.starts[low:high], self.ends[low:high], lambda a, b: a & ~b
-        )
+        if low == high:
+            return _join_touching(starts, ends)
+        points, in_batch, in_set = _sweep(starts, ends, self.starts[low:high], self.ends[low:high])
+        return _segments(points, in_batch & ~in_set)
 
     def touches(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Per interval: does it share a page with this set? (any order, vectorized)"""
@@ -189,7 +247,7 @@ class IntervalSet:
             return np.zeros(starts.size, dtype=bool)
         # The last stored interval starting before `end` is the one reaching furthest
         # right among those that could overlap, since stored intervals are disjoint.
-        index = np.searchsorted(self.starts, ends, side="left").astype(np.intp) - 1
+        index = self.starts.searchsorted(ends, side="left").astype(np.intp) - 1
         reach = self.ends[np.maximum(index, 0)]
         return (index >= 0) & (reach > starts)
 
@@ -261,7 +319,9 @@ class GuestTracker:
         return self.hinted.as_ranges()
 
     def memory_bytes(self) -> int:
-        return self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
+        return (
+            self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
+        )
 
     # --- commands ---------------------------------------------------------------------
 
@@ -298,65 +358,84 @@ class GuestTracker:
         result = ApplyResult(kind=kind, ranges=int(pfns.size), pages=_total(counts))
         if not pfns.size:
             return result
-        reason = np.zeros(pfns.size, dtype=np.int8)  # 0 = accepted, else 1 + REASONS index
-
+        verdict = _Verdicts(counts)
         if kind == "hint" and (cmd_id is None or cmd_id != self.hint_command):
-            reason[:] = 1 + REASONS.index("stale")
-            return self._finish(result, reason, counts, _EMPTY, _EMPTY)
+            verdict.mark(np.arange(pfns.size), "stale")
+            verdict.count(result)
+            return result
 
-        zero = counts == 0
-        room = np.where(pfns < self._limit, self._limit - pfns, U64(0))
-        outside = ~zero & (counts > room)
-        reason[zero] = 1 + REASONS.index("zero-length")
-        reason[outside] = 1 + REASONS.index("out-of-range")
-
-        valid = np.flatnonzero(reason == 0)
-        order = valid[np.argsort(pfns[valid], kind="stable")]
-        starts = pfns[order]
-        ends = starts + counts[order]  # cannot wrap: counts <= pages - pfn
+        # limit - pfn wraps to a huge value for pfn > limit, but then pfn >= limit holds.
+        zero = counts == _ZERO
+        bad = zero | (pfns >= self._limit) | (counts > self._limit - pfns)
+        if bad.any():
+            verdict.mark(np.flatnonzero(zero), "zero-length")
+            verdict.mark(np.flatnonzero(bad & ~zero), "out-of-range")
+            index = np.flatnonzero(~bad)
+            starts = pfns[index]
+        else:
+            index, starts = None, pfns
+        if starts.size > 1 and not (starts[1:] >= starts[:-1]).all():
+            order = np.argsort(starts, kind="stable")
+            index = order if index is None else index[order]
+            starts = starts[order]
+        ends = starts + (counts if index is None else counts[index])  # no wrap: count <= room
         if starts.size > 1:
             reach = np.maximum.accumulate(ends)
-            overlap = np.zeros(starts.size, dtype=bool)
-            overlap[1:] = starts[1:] < reach[:-1]
+            overlap = np.empty(starts.size, dtype=bool)
+            overlap[0] = False
+            np.less(starts[1:], reach[:-1], out=overlap[1:])
             if overlap.any():
-                reason[order[overlap]] = 1 + REASONS.index("overlap")
-                keep = ~overlap
-                order, starts, ends = order[keep], starts[keep], ends[keep]
-        if kind in ("report", "reuse") and starts.size:
+                index, starts, ends = self._drop(verdict, "overlap", overlap, index, starts, ends)
+        if kind in ("report", "reuse") and starts.size and self.inflated.pages:
             conflict = self.inflated.touches(starts, ends)
             if conflict.any():
-                reason[order[conflict]] = 1 + REASONS.index("conflict")
-                keep = ~conflict
-                starts, ends = starts[keep], ends[keep]
-        return self._finish(result, reason, counts, starts, ends)
+                index, starts, ends = self._drop(verdict, "conflict", conflict, index, starts, ends)
+        verdict.count(result)
+        if starts.size:
+            result.accepted_pages = int((ends - starts).sum(dtype=U64))
+            self._change(result, starts, ends)
+        return result
 
-    def _finish(self, result, reason, counts, starts, ends) -> ApplyResult:
-        """Count the verdicts, then change the sets with the accepted (sorted, disjoint) ranges."""
-        rejected = reason != 0
-        if rejected.any():
-            for code in np.unique(reason[rejected]):
-                name = REASONS[int(code) - 1]
-                hit = reason == code
-                result.rejected[name] = _total(counts[hit])
-                result.rejected_ranges[name] = int(np.count_nonzero(hit))
-            result.rejected_pages = sum(result.rejected.values())
-        if not starts.size:
-            return result
-        result.accepted_pages = int((ends - starts).sum(dtype=U64))
+    @staticmethod
+    def _drop(verdict, reason, mask, index, starts, ends):
+        positions = np.flatnonzero(mask)
+        verdict.mark(positions if index is None else index[positions], reason)
+        keep = ~mask
+        return (np.flatnonzero(keep) if index is None else index[keep]), starts[keep], ends[keep]
+
+    def _change(self, result: ApplyResult, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Change the sets with the accepted ranges (sorted, disjoint)."""
         kind = result.kind
         if kind == "report":
-            fresh = self.reported.missing(starts, ends)
-            self.reported.update(starts, ends)
+            fresh = self.reported.update(starts, ends, fresh=True)
             result.discard = (fresh[0], fresh[1] - fresh[0])
         elif kind == "reuse":
             self.reported.difference_update(starts, ends)
         elif kind == "inflate":
-            fresh = self.inflated.missing(starts, ends)
-            self.inflated.update(starts, ends)
+            fresh = self.inflated.update(starts, ends, fresh=True)
             self.reported.difference_update(starts, ends)
             result.discard = (fresh[0], fresh[1] - fresh[0])
         elif kind == "deflate":
             self.inflated.difference_update(starts, ends)
         else:  # hint
             self.hinted.update(starts, ends)
-        return result
+
+
+class _Verdicts:
+    """Rejections of one batch by reason, filled only when something is rejected."""
+
+    __slots__ = ("counts", "found")
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+        self.found: list[tuple[str, np.ndarray]] = []
+
+    def mark(self, positions: np.ndarray, reason: str) -> None:
+        if positions.size:
+            self.found.append((reason, positions))
+
+    def count(self, result: ApplyResult) -> None:
+        for reason, positions in self.found:
+            result.rejected[reason] = _total(self.counts[positions])
+            result.rejected_ranges[reason] = int(positions.size)
+        result.rejected_pages = sum(result.rejected.values())

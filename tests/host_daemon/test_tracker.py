@@ -25,7 +25,7 @@ class Model:
 
     def apply(self, kind, pfns, counts, cmd_id=None):
         rejected: dict[str, int] = {}
-        ranges = list(zip(pfns, counts))
+        ranges = list(zip(pfns, counts, strict=True))
 
         def reject(reason, count):
             rejected[reason] = rejected.get(reason, 0) + count
@@ -71,7 +71,7 @@ class Model:
 
 
 def pages_of(pfns, counts) -> set[int]:
-    return {int(p) + i for p, c in zip(pfns, counts) for i in range(int(c))}
+    return {int(p) + i for p, c in zip(pfns, counts, strict=True) for i in range(int(c))}
 
 
 def check_same(tracker: GuestTracker, model: Model) -> None:
@@ -158,7 +158,12 @@ def test_exact_counts_by_reason():
         ],
     )
     assert result.rejected == {"overlap": 10, "out-of-range": 7, "zero-length": 0, "conflict": 3}
-    assert result.rejected_ranges == {"overlap": 1, "out-of-range": 2, "zero-length": 1, "conflict": 1}
+    assert result.rejected_ranges == {
+        "overlap": 1,
+        "out-of-range": 2,
+        "zero-length": 1,
+        "conflict": 1,
+    }
     assert result.rejected_pages == 20
     assert result.accepted_pages == 16
     assert tracker.reported_pages == 16
