@@ -1,0 +1,413 @@
+"""The connection state machine under every input, in the style of h2's test_state_machines.
+
+Two layers: a sweep over every (role, state, message type) pair that checks the outcome
+against RECEIVE_RULES / SEND_RULES, and Hypothesis state machines that throw random
+sequences of messages and bytes at a host and at a guest. The only acceptable outcomes
+are a move to the state the table names, or a ProtocolError after which the connection
+is closed for good — never another exception.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from shared.errors import CODES, LocalProtocolError, ProtocolError, RemoteProtocolError
+from shared.messages import (
+    Ack,
+    Bye,
+    Deflate,
+    Error,
+    Hello,
+    Hint,
+    HintDone,
+    HintStart,
+    HintStop,
+    Inflate,
+    MessageType,
+    Ping,
+    Pong,
+    Report,
+    Reuse,
+    Stats,
+    Target,
+    Welcome,
+)
+from shared.protocol import (
+    CONNECTION_CLOSED,
+    NEED_DATA,
+    RECEIVE_RULES,
+    SEND_RULES,
+    GuestConnection,
+    HostConnection,
+    Role,
+    State,
+)
+from shared.ranges import encode_ranges
+
+PAYLOAD = encode_ranges([1, 100], [3, 5000])
+
+
+def sample(kind: MessageType):
+    """A well-formed message of each type; batches leave seq to the connection."""
+    return {
+        MessageType.HELLO: Hello(guest="g1", pages=1 << 16, features=("ranges52",)),
+        MessageType.WELCOME: Welcome(window=4, max_ranges=64, features=("ranges52",)),
+        MessageType.REPORT: Report(payload=PAYLOAD),
+        MessageType.ACK: Ack(seq=0),
+        MessageType.REUSE: Reuse(payload=PAYLOAD),
+        MessageType.INFLATE: Inflate(payload=PAYLOAD),
+        MessageType.DEFLATE: Deflate(payload=PAYLOAD),
+        MessageType.TARGET: Target(pages=10),
+        MessageType.HINT_START: HintStart(cmd_id=1),
+        MessageType.HINT: Hint(cmd_id=1, payload=PAYLOAD),
+        MessageType.HINT_DONE: HintDone(cmd_id=1),
+        MessageType.HINT_STOP: HintStop(cmd_id=1),
+        MessageType.STATS: Stats(values={0: 1, 99: 2}),
+        MessageType.PING: Ping(nonce=1),
+        MessageType.ERROR: Error(code="internal", detail="x"),
+        MessageType.PONG: Pong(nonce=1),
+        MessageType.BYE: Bye(reason="bye"),
+    }[kind]
+
+
+def wire(kind: MessageType, seq: int = 0) -> bytes:
+    obj = sample(kind).to_wire()
+    if kind in (MessageType.REPORT, MessageType.REUSE, MessageType.INFLATE, MessageType.DEFLATE,
+                MessageType.HINT):
+        obj[1] = seq
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def guest_in(state: State) -> GuestConnection:
+    guest = GuestConnection("g1", 1 << 16, features=("ranges52",))
+    if state is State.IDLE:
+        return guest
+    guest.hello()
+    if state is State.HANDSHAKE:
+        return guest
+    guest.receive_data(wire(MessageType.WELCOME))
+    assert isinstance(guest.next_event(), Welcome)
+    if state is State.READY:
+        return guest
+    guest.receive_data(wire(MessageType.BYE))
+    assert isinstance(guest.next_event(), Bye)
+    assert guest.state is State.CLOSED
+    return guest
+
+
+def host_in(state: State) -> HostConnection:
+    host = HostConnection()
+    if state is State.IDLE:
+        return host
+    host.receive_data(wire(MessageType.HELLO))
+    assert isinstance(host.next_event(), Hello)
+    if state is State.HANDSHAKE:
+        return host
+    host.send(sample(MessageType.WELCOME))
+    if state is State.READY:
+        return host
+    host.receive_data(wire(MessageType.BYE))
+    assert isinstance(host.next_event(), Bye)
+    assert host.state is State.CLOSED
+    return host
+
+
+def make(role: Role, state: State):
+    return guest_in(state) if role is Role.GUEST else host_in(state)
+
+
+def assert_dead(connection, error: ProtocolError) -> None:
+    assert error.code in CODES
+    assert connection.state is State.CLOSED
+    with pytest.raises(RemoteProtocolError) as again:
+        connection.next_event()
+    assert again.value is error
+
+
+SWEEP = [(role, state, kind) for role in Role for state in State for kind in MessageType]
+
+
+@pytest.mark.parametrize("role,state,kind", SWEEP, ids=lambda v: getattr(v, "name", v))
+def test_receive_every_type_in_every_state(role, state, kind):
+    connection = make(role, state)
+    allowed = RECEIVE_RULES[(role, state)].get(int(kind))
+    connection.receive_data(wire(kind))
+    try:
+        event = connection.next_event()
+    except RemoteProtocolError as error:
+        assert_dead(connection, error)
+        if allowed is None:
+            assert error.code == "bad-state"
+        else:  # allowed by the table, refused by a role check: only these can say no
+            assert (kind, error.code) in {(MessageType.ACK, "bad-ack")}
+        return
+    assert allowed is not None, f"{role} in {state} accepted {kind.name}"
+    assert type(event).TYPE is kind
+    assert connection.state is allowed
+
+
+@pytest.mark.parametrize("role,state,kind", SWEEP, ids=lambda v: getattr(v, "name", v))
+def test_send_every_type_in_every_state(role, state, kind):
+    connection = make(role, state)
+    allowed = SEND_RULES[(role, state)].get(int(kind))
+    try:
+        data = connection.send(sample(kind))
+    except LocalProtocolError as error:
+        assert error.code in CODES
+        if allowed is None:
+            assert error.code == "bad-state"
+        else:
+            assert (kind, error.code) in {(MessageType.ACK, "bad-ack")}
+        assert connection.state is state  # a refused send changes nothing
+        return
+    assert allowed is not None, f"{role} in {state} sent {kind.name}"
+    assert isinstance(data, bytes) and data
+    assert connection.state is allowed
+
+
+def test_tables_cover_every_role_and_state():
+    for table in (RECEIVE_RULES, SEND_RULES):
+        assert set(table) == {(role, state) for role in Role for state in State}
+        for (_role, state), moves in table.items():
+            if state is State.CLOSED:
+                assert moves == {}
+            else:
+                assert moves[int(MessageType.BYE)] is State.CLOSED
+                assert moves[int(MessageType.ERROR)] is State.CLOSED
+
+
+def test_each_direction_owns_its_messages():
+    guest_ready = RECEIVE_RULES[(Role.HOST, State.READY)]
+    host_ready = RECEIVE_RULES[(Role.GUEST, State.READY)]
+    shared_kinds = {int(MessageType.PING), int(MessageType.PONG), int(MessageType.BYE), int(MessageType.ERROR)}
+    assert set(guest_ready) & set(host_ready) == shared_kinds
+
+
+# -- Hypothesis state machines ---------------------------------------------------------
+
+STATEFUL = settings(max_examples=150, stateful_step_count=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+kinds = st.sampled_from(list(MessageType))
+seqs = st.integers(0, 6)
+payloads = st.sampled_from([PAYLOAD, b"", b"\x00" * 7, b"\x00" * 8, encode_ranges(range(70), [1] * 70)])
+
+
+def batch_bytes(kind: MessageType, seq: int, payload: bytes) -> bytes:
+    obj = sample(kind).to_wire()
+    if kind in (MessageType.REPORT, MessageType.REUSE, MessageType.INFLATE, MessageType.DEFLATE):
+        obj[1], obj[2] = seq, payload
+    elif kind is MessageType.HINT:
+        obj[1], obj[3] = seq, payload
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+class _Machine(RuleBasedStateMachine):
+    connection: GuestConnection | HostConnection
+    role: Role
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead: RemoteProtocolError | None = None
+        self.closed = False
+
+    def feed(self, data: bytes) -> None:
+        connection = self.connection
+        if self.dead is not None:
+            connection.receive_data(data)
+            with pytest.raises(RemoteProtocolError):
+                connection.next_event()
+            return
+        connection.receive_data(data)
+        while True:
+            before = connection.state
+            try:
+                event = connection.next_event()
+            except RemoteProtocolError as error:
+                assert_dead(connection, error)
+                self.dead = error
+                return
+            if event is NEED_DATA:
+                return
+            if event is CONNECTION_CLOSED:
+                assert connection.state is State.CLOSED
+                self.closed = True
+                return
+            expected = RECEIVE_RULES[(self.role, before)].get(event.WIRE_TYPE)
+            assert expected is connection.state
+            self.react(event)
+
+    def react(self, event) -> None:
+        """What the daemon would do in response."""
+
+    @rule(data=st.binary(max_size=24))
+    def garbage(self, data):
+        self.feed(data)
+
+    @rule(kind=kinds)
+    def message(self, kind):
+        self.feed(wire(kind))
+
+    @rule()
+    def eof(self):
+        self.feed(b"")
+
+    @invariant()
+    def window_is_never_exceeded(self):
+        window = self.connection.window
+        if window is not None:
+            assert window.in_flight <= window.size
+
+    @invariant()
+    def closed_means_closed(self):
+        if self.dead is not None or self.closed:
+            assert self.connection.state is State.CLOSED
+
+
+class HostUnderFire(_Machine):
+    """A host fed whatever a hostile or buggy guest might send."""
+
+    role = Role.HOST
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connection = HostConnection(max_message_bytes=4096)
+
+    def react(self, event) -> None:
+        if isinstance(event, Hello):
+            self.connection.send(Welcome(window=3, max_ranges=64, features=()))
+            assert self.connection.state is State.READY
+        elif event.WIRE_TYPE in (3, 5, 6, 7, 10):
+            assert event.seq == self.connection.expected_seq - 1
+            assert event.pfns.size == event.counts.size <= self.connection.max_ranges
+
+    @rule(version=st.sampled_from([1, 1, 2]), page_size=st.sampled_from([4096, 4096, 8192]),
+          guest=st.sampled_from(["g1", "g1", "../x"]), pages=st.sampled_from([1, 1 << 20, 0]))
+    def hello(self, version, page_size, guest, pages):
+        body = {"version": version, "guest": guest, "page_size": page_size, "pages": pages,
+                "features": ["ranges52", "unknown"]}
+        self.feed(msgpack.packb([1, body]))
+
+    @rule(kind=st.sampled_from([MessageType.REPORT, MessageType.REUSE, MessageType.INFLATE,
+                                MessageType.DEFLATE, MessageType.HINT]),
+          ahead=st.sampled_from([0, 0, 0, 1, -1]), payload=payloads)
+    def batch(self, kind, ahead, payload):
+        seq = max(0, self.connection.expected_seq + ahead)
+        self.feed(batch_bytes(kind, seq, payload))
+
+    @precondition(lambda self: self.dead is None and self.connection.window is not None
+                  and self.connection.window.in_flight and self.connection.state is State.READY)
+    @rule()
+    def ack_oldest(self):
+        self.connection.send(Ack(seq=self.connection.window.oldest))
+
+
+class GuestUnderFire(_Machine):
+    """A guest fed whatever a hostile or buggy host might send, while it sends batches."""
+
+    role = Role.GUEST
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connection = GuestConnection("g1", 1 << 16, features=("ranges52", "stats"),
+                                          max_message_bytes=4096)
+
+    @rule()
+    def hello(self):
+        try:
+            self.connection.hello()
+        except LocalProtocolError as error:
+            assert error.code == "bad-state"
+
+    @rule(version=st.sampled_from([1, 1, 3]), window=st.sampled_from([1, 2, 0]),
+          features=st.sampled_from([[], ["ranges52"], ["pfn32"]]))
+    def welcome(self, version, window, features):
+        body = {"version": version, "window": window, "max_ranges": 8, "features": features}
+        self.feed(msgpack.packb([2, body]))
+
+    @rule(seq=seqs, rejected=st.integers(0, 10))
+    def ack(self, seq, rejected):
+        self.feed(msgpack.packb([4, seq, rejected]))
+
+    @rule(kind=st.sampled_from([Report, Reuse, Inflate, Deflate]), ranges=st.integers(1, 12))
+    def send_batch(self, kind, ranges):
+        guest = self.connection
+        before = guest.next_seq
+        try:
+            guest.send(kind(payload=encode_ranges(np.arange(ranges), np.ones(ranges, dtype=np.uint64))))
+        except LocalProtocolError as error:
+            assert error.code in {"bad-state", "window-overrun", "too-many-ranges"}
+            assert guest.next_seq == before
+        else:
+            assert guest.next_seq == before + 1
+
+
+TestHostUnderFire = HostUnderFire.TestCase
+TestHostUnderFire.settings = STATEFUL
+TestGuestUnderFire = GuestUnderFire.TestCase
+TestGuestUnderFire.settings = STATEFUL
+
+
+# -- corrupted sessions ----------------------------------------------------------------
+
+
+def guest_stream() -> bytes:
+    guest = GuestConnection("g1", 1 << 20, features=("ranges52",))
+    parts = [guest.hello()]
+    guest.receive_data(msgpack.packb([2, {"version": 1, "window": 8, "max_ranges": 64, "features": ["ranges52"]}]))
+    guest.next_event()
+    for seq in range(4):
+        parts.append(guest.send(Report(payload=encode_ranges([seq * 10_000, 7], [seq + 1, 4096 * (seq + 1)]))))
+        parts.append(guest.send(Stats(values={seq: seq})))
+        guest.receive_data(msgpack.packb([4, seq, 0]))
+        guest.next_event()
+    parts.append(guest.send(Bye(reason="done")))
+    return b"".join(parts)
+
+
+STREAM = guest_stream()
+
+
+def run_host(data: bytes, chunk: int) -> None:
+    host = HostConnection(max_message_bytes=4096)
+    try:
+        for start in range(0, len(data), chunk):
+            host.receive_data(data[start : start + chunk])
+            for event in host.events():
+                if isinstance(event, Hello):
+                    host.send(Welcome(window=8, max_ranges=64, features=("ranges52",)))
+                elif getattr(event, "pfns", None) is not None:
+                    host.send(Ack(seq=event.seq))
+        host.receive_data(b"")
+        list(host.events())
+    except RemoteProtocolError as error:
+        assert_dead(host, error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(STREAM) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+       st.integers(0, len(STREAM)), st.sampled_from([1, 7, 64, 4096]))
+def test_corrupted_session_ends_in_a_protocol_error_or_valid_events(flips, cut, chunk):
+    data = bytearray(STREAM)
+    for position, value in flips:
+        data[position] = value
+    run_host(bytes(data[:cut]), chunk)
+
+
+def test_uncorrupted_session_runs_clean():
+    host = HostConnection()
+    host.receive_data(STREAM)
+    seen = []
+    for event in host.events():
+        seen.append(type(event).__name__)
+        if isinstance(event, Hello):
+            host.send(Welcome(window=8, max_ranges=64, features=("ranges52",)))
+        elif isinstance(event, Report):
+            host.send(Ack(seq=event.seq))
+    assert seen == ["Hello"] + ["Report", "Stats"] * 4 + ["Bye"]
+    assert host.state is State.CLOSED
