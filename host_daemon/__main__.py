@@ -1,0 +1,8 @@
+"""``python -m host_daemon`` is ``balloon-host``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The host's HTTP side (aiohttp): /metrics, /healthz, /readyz and the admin API.
+
+JSON shapes are fixed in CONTRACT.md (balloonctl consumes them). Binds 127.0.0.1 by
+default (DESIGN §5); mutating calls need ``Authorization: Bearer <token>`` when the host
+runs with ``--admin-token-file``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from shared import PAGE_SIZE
+from shared.config import parse_size
+from shared.errors import LocalProtocolError
+from shared.messages import HintStart, Target, valid_guest_id
+
+from .auth import same_secret
+from .metrics import render
+
+log = logging.getLogger("balloon.host.admin")
+MAX_BODY = 4096
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class AdminApp:
+    def __init__(self, host) -> None:
+        self.host = host
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/api/v1/guests", self.guests)
+        app.router.add_get("/api/v1/guests/{id}", self.guest)
+        app.router.add_post("/api/v1/guests/{id}/target", self.target)
+        app.router.add_post("/api/v1/guests/{id}/hint", self.hint)
+        self.app = app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = render(self.host.metrics_registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.host.ready:
+            return web.Response(text="ready")
+        return web.Response(text="not ready", status=503)
+
+    async def guests(self, request: web.Request) -> web.Response:
+        records = sorted(self.host.registry.guests.values(), key=lambda r: r.id)
+        return web.json_response({"guests": [r.to_json() for r in records]})
+
+    def _record(self, request: web.Request):
+        guest = request.match_info["id"]
+        record = self.host.registry.get(guest) if valid_guest_id(guest) else None
+        return guest, record
+
+    async def guest(self, request: web.Request) -> web.Response:
+        guest, record = self._record(request)
+        if record is None:
+            return _error(404, f"no guest {guest!r}")
+        return web.json_response(record.to_json())
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self.host.admin_token
+        if token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and same_secret(given.strip() or None, token)
+
+    async def _json_body(self, request: web.Request) -> dict:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "the body is not JSON"}),
+                                     content_type="application/json") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}),
+                                     content_type="application/json")
+        return body
+
+    async def target(self, request: web.Request) -> web.Response:
+        """Set the balloon size: body {"bytes": N} or {"size": "256MiB"} → 202 {"target_pages": n}.
+
+        The size rounds down to whole pages and may not exceed the guest's RAM. A guest that
+        is disconnected gets its TARGET right after its next WELCOME.
+        """
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        guest, record = self._record(request)
+        if record is None:
+            return _error(404, f"no guest {guest!r}")
+        body = await self._json_body(request)
+        try:
+            if "bytes" in body:
+                size = body["bytes"]
+                if type(size) is not int or size < 0:
+                    raise ValueError("bytes must be a non-negative integer")
+            elif "size" in body:
+                size = parse_size(str(body["size"]))
+            else:
+                raise ValueError('give {"bytes": N} or {"size": "256MiB"}')
+        except ValueError as error:
+            return _error(400, str(error))
+        pages = size // PAGE_SIZE
+        if pages > record.pages:
+            return _error(400, f"target {size} bytes exceeds the guest's {record.pages * PAGE_SIZE} bytes")
+        record.target_pages = pages
+        session = record.session
+        if session is not None:
+            try:
+                await session.send(Target(pages))
+            except LocalProtocolError:
+                pass  # the session is closing; the next one gets the target after WELCOME
+        log.info("balloon target set", extra={"guest": record.id, "target_pages": pages,
+                                               "delivered": session is not None})
+        return web.json_response({"target_pages": pages}, status=202)
+
+    async def hint(self, request: web.Request) -> web.Response:
+        """Start a free page hinting command: 202 {"cmd_id": n}; 409 if the guest cannot hint now."""
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        guest, record = self._record(request)
+        if record is None:
+            return _error(404, f"no guest {guest!r}")
+        session = record.session
+        if session is None or "hinting" not in record.features:
+            return _error(409, f"guest {guest!r} is not connected with the hinting feature")
+        cmd_id = record.next_cmd_id
+        record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
+        record.tracker.set_hint_command(cmd_id)
+        try:
+            await session.send(HintStart(cmd_id))
+        except LocalProtocolError:
+            return _error(409, f"guest {guest!r} is disconnecting")
+        return web.json_response({"cmd_id": cmd_id}, status=202)

@@ -1,0 +1,59 @@
+"""``balloon-host`` / ``python -m host_daemon``: parse settings, pick the loop, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from shared.logfmt import configure_logging
+
+from . import loops
+from .auth import TokenFileError
+from .server import HostServer, ListenError
+from .settings import SettingsError, parse_settings
+
+log = logging.getLogger("balloon.host")
+
+
+async def serve(settings) -> int:
+    server = HostServer(settings)
+    try:
+        await server.start()
+    except ListenError as error:
+        log.error("cannot listen", extra={"error": str(error)})
+        print(f"balloon-host: {error}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    await server.wait_stopped()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as error:
+        print(f"balloon-host: error: {error}", file=sys.stderr)
+        return 2
+    try:  # token files are read before anything listens, so a typo fails fast
+        from .auth import load_admin_token, load_guest_tokens
+
+        if settings.token_file:
+            load_guest_tokens(settings.token_file)
+        if settings.admin_token_file:
+            load_admin_token(settings.admin_token_file)
+    except TokenFileError as error:
+        print(f"balloon-host: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    name = loops.loop_name(settings.listen)
+    log.info("starting", extra={"loop": name})
+    return loops.run(serve(settings), name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

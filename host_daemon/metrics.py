@@ -1,0 +1,126 @@
+"""Prometheus metrics of the host, computed at scrape time by one custom collector.
+
+Per-guest values are read from the registry's records when /metrics is scraped, so a
+forgotten guest's series simply stop existing (no stale series, no label leak), and the
+per-batch path only bumps plain integers. Each host has its own ``CollectorRegistry``
+(never the global one), so tests can run several hosts in one process.
+
+Names follow DESIGN §5: ``balloon_*``, base units, ``_total``/``_bytes``/``_seconds``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from shared import PAGE_SIZE
+from shared.errors import CODES
+
+from .histogram import LatencyHistogram
+from .session import RESULTS
+from .tracker import KINDS
+
+
+class HostStats:
+    """Host-wide counters that outlive any guest record."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, int] = dict.fromkeys(RESULTS, 0)
+        self.protocol_errors: dict[str, int] = dict.fromkeys(CODES, 0)
+        self.apply = LatencyHistogram()
+
+
+class HostCollector(Collector):
+    def __init__(self, host) -> None:
+        self.host = host
+
+    def describe(self):
+        return []  # values are dynamic; registering must not call collect()
+
+    def collect(self):
+        host = self.host
+        stats: HostStats = host.stats
+        records = list(host.registry.guests.values())
+
+        connected = GaugeMetricFamily("balloon_guests_connected", "Guests with a live session.")
+        connected.add_metric([], sum(1 for r in records if r.session is not None))
+        yield connected
+        known = GaugeMetricFamily("balloon_guests_known", "Guests known: connected or retained after disconnect.")
+        known.add_metric([], len(records))
+        yield known
+
+        sessions = CounterMetricFamily("balloon_sessions_total", "Sessions ended, by result.", labels=["result"])
+        for result, count in stats.sessions.items():
+            sessions.add_metric([result], count)
+        yield sessions
+        errors = CounterMetricFamily("balloon_protocol_errors_total",
+                                     "ERROR messages the host sent, by code.", labels=["code"])
+        for code, count in stats.protocol_errors.items():
+            errors.add_metric([code], count)
+        yield errors
+
+        families = {
+            "batches": CounterMetricFamily("balloon_batches_total", "Batches applied and acked.", labels=["guest", "kind"]),
+            "ranges": CounterMetricFamily("balloon_ranges_total", "Ranges received in batches.", labels=["guest", "kind"]),
+            "pages": CounterMetricFamily("balloon_pages_total", "Pages claimed by batches.", labels=["guest", "kind"]),
+        }
+        rejected = CounterMetricFamily("balloon_rejected_pages_total",
+                                       "Pages of batches skipped as invalid, by reason.", labels=["guest", "reason"])
+        received = CounterMetricFamily("balloon_received_bytes_total", "Bytes received from the guest.", labels=["guest"])
+        up = GaugeMetricFamily("balloon_guest_up", "1 while the guest has a live session, 0 while retained.", labels=["guest"])
+        memory = GaugeMetricFamily("balloon_guest_memory_bytes", "Guest RAM size from HELLO.", labels=["guest"])
+        reported = GaugeMetricFamily("balloon_reported_bytes", "Pages currently reported free, in bytes.", labels=["guest"])
+        inflated = GaugeMetricFamily("balloon_inflated_bytes", "Pages currently in the balloon, in bytes.", labels=["guest"])
+        hinted = GaugeMetricFamily("balloon_hinted_bytes",
+                                   "Pages hinted for the current hinting command (possibly reclaimable).", labels=["guest"])
+        target = GaugeMetricFamily("balloon_balloon_target_bytes", "Balloon size the host asked for (0: none).", labels=["guest"])
+        inflight = GaugeMetricFamily("balloon_inflight_batches", "Batches received and not yet acked.", labels=["guest"])
+        reclaimed = GaugeMetricFamily("balloon_reclaimed_bytes",
+                                      "RAM file size minus its allocated blocks, read from the kernel.", labels=["guest"])
+        resident = GaugeMetricFamily("balloon_resident_bytes", "Allocated blocks of the RAM file (st_blocks).", labels=["guest"])
+        for r in records:
+            g = r.id
+            for kind in KINDS:
+                families["batches"].add_metric([g, kind], r.batches[kind])
+                families["ranges"].add_metric([g, kind], r.ranges[kind])
+                families["pages"].add_metric([g, kind], r.pages_total[kind])
+            for reason, count in r.rejected.items():
+                rejected.add_metric([g, reason], count)
+            received.add_metric([g], r.received_bytes)
+            session = r.session
+            up.add_metric([g], 1 if session is not None else 0)
+            memory.add_metric([g], r.pages * PAGE_SIZE)
+            tracker = r.tracker
+            reported.add_metric([g], tracker.reported_pages * PAGE_SIZE)
+            inflated.add_metric([g], tracker.inflated_pages * PAGE_SIZE)
+            hinted.add_metric([g], tracker.hinted_pages * PAGE_SIZE)
+            target.add_metric([g], (r.target_pages or 0) * PAGE_SIZE)
+            window = session.window_state() if session is not None else None
+            inflight.add_metric([g], window[1] if window else 0)
+            if r.ram is not None:
+                try:
+                    reclaimed.add_metric([g], r.ram.reclaimed_bytes())
+                    resident.add_metric([g], r.ram.resident_bytes())
+                except OSError:
+                    pass
+        yield from families.values()
+        yield from (rejected, received, up, memory, reported, inflated, hinted, target, inflight,
+                    reclaimed, resident)
+
+        apply = stats.apply
+        histogram = HistogramMetricFamily("balloon_batch_apply_seconds",
+                                          "Time to apply one batch (tracker and RAM-file "
+                                          "discard) until its ACK is ready.")
+        histogram.add_metric([], apply.cumulative(), apply.sum)
+        yield histogram
+
+
+def make_registry(host) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HostCollector(host))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,249 @@
+"""Listeners and lifecycle of the host daemon.
+
+``HostServer`` opens every ``--listen`` address and the HTTP side, runs one ``Session``
+per accepted connection, and on ``stop()`` (SIGTERM/SIGINT) stops accepting, lets each
+session finish the batches it already read, sends BYE and closes — within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+
+from aiohttp import web
+
+from shared.addresses import Address
+
+from .admin import AdminApp
+from .auth import GuestAuth, load_admin_token, load_guest_tokens
+from .metrics import HostStats, make_registry
+from .registry import Registry
+from .session import Session
+from .settings import HostSettings
+
+log = logging.getLogger("balloon.host")
+SOCKET_MODE = 0o660
+SHUTDOWN_GRACE = 3.0
+
+
+class ListenError(RuntimeError):
+    """A listener cannot be opened; the message says which and why."""
+
+
+def prepare_unix_path(path: str) -> None:
+    """Replace a stale socket file; refuse to touch anything that is not a socket or is live."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ListenError(f"unix:{path}: exists and is not a socket; refusing to delete it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody accepts on it: stale, left by a killed host
+        return
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ListenError(f"unix:{path}: another process is listening on it")
+
+
+def unix_socket(path: str) -> socket.socket:
+    prepare_unix_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, SOCKET_MODE)  # before listen(): nobody can connect with looser modes
+        sock.listen(1024)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"unix:{path}: {error.strerror or error}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def vsock_socket(cid: int, port: int) -> socket.socket:
+    if not hasattr(socket, "AF_VSOCK"):
+        raise ListenError("vsock: this Python has no AF_VSOCK")
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as error:
+        raise ListenError(f"vsock:{cid}:{port}: cannot create a vsock socket ({error.strerror or error}); "
+                          "is the vsock module loaded?") from None
+    try:
+        sock.bind((cid, port))
+        sock.listen(1024)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"vsock:{cid}:{port}: {error.strerror or error}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def peer_address(writer: asyncio.StreamWriter, listener: Address) -> str:
+    """The host's own view of who connected (never what the guest claims)."""
+    sock = writer.get_extra_info("socket")
+    if listener.kind == "unix":
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            return f"unix:{listener.path}#pid={pid},uid={uid}"
+        except (OSError, AttributeError):
+            return f"unix:{listener.path}"
+    peer = writer.get_extra_info("peername")
+    if listener.kind == "vsock" and peer:
+        return f"vsock:{peer[0]}:{peer[1]}"
+    if peer:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+        return f"tcp:{host}:{peer[1]}"
+    return str(listener)
+
+
+class HostServer:
+    def __init__(self, settings: HostSettings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.max_guests, settings.retention, settings.ram_dir)
+        self.stats = HostStats()
+        self.metrics_registry = make_registry(self)
+        tokens = load_guest_tokens(settings.token_file) if settings.token_file else None
+        self.auth = GuestAuth(tokens)
+        self.admin_token = load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
+        self.sessions: set[Session] = set()
+        self.addresses: list[Address] = []  # as bound (TCP port 0 resolved)
+        self.http_address: tuple[str, int] | None = None
+        self.ready = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[tuple[str, int]] = []
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.ram_dir is not None:
+            settings.ram_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.registry.adopt_orphan_files()
+        try:
+            for address in settings.listen:
+                await self._listen(address)
+            if settings.http is not None:
+                await self._start_http(*settings.http)
+        except BaseException:
+            await self._close_listeners()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            raise
+        self.ready = True
+        log.info("host ready", extra={
+            "listen": ",".join(map(str, self.addresses)),
+            "http": "off" if self.http_address is None else f"{self.http_address[0]}:{self.http_address[1]}",
+            "window": settings.window, "max_ranges": settings.max_ranges,
+            "ram_dir": str(settings.ram_dir) if settings.ram_dir else None})
+
+    async def _listen(self, address: Address) -> None:
+        def handler(reader, writer, listener=address):
+            return self._serve(reader, writer, listener)
+
+        limit = 2 * 65536
+        if address.kind == "unix":
+            sock = unix_socket(address.path)
+            server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
+            self._unix_paths.append((address.path, os.stat(address.path).st_ino))
+            bound = address
+        elif address.kind == "tcp":
+            try:
+                server = await asyncio.start_server(handler, address.host, address.port, limit=limit,
+                                                    reuse_address=True, backlog=1024)
+            except OSError as error:
+                raise ListenError(f"{address}: {error.strerror or error}") from None
+            port = server.sockets[0].getsockname()[1]
+            bound = Address("tcp", host=address.host, port=port)
+        else:
+            sock = vsock_socket(address.cid, address.port)
+            server = await asyncio.start_server(handler, sock=sock, limit=limit)
+            bound = address
+        self._servers.append(server)
+        self.addresses.append(bound)
+
+    async def _start_http(self, host: str, port: int) -> None:
+        runner = web.AppRunner(AdminApp(self).app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as error:
+            raise ListenError(f"--http {host}:{port}: {error.strerror or error}") from None
+        sockname = site._server.sockets[0].getsockname()
+        self.http_address = (sockname[0], sockname[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: Address) -> None:
+        if self._stopping:
+            writer.transport.abort()
+            return
+        session = Session(self, reader, writer, peer_address(writer, listener), listener.kind)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 0.1)
+        self._servers.clear()
+        for path, inode in self._unix_paths:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:  # still ours, not a successor's
+                    os.unlink(path)
+        self._unix_paths.clear()
+
+    def request_stop(self) -> None:
+        """Signal handler: start the graceful stop once."""
+        if not self._stopping:
+            task = asyncio.get_running_loop().create_task(self.stop())
+            self._tasks.add(task)
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self.ready = False
+        log.info("host stopping", extra={"sessions": len(self.sessions)})
+        # Stop accepting first (server.close() only closes the listening sockets in 3.11),
+        for server in self._servers:
+            server.close()
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.stop()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for session in list(self.sessions):  # stuck writers (peers that do not read)
+            session.writer.transport.abort()
+            if session._reader_task is not None:
+                session._reader_task.cancel()
+        await self._close_listeners()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.registry.close()
+        log.info("host stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,233 @@
+"""The host's options: one argparse description, layered (flag > env > TOML > default)
+by ``shared.config.resolve_settings``, then checked into a frozen ``HostSettings``.
+
+Validation happens here, before anything listens, so a bad value is one clear line on
+stderr and exit status 2 (argparse's convention), never a traceback at the first guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.addresses import Address, parse_address, split_host_port
+from shared.config import describe_layers, parse_duration, parse_size
+from shared.protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+ENV_PREFIX = "BALLOON_HOST"
+DEFAULT_HTTP = "127.0.0.1:9470"
+MAX_WINDOW = 1 << 16  # what WELCOME may carry (shared/messages.py)
+MAX_RANGES = 1 << 24
+#: Bytes of a batch message beyond its payload: array header, type, seq (up to 9 bytes),
+#: cmd_id for HINT, bin header. Used to check max_ranges fits in max_message_bytes.
+BATCH_OVERHEAD = 32
+
+
+class SettingsError(ValueError):
+    """A setting is unusable; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    listen: tuple[Address, ...]
+    http: tuple[str, int] | None = ("127.0.0.1", 9470)
+    window: int = 16
+    max_ranges: int = 4096
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_guests: int = 1024
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    retention: float = 300.0
+    token_file: Path | None = None
+    admin_token_file: Path | None = None
+    ram_dir: Path | None = None
+    debug_apply_delay: float = 0.0
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def check(s: HostSettings) -> None:
+    """Raise SettingsError for the first unusable value."""
+    if not s.listen:
+        raise SettingsError("--listen: give at least one address (unix:/path, tcp:HOST:PORT or vsock:CID:PORT)")
+    paths = [a.path for a in s.listen if a.kind == "unix"]
+    if len(paths) != len(set(paths)):
+        raise SettingsError("--listen: the same unix socket path is given twice")
+    if not 1 <= s.window <= MAX_WINDOW:
+        raise SettingsError(f"--window must be 1..{MAX_WINDOW}, got {s.window}")
+    if not 1 <= s.max_ranges <= MAX_RANGES:
+        raise SettingsError(f"--max-ranges must be 1..{MAX_RANGES}, got {s.max_ranges}")
+    if s.max_message_bytes < 1024:
+        raise SettingsError(f"--max-message-bytes must be at least 1KiB, got {s.max_message_bytes}")
+    # An escaped range takes two words, so a full batch may need 2 * max_ranges words.
+    need = 16 * s.max_ranges + BATCH_OVERHEAD
+    if need > s.max_message_bytes:
+        raise SettingsError(
+            f"--max-ranges {s.max_ranges} needs --max-message-bytes >= {need} "
+            f"(two 8-byte words per escaped range), got {s.max_message_bytes}")
+    if s.max_guests < 1:
+        raise SettingsError(f"--max-guests must be at least 1, got {s.max_guests}")
+    for name, value in (("--handshake-timeout", s.handshake_timeout), ("--idle-timeout", s.idle_timeout)):
+        if value <= 0:
+            raise SettingsError(f"{name} must be positive, got {value}")
+    if s.retention < 0:
+        raise SettingsError(f"--retention cannot be negative, got {s.retention}")
+    if s.debug_apply_delay < 0 or s.debug_apply_delay > 60:
+        raise SettingsError(f"--debug-apply-delay must be 0..60 seconds, got {s.debug_apply_delay}")
+    for name, path in (("--token-file", s.token_file), ("--admin-token-file", s.admin_token_file)):
+        if path is not None and not Path(path).is_file():
+            raise SettingsError(f"{name}: {path} is not a readable file")
+    if s.ram_dir is not None:
+        ram_dir = Path(s.ram_dir)
+        if ram_dir.exists() and not ram_dir.is_dir():
+            raise SettingsError(f"--ram-dir: {ram_dir} exists and is not a directory")
+        if not ram_dir.is_absolute():
+            raise SettingsError(f"--ram-dir must be an absolute path (the guest maps it), got {ram_dir}")
+    if s.log_format not in ("text", "json"):
+        raise SettingsError(f"--log-format must be text or json, got {s.log_format!r}")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise SettingsError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _http(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        return split_host_port(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balloon-host",
+        description="The hypervisor side of the balloon channel: serves many guests, validates every "
+                    "range they report, tracks reclaimable memory per guest, gives it back to the kernel "
+                    "when guest RAM is a shared file, and exposes metrics and an admin API.",
+        epilog=describe_layers(ENV_PREFIX),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--listen", action="append", type=_address, default=[], metavar="ADDR",
+        help="where guests connect; repeatable. unix:/path (socket created mode 0660, a stale socket "
+             "file is replaced, any other file is refused), tcp:HOST:PORT, vsock:CID:PORT "
+             "(vsock forces the stock asyncio loop)")
+    add("--http", type=_http, default=DEFAULT_HTTP, metavar="HOST:PORT",
+        help="address of /metrics, /healthz, /readyz and the admin API /api/v1/...; 'off' disables it")
+    add("--window", type=_positive_int, default=16,
+        help="batches a guest may have unacknowledged at once (the virtqueue size), sent in WELCOME")
+    add("--max-ranges", type=_positive_int, default=4096,
+        help="most ranges in one batch, sent in WELCOME; a bigger batch is a protocol error")
+    add("--max-message-bytes", type=_size, default="1MiB", metavar="SIZE",
+        help="largest message accepted; checked from the msgpack header before anything is buffered")
+    add("--max-guests", type=_positive_int, default=1024,
+        help="most guests known at once (connected, or disconnected and retained); "
+             "a new guest beyond it gets ERROR too-many-guests")
+    add("--handshake-timeout", type=_duration, default="5s", metavar="DURATION",
+        help="a connection that has not sent a valid HELLO by then gets ERROR handshake-timeout")
+    add("--idle-timeout", type=_duration, default="60s", metavar="DURATION",
+        help="the host PINGs a silent guest after a third of this and closes it "
+             "(ERROR idle-timeout) when nothing at all arrived for this long")
+    add("--retention", type=_duration, default="300s", metavar="DURATION",
+        help="how long a disconnected guest is remembered (metrics, RAM file) before it is forgotten")
+    add("--token-file", type=Path, default=None, metavar="FILE",
+        help="per-guest secrets, one 'guest-id token' per line; a listed guest must send its token in "
+             "HELLO, and every TCP guest must be listed (ERROR auth-failed otherwise)")
+    add("--admin-token-file", type=Path, default=None, metavar="FILE",
+        help="bearer token required by mutating admin calls (POST /api/v1/...)")
+    add("--ram-dir", type=Path, default=None, metavar="DIR",
+        help="directory (a tmpfs such as /dev/shm/balloon) for shared guest RAM files DIR/<guest>.ram; "
+             "guests offering the shared-ram feature get one, and reported/inflated ranges are "
+             "punched out of it for real")
+    add("--debug-apply-delay", type=_duration, default="0", metavar="DURATION",
+        help="testing only: wait this long before applying each batch, to play a slow host")
+    add("--config", type=Path, default=None, metavar="FILE",
+        help="TOML file with option names as keys (top level or in a [host] table)")
+    add("--log-format", choices=("text", "json"), default="text", help="log line format")
+    add("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="least severe level logged")
+    return parser
+
+
+def load_config_file(path: Path) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise SettingsError(f"--config: cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"--config: {path} is not valid TOML: {error}") from None
+    table = data.get("host", data)
+    if not isinstance(table, dict):
+        raise SettingsError(f"--config: {path}: [host] must be a table")
+    return table
+
+
+def parse_settings(argv, environ=None) -> HostSettings:
+    """argv + environment + config file → HostSettings; argparse exits 2 on bad syntax,
+    SettingsError carries semantic problems (cli.main turns it into exit 2)."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    config = known.config or (Path(environ[f"{ENV_PREFIX}_CONFIG"]) if environ.get(f"{ENV_PREFIX}_CONFIG") else None)
+    file_settings = load_config_file(config) if config else None
+    from shared.config import resolve_settings
+
+    ns = resolve_settings(parser, argv, ENV_PREFIX, environ, file_settings)
+    http = ns.http
+    if isinstance(http, str):  # default string not run through type by resolve_settings
+        http = _http(http)
+    return HostSettings(
+        listen=tuple(ns.listen),
+        http=http,
+        window=ns.window,
+        max_ranges=ns.max_ranges,
+        max_message_bytes=ns.max_message_bytes,
+        max_guests=ns.max_guests,
+        handshake_timeout=ns.handshake_timeout,
+        idle_timeout=ns.idle_timeout,
+        retention=ns.retention,
+        token_file=ns.token_file,
+        admin_token_file=ns.admin_token_file,
+        ram_dir=ns.ram_dir,
+        debug_apply_delay=ns.debug_apply_delay,
+        log_format=ns.log_format,
+        log_level=ns.log_level,
+    )
