@@ -1,0 +1,140 @@
+"""Operations the host must acknowledge, and how their ranges become payloads.
+
+An *operation* is one logical batch — a free page report of up to ``--capacity`` blocks,
+a set of pages taken back (REUSE), a slice of balloon (INFLATE/DEFLATE) or of hints. In
+the default encoding it is one message; in the legacy ``pfn32`` encoding it becomes as
+many 256-PFN messages as it needs, one ack each, exactly like the legacy virtio balloon.
+Its completion callback runs once every message of it is acked — that is the moment a
+report's blocks stop being isolated, or a deflate's pages may be freed.
+
+Payloads are produced lazily, so a large inflate in pfn32 mode never holds more than one
+message's bytes at a time, and the ranges52 encoding goes through the protocol's fixed
+:class:`~shared.ranges.RangeBuffer` (the seed's preallocated buffer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from shared.messages import Deflate, Hint, Inflate, Report, Reuse
+from shared.protocol import PFN32
+from shared.ranges import PFN32_MAX_PER_MESSAGE, RangeBuffer, encode_pfn32, expand_pages
+
+KINDS = ("report", "reuse", "inflate", "deflate", "hint")
+MESSAGE_CLASS = {"report": Report, "reuse": Reuse, "inflate": Inflate, "deflate": Deflate, "hint": Hint}
+
+#: Pages expanded at a time for the legacy encoding (a bound on the temporary arrays).
+_PFN32_CHUNK_PAGES = 64 * PFN32_MAX_PER_MESSAGE
+
+
+def block_counts(orders: np.ndarray) -> np.ndarray:
+    """Pages per buddy block: ``2**order`` as uint64."""
+    return np.left_shift(np.uint64(1), np.asarray(orders, dtype=np.uint64))
+
+
+def ranges52_payloads(pfns: np.ndarray, counts: np.ndarray, buffer: RangeBuffer) -> Iterator[bytes]:
+    """Fill the fixed buffer, hand it out, refill — never a bigger buffer (the seed's rule)."""
+    start = 0
+    total = int(pfns.size)
+    while start < total:
+        buffer.clear()
+        taken = buffer.extend(pfns[start:], counts[start:])
+        if taken == 0:  # cannot happen with capacity >= 2 words; guard against a spin
+            raise ValueError("range buffer refused a range")
+        start += taken
+        yield buffer.take()
+
+
+def split_ranges(pfns: np.ndarray, counts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut every range longer than ``limit`` pages into pieces of at most ``limit``."""
+    pieces = (counts + np.uint64(limit - 1)) // np.uint64(limit)
+    if not pieces.size or int(pieces.max()) <= 1:
+        return pfns, counts
+    reps = pieces.astype(np.intp)
+    first = np.cumsum(reps) - reps
+    offset = (np.arange(int(reps.sum())) - np.repeat(first, reps)).astype(np.uint64) * np.uint64(limit)
+    new_pfns = np.repeat(pfns, reps) + offset
+    new_counts = np.minimum(np.uint64(limit), np.repeat(counts, reps) - offset)
+    return new_pfns, new_counts
+
+
+def pfn32_payloads(pfns: np.ndarray, counts: np.ndarray) -> Iterator[bytes]:
+    """One legacy message per 256 pages, expanded a bounded chunk at a time."""
+    pfns, counts = split_ranges(pfns, counts, _PFN32_CHUNK_PAGES)
+    cum = np.cumsum(counts)
+    i = 0
+    while i < pfns.size:
+        base = int(cum[i - 1]) if i else 0
+        j = int(np.searchsorted(cum, base + _PFN32_CHUNK_PAGES, side="right"))
+        pages = expand_pages(pfns[i:j], counts[i:j])
+        for start in range(0, pages.size, PFN32_MAX_PER_MESSAGE):
+            yield encode_pfn32(pages[start : start + PFN32_MAX_PER_MESSAGE])
+        i = j
+
+
+def payloads_for(pfns, counts, encoding: str, buffer: RangeBuffer) -> Iterator[bytes]:
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.uint64)
+    if encoding == PFN32:
+        return pfn32_payloads(pfns, counts)
+    return ranges52_payloads(pfns, counts, buffer)
+
+
+class Op:
+    """One logical batch awaiting its acks; see the module docstring."""
+
+    __slots__ = ("kind", "pages", "cmd_id", "on_ack", "on_abort", "_payloads", "_next",
+                 "outstanding", "sent", "rejected_pages", "aborted")
+
+    def __init__(self, kind: str, pages: int, payloads: Iterator[bytes],
+                 on_ack: Callable[[Op], None] | None = None,
+                 on_abort: Callable[[Op], None] | None = None, cmd_id: int | None = None) -> None:
+        if kind not in MESSAGE_CLASS:
+            raise ValueError(f"unknown batch kind {kind!r}")
+        self.kind = kind
+        self.pages = pages
+        self.cmd_id = cmd_id
+        self.on_ack = on_ack
+        self.on_abort = on_abort
+        self._payloads = iter(payloads)
+        self._next = next(self._payloads, None)
+        self.outstanding = 0
+        self.sent = 0
+        self.rejected_pages = 0
+        self.aborted = False
+
+    @property
+    def has_unsent(self) -> bool:
+        return self._next is not None
+
+    @property
+    def done(self) -> bool:
+        return self._next is None and self.outstanding == 0
+
+    def next_message(self):
+        """The next message of this op (its seq is assigned by the connection)."""
+        payload = self._next
+        if payload is None:
+            raise RuntimeError("no payload left in this operation")
+        self._next = next(self._payloads, None)
+        self.outstanding += 1
+        self.sent += 1
+        if self.kind == "hint":
+            return Hint(payload=payload, cmd_id=self.cmd_id or 0)
+        return MESSAGE_CLASS[self.kind](payload=payload)
+
+    def acked(self, rejected_pages: int) -> bool:
+        """Count one ack; True when the whole op is now complete."""
+        self.outstanding -= 1
+        self.rejected_pages += rejected_pages
+        return self.done
+
+    def drop_unsent(self) -> None:
+        """Stop sending what is left (a hint command was stopped)."""
+        self._next = None
+        self._payloads = iter(())
+
+    def __repr__(self) -> str:
+        return f"Op({self.kind}, pages={self.pages}, outstanding={self.outstanding})"

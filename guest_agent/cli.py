@@ -1,0 +1,178 @@
+"""``balloon-guest``: parse the options, assemble the agent, run it until SIGTERM/SIGINT.
+
+On SIGTERM or SIGINT the agent sends BYE to the host and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+
+from shared.logfmt import configure_logging
+
+from .agent import Agent
+from .balloon import Balloon
+from .canaries import WorkloadMemory
+from .client import GuestClient
+from .hinting import Hinting
+from .metrics import GuestMetrics, start_http
+from .reporting import FreePageReporting
+from .settings import PAGE_SIZE, GuestSettings, SettingsError, parse_settings
+
+log = logging.getLogger("guest_agent")
+
+
+def _call_with_supported(function, *args, **kwargs):
+    """Call ``function`` with the keyword arguments it declares (workload knobs are optional)."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = kwargs
+    else:
+        accepted = {k: v for k, v in kwargs.items() if k in params}
+    return function(*args, **{k: v for k, v in accepted.items() if v is not None})
+
+
+def _parse_size_mix(text: str | None):
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        order, _, weight = part.partition(":")
+        mix[int(order)] = float(weight or 1)
+    return mix
+
+
+def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, WorkloadMemory | None]:
+    """The agent for the chosen source, with its allocator, workload, reporter and balloon."""
+    if settings.source == "procfs":
+        from .memory import procfs
+
+        root = settings.procfs_root
+
+        def scan():
+            return procfs.scan_free_runs(root)
+
+        pages = settings.pages or procfs_pages(root)
+        hinting = Hinting(scan, interval=settings.scan_interval)
+        log.info("procfs source: free pages are sent only as hints for host hint commands — "
+                 "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
+        return Agent(hinting=hinting, metrics=metrics, total_pages=pages), None
+
+    from .memory import BuddyAllocator
+    from .memory.workloads import make_workload
+
+    allocator = BuddyAllocator(settings.pages)
+    memory = WorkloadMemory(allocator, seed=settings.seed)
+    workload = _call_with_supported(
+        make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
+        rate=settings.rate, size_mix=_parse_size_mix(settings.size_mix))
+    reporting = FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)
+    balloon = Balloon(allocator, deflate_on_oom="deflate-on-oom" in settings.offered_features())
+    agent = Agent(allocator=allocator, workload=workload, memory=memory, reporting=reporting, balloon=balloon,
+                  metrics=metrics, total_pages=settings.pages, sweep_samples=settings.canary_samples)
+    return agent, memory
+
+
+def procfs_pages(root) -> int:
+    from .memory import procfs
+
+    finder = getattr(procfs, "system_ram_pages", None)
+    if finder is None:
+        raise SettingsError("--memory: give the RAM size to announce for --source procfs")
+    return int(finder(root))
+
+
+class SharedRamBinder:
+    """Maps the RAM file the host names in WELCOME (once; it persists across host restarts)."""
+
+    def __init__(self, settings: GuestSettings, memory: WorkloadMemory | None) -> None:
+        self.settings = settings
+        self.memory = memory
+        self.path: str | None = None
+        self.decided = not settings.shared_ram  # without --shared-ram the workload starts at once
+
+    def __call__(self, welcome) -> None:
+        if not self.settings.shared_ram or self.memory is None:
+            return
+        if "shared-ram" not in welcome.features or not welcome.ram_file:
+            if not self.decided:
+                log.warning("the host did not grant shared-ram (run it with --ram-dir): no canaries")
+            self.decided = True
+            return
+        if self.path is None:
+            if self.memory.live:
+                log.warning("shared RAM granted after the workload started: no canaries this run")
+                self.decided = True
+                return
+            from .memory.ram import SharedRam
+
+            self.memory.ram = SharedRam(welcome.ram_file, self.settings.pages)
+            self.path = welcome.ram_file
+            log.info("guest RAM mapped from the host's file; canaries on", extra={"ram_file": welcome.ram_file})
+        elif welcome.ram_file != self.path:
+            log.warning("the host names another RAM file; keeping the mapped one",
+                        extra={"ram_file": welcome.ram_file, "mapped": self.path})
+        self.decided = True
+
+
+async def run(settings: GuestSettings) -> int:
+    metrics = GuestMetrics()
+    agent, memory = build_agent(settings, metrics)
+    binder = SharedRamBinder(settings, memory)
+    client = GuestClient(
+        agent, settings.connect, settings.id, settings.offered_features(), token=settings.token(),
+        tick=settings.tick, reconnect_max=settings.reconnect_max,
+        handshake_timeout=settings.handshake_timeout, on_welcome=binder,
+        workload_ready=lambda: binder.decided)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, client.stop)
+    runner = None
+    if settings.http is not None:
+        host, port = settings.http
+        try:
+            runner, bound = await start_http(metrics, host, port)
+        except OSError as error:
+            log.error("cannot serve metrics", extra={"http": f"{host}:{port}", "error": str(error)})
+            return 1
+        log.info("metrics", extra={"url": f"http://{host}:{bound}/metrics"})
+    log.info("guest agent started", extra={
+        "guest": settings.id, "connect": str(settings.connect), "memory_mib": settings.pages * PAGE_SIZE >> 20,
+        "source": settings.source, "workload": settings.workload})
+    try:
+        await client.run()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+    log.info("guest agent stopped", extra={"guest": settings.id})
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = parse_settings(argv, os.environ)
+    except SettingsError as error:
+        print(f"balloon-guest: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    loop_factory = asyncio.new_event_loop
+    if settings.connect.kind != "vsock":  # uvloop cannot carry AF_VSOCK
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run(settings))
+    except KeyboardInterrupt:
+        return 0

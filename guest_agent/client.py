@@ -1,0 +1,206 @@
+"""The asyncio shell around the sans-IO agent: connect, one reader, one writer, reconnect.
+
+* One reader task feeds the socket's bytes to ``GuestConnection`` and hands the messages
+  to the agent; one writer task is the only place that writes, and it awaits ``drain()``
+  after every batch, so a host that stops reading stops the guest (backpressure reaches
+  the allocator: blocks stay free, not queued in memory).
+* The workload runs on its own timer, connected or not — a guest does not stop using
+  memory because its balloon device is busy.
+* A lost connection is retried with exponential backoff and full jitter (capped by
+  ``--reconnect-max``); the new session starts from an empty host tracker, so the agent
+  re-reports everything and re-inflates its balloon (``Agent.start_session``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+
+from shared.addresses import Address
+from shared.errors import ProtocolError, RemoteProtocolError
+from shared.messages import Bye
+from shared.protocol import GuestConnection, State
+
+from .agent import Agent, SessionEnded
+
+log = logging.getLogger("guest_agent.client")
+
+READ_CHUNK = 256 * 1024
+BACKOFF_BASE = 0.1
+
+
+def backoff_delay(attempt: int, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: between half and all of min(cap, base * 2**attempt).
+
+    Half-jitter keeps a floor under the wait (no hot loop against a dead host) while still
+    spreading guests out when a restarted host is reconnected by all of them at once."""
+    ceiling = min(cap, BACKOFF_BASE * (2 ** min(attempt, 30)))
+    return ceiling * (0.5 + 0.5 * (rng or random).random())
+
+
+async def open_stream(address: Address):
+    """(reader, writer) for a unix:, tcp: or vsock: address."""
+    if address.kind == "unix":
+        return await asyncio.open_unix_connection(address.path, limit=READ_CHUNK)
+    if address.kind == "tcp":
+        return await asyncio.open_connection(address.host, address.port, limit=READ_CHUNK)
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (address.cid, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
+
+
+class GuestClient:
+    """Runs sessions with the host until told to stop."""
+
+    def __init__(self, agent: Agent, address: Address, guest: str, features, token: str | None = None,
+                 tick: float = 0.05, reconnect_max: float = 5.0, handshake_timeout: float = 5.0,
+                 on_welcome=None, workload_ready=lambda: True) -> None:
+        self.agent = agent
+        self.address = address
+        self.guest = guest
+        self.features = tuple(features)
+        self.token = token
+        self.tick = tick
+        self.reconnect_max = reconnect_max
+        self.handshake_timeout = handshake_timeout
+        self.on_welcome = on_welcome  # called with the WELCOME (shared RAM mapping)
+        self.workload_ready = workload_ready
+        self.stop_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._rng = random.Random()
+        self.last_error: str | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def run(self) -> None:
+        ticker = asyncio.create_task(self._tick_loop(), name="workload")
+        attempt = 0
+        try:
+            while not self.stop_event.is_set():
+                established = False
+                try:
+                    established = await self._session()
+                except (OSError, EOFError, TimeoutError, ProtocolError, SessionEnded) as error:
+                    self.last_error = f"{type(error).__name__}: {error}"
+                    if isinstance(error, OSError) and not established:
+                        self.agent.metrics.connect_failures.inc()
+                    if isinstance(error, ProtocolError):
+                        self.agent.metrics.protocol_errors.labels(error.code).inc()
+                    log.warning("session lost", extra={"guest": self.guest, "error": self.last_error})
+                if self.stop_event.is_set():
+                    break
+                if established:
+                    attempt = 0
+                delay = backoff_delay(attempt, self.reconnect_max, self._rng)
+                attempt += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+
+    async def _tick_loop(self) -> None:
+        while True:
+            if self.workload_ready():
+                self.agent.tick(self._now())
+            self._wake.set()
+            await asyncio.sleep(self.tick)
+
+    async def _session(self) -> bool:
+        """One connection; returns True if it got past the handshake (raises on failure)."""
+        reader, writer = await asyncio.wait_for(open_stream(self.address), self.handshake_timeout)
+        conn = GuestConnection(self.guest, self.agent.total_pages, self.features, self.token)
+        started = False
+        try:
+            writer.write(conn.hello())
+            await writer.drain()
+            await asyncio.wait_for(self._handshake(reader, conn), self.handshake_timeout)
+            if self.on_welcome is not None:
+                self.on_welcome(conn.welcome)
+            self.agent.start_session(conn, self._now())
+            started = True
+            log.info("session started", extra={
+                "guest": self.guest, "address": str(self.address), "window": conn.window.size,
+                "max_ranges": conn.max_ranges, "features": ",".join(conn.features)})
+            tasks = [asyncio.create_task(self._reader(reader, conn), name="reader"),
+                     asyncio.create_task(self._writer(writer, conn), name="writer")]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            return True
+        except RemoteProtocolError as error:
+            with contextlib.suppress(Exception):
+                writer.write(conn.send_error(error))
+            raise
+        finally:
+            if started:
+                self.agent.end_session(self._now())
+                log.info("session ended", extra={"guest": self.guest})
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _handshake(self, reader: asyncio.StreamReader, conn: GuestConnection) -> None:
+        while conn.state is not State.READY:
+            data = await reader.read(READ_CHUNK)
+            conn.receive_data(data)
+            for event in conn.events():
+                if event.TYPE.name in ("ERROR", "BYE"):
+                    raise SessionEnded(f"host refused the session: {event}")
+            if conn.state is State.CLOSED:
+                raise EOFError("the host closed the connection during the handshake")
+
+    async def _reader(self, reader: asyncio.StreamReader, conn: GuestConnection) -> None:
+        while True:
+            data = await reader.read(READ_CHUNK)
+            conn.receive_data(data)
+            now = self._now()
+            for event in conn.events():
+                self.agent.receive(event, now)
+            if conn.state is State.CLOSED:
+                raise EOFError("the host closed the connection")
+            self._wake.set()
+
+    async def _writer(self, writer: asyncio.StreamWriter, conn: GuestConnection) -> None:
+        agent = self.agent
+        while True:
+            self._wake.clear()
+            if self.stop_event.is_set():
+                writer.write(conn.send(Bye("shutdown")))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                return
+            wrote = False
+            while (data := agent.pop_control()) is not None:
+                writer.write(data)
+                wrote = True
+            while (data := agent.poll_batch(self._now())) is not None:
+                writer.write(data)
+                await writer.drain()  # one writer, and it waits for the socket
+                wrote = True
+            if wrote:
+                await writer.drain()
+                continue
+            await self._wake.wait()

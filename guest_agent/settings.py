@@ -1,0 +1,264 @@
+"""The guest's options: one argparse description, layered (flag > env > TOML > default) by
+``shared.config.resolve_settings``, then checked into a frozen ``GuestSettings``.
+
+As for the host, every problem is found here and reported as one line naming the option
+(exit status 2), before the agent connects anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.addresses import Address, parse_address, split_host_port
+from shared.config import describe_layers, parse_duration, parse_size, resolve_settings
+from shared.messages import valid_guest_id
+
+ENV_PREFIX = "BALLOON_GUEST"
+DEFAULT_HTTP = "127.0.0.1:9471"
+DEFAULT_CONNECT = "unix:/run/balloon-hints/host.sock"
+PAGE_SIZE = 4096
+MAX_ORDER = 10
+SOURCES = ("sim", "procfs")
+KNOWN_FEATURES = ("ranges52", "pfn32", "shared-ram", "deflate-on-oom", "hinting", "stats")
+
+
+class SettingsError(ValueError):
+    """A setting is unusable; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestSettings:
+    connect: Address
+    id: str
+    memory: int = 512 << 20
+    source: str = "sim"
+    workload: str = "idle"
+    utilization: float | None = None
+    rate: float | None = None
+    size_mix: str | None = None
+    seed: int | None = None
+    report_order: int = 9
+    report_delay: float = 2.0
+    capacity: int = 32
+    http: tuple[str, int] | None = ("127.0.0.1", 9471)
+    token_file: Path | None = None
+    shared_ram: bool = False
+    pfn32: bool = False
+    features: tuple[str, ...] = ()
+    tick: float = 0.05
+    reconnect_max: float = 5.0
+    handshake_timeout: float = 5.0
+    procfs_root: Path = Path("/")
+    scan_interval: float = 10.0
+    canary_samples: int = 256
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def pages(self) -> int:
+        return self.memory // PAGE_SIZE
+
+    def offered_features(self) -> tuple[str, ...]:
+        """What HELLO offers: --features when given, else what the options imply."""
+        if self.features:
+            return self.features
+        offered = ["pfn32" if self.pfn32 else "ranges52", "stats"]
+        if self.source == "sim":
+            offered.append("deflate-on-oom")
+            if self.shared_ram:
+                offered.append("shared-ram")
+        else:
+            offered.append("hinting")
+        return tuple(offered)
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        return Path(self.token_file).read_text().strip()
+
+
+def check(s: GuestSettings) -> None:
+    if not valid_guest_id(s.id):
+        raise SettingsError(f"--id: {s.id!r} must be 1-63 characters of [A-Za-z0-9_.-], starting alphanumeric")
+    if s.source not in SOURCES:
+        raise SettingsError(f"--source must be sim or procfs, got {s.source!r}")
+    if s.source == "sim":
+        if s.memory < (1 << MAX_ORDER) * PAGE_SIZE or s.memory % ((1 << MAX_ORDER) * PAGE_SIZE):
+            raise SettingsError(f"--memory must be a positive multiple of 4MiB (one order-{MAX_ORDER} block), "
+                                f"got {s.memory} bytes")
+        if s.memory > 1 << 46:
+            raise SettingsError("--memory: at most 64TiB")
+    if not re.fullmatch(r"idle|churn|burst|trace:.+", s.workload):
+        raise SettingsError(f"--workload must be idle, churn, burst or trace:FILE, got {s.workload!r}")
+    if s.workload.startswith("trace:") and not Path(s.workload[6:]).is_file():
+        raise SettingsError(f"--workload: trace file {s.workload[6:]} does not exist")
+    if s.utilization is not None and not 0.0 <= s.utilization <= 1.0:
+        raise SettingsError(f"--utilization must be between 0 and 1, got {s.utilization}")
+    if s.rate is not None and s.rate < 0:
+        raise SettingsError(f"--rate cannot be negative, got {s.rate}")
+    if not 0 <= s.report_order <= MAX_ORDER:
+        raise SettingsError(f"--report-order must be 0..{MAX_ORDER}, got {s.report_order}")
+    if not 1 <= s.capacity <= 4096:
+        raise SettingsError(f"--capacity must be 1..4096 ranges, got {s.capacity}")
+    if s.tick <= 0 or s.tick > 10:
+        raise SettingsError(f"--tick must be in (0, 10] seconds, got {s.tick}")
+    if s.reconnect_max <= 0:
+        raise SettingsError(f"--reconnect-max must be positive, got {s.reconnect_max}")
+    if s.handshake_timeout <= 0:
+        raise SettingsError(f"--handshake-timeout must be positive, got {s.handshake_timeout}")
+    unknown = set(s.features) - set(KNOWN_FEATURES)
+    if unknown:
+        raise SettingsError(f"--features: unknown {', '.join(sorted(unknown))} (known: {', '.join(KNOWN_FEATURES)})")
+    if s.token_file is not None and not Path(s.token_file).is_file():
+        raise SettingsError(f"--token-file: {s.token_file} is not a readable file")
+    if s.shared_ram and s.source != "sim":
+        raise SettingsError("--shared-ram needs --source sim (the procfs source has no simulated RAM)")
+    if s.log_format not in ("text", "json"):
+        raise SettingsError(f"--log-format must be text or json, got {s.log_format!r}")
+
+
+def _wrap(function, kind: str):
+    def convert(text):
+        try:
+            return function(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    convert.__name__ = kind
+    return convert
+
+
+def _http(text: str):
+    if str(text).strip().lower() in ("off", "none", ""):
+        return None
+    return split_host_port(text)
+
+
+def _fraction(text) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def default_guest_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63].lstrip("-_.")
+    return name if valid_guest_id(name) else "guest"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balloon-guest",
+        description="The guest side of the balloon channel: a simulated guest memory (or this "
+                    "machine's free pages with --source procfs) whose free blocks are reported to "
+                    "the host the way Linux's free page reporting does, plus a balloon the host can "
+                    "size, over a socket that stands in for the virtqueues.",
+        epilog=describe_layers(ENV_PREFIX),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--connect", type=_wrap(parse_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
+        help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
+    add("--id", default=None, metavar="NAME",
+        help="guest id (the host's label for this guest; default: the hostname)")
+    add("--memory", type=_wrap(parse_size, "size"), default="512MiB", metavar="SIZE",
+        help="simulated guest RAM, e.g. 512MiB or 8GiB (a multiple of 4MiB); with --source procfs, "
+             "the RAM size announced to the host (0: highest System RAM address)")
+    add("--source", choices=SOURCES, default="sim",
+        help="sim: a simulated buddy allocator driven by --workload, reported and isolated like "
+             "Linux; procfs: this machine's free pages from /proc/kpageflags (root), sent only as "
+             "hints ('possibly reclaimable') when the host starts a hint command")
+    add("--workload", default="idle", metavar="NAME",
+        help="idle (a small working set allocated once), churn (steady alloc/free around "
+             "--utilization), burst (periodic large alloc then free) or trace:FILE (replay)")
+    add("--utilization", type=_wrap(_fraction, "fraction"), default=None, metavar="FRACTION",
+        help="the workload's target share of guest memory (workload default when unset)")
+    add("--rate", type=_wrap(float, "number"), default=None, metavar="PER_SECOND",
+        help="workload allocations per second (workload default when unset)")
+    add("--size-mix", default=None, metavar="ORDER:WEIGHT,...",
+        help="workload allocation orders and weights, e.g. 0:70,2:20,9:10 (workload default when unset)")
+    add("--seed", type=int, default=None, help="seed of the workload's random choices (reproducible runs)")
+    add("--report-order", type=int, default=9, metavar="ORDER",
+        help="smallest block order reported (Linux: pageblock_order, 9 = 2MiB)")
+    add("--report-delay", type=_wrap(parse_duration, "duration"), default="2s", metavar="DURATION",
+        help="wait after a large free before a reporting pass (Linux: PAGE_REPORTING_DELAY, 2s)")
+    add("--capacity", type=int, default=32, metavar="RANGES",
+        help="blocks per report, the size of the fixed range buffer (Linux: PAGE_REPORTING_CAPACITY, 32)")
+    add("--http", type=_wrap(_http, "host:port"), default=DEFAULT_HTTP, metavar="HOST:PORT",
+        help="serve /metrics and /healthz here (off to disable)")
+    add("--token-file", type=Path, default=None, metavar="FILE",
+        help="file holding this guest's token (the host's --token-file lists it)")
+    add("--shared-ram", action="store_true", default=False,
+        help="ask the host for a shared RAM file (host --ram-dir), map it and keep canaries in every "
+             "allocated page, so lost guest data is counted")
+    add("--pfn32", action="store_true", default=False,
+        help="legacy mode: reports, inflate and deflate as 32-bit PFN arrays, at most 256 per message, one ack each")
+    add("--features", action="append", default=[], metavar="NAME",
+        help=f"offer exactly these features in HELLO (repeatable or comma-separated; known: "
+             f"{', '.join(KNOWN_FEATURES)}); default: implied by the other options")
+    add("--tick", type=_wrap(parse_duration, "duration"), default="50ms", metavar="DURATION",
+        help="workload step interval")
+    add("--reconnect-max", type=_wrap(parse_duration, "duration"), default="5s", metavar="DURATION",
+        help="longest wait between reconnect attempts (exponential backoff with jitter)")
+    add("--handshake-timeout", type=_wrap(parse_duration, "duration"), default="5s", metavar="DURATION",
+        help="how long to wait for the host's WELCOME")
+    add("--procfs-root", type=Path, default=Path("/"), metavar="DIR",
+        help="root holding proc/kpageflags, proc/kpagecount and proc/iomem (for fixtures)")
+    add("--scan-interval", type=_wrap(parse_duration, "duration"), default="10s", metavar="DURATION",
+        help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
+    add("--canary-samples", type=int, default=256, metavar="N",
+        help="with --shared-ram: allocations whose canaries the sampling sweep checks every 2s")
+    add("--config", type=Path, default=None, metavar="FILE",
+        help="TOML file of options (keys as option names, top level or a [guest] table)")
+    add("--log-format", choices=("text", "json"), default="text", help="log line format")
+    add("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+        help="least severe level logged")
+    return parser
+
+
+def load_config_file(path: Path) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise SettingsError(f"--config: cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"--config: {path} is not valid TOML: {error}") from None
+    table = data.get("guest", data)
+    if not isinstance(table, dict):
+        raise SettingsError(f"--config: {path}: [guest] must be a table")
+    return table
+
+
+def parse_settings(argv, environ=None) -> GuestSettings:
+    """argv + environment + config file → GuestSettings (argparse exits 2 on bad syntax)."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    config = known.config or (Path(environ[f"{ENV_PREFIX}_CONFIG"]) if environ.get(f"{ENV_PREFIX}_CONFIG") else None)
+    file_settings = load_config_file(config) if config else None
+    ns = resolve_settings(parser, argv, ENV_PREFIX, environ, file_settings)
+    features = tuple(part.strip() for item in ns.features for part in str(item).split(",") if part.strip())
+    if ns.pfn32 and features and "pfn32" not in features:
+        features = features + ("pfn32",)
+    return GuestSettings(
+        connect=ns.connect, id=ns.id or default_guest_id(), memory=ns.memory, source=ns.source,
+        workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix,
+        seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, capacity=ns.capacity,
+        http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,
+        features=features, tick=ns.tick, reconnect_max=ns.reconnect_max,
+        handshake_timeout=ns.handshake_timeout, procfs_root=ns.procfs_root,
+        scan_interval=ns.scan_interval, canary_samples=ns.canary_samples,
+        log_format=ns.log_format, log_level=ns.log_level,
+    )
