@@ -1,0 +1,1 @@
+"""balloon-load: many protocol guests driven against a host, measured like wrk/vegeta."""
