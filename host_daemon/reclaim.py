@@ -1,0 +1,231 @@
+"""Real reclaim: each guest's RAM is a sparse file in a tmpfs; freed ranges become holes.
+
+With ``--ram-dir DIR`` the host creates ``DIR/<guest>.ram`` (pages x 4096 bytes, sparse)
+and the guest maps it MAP_SHARED, as a VMM backs guest RAM with a memfd or a hugetlbfs
+file. When the guest reports or inflates pages, the host punches holes over them —
+``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``, the file-side twin of the
+``madvise(MADV_REMOVE)`` QEMU's virtio-balloon issues on shared memory. tmpfs gives the
+pages back to the kernel at once and a later read sees zeros, which is why reported
+pages count as uninitialized in the guest (docs: free page reporting). Note that shmem
+has no shared zero page: even a *read* of a hole through a MAP_SHARED mapping allocates
+a page again, so a guest must not read pages it has reported (canary sweeps skip them).
+
+Why fallocate and not madvise: bench/reclaim.py measures both on the same ranges and
+they cost the same within noise (the kernel's page freeing dominates, a few µs per call
+on top); fallocate needs only the file descriptor, so the host never maps guest RAM
+(1024 guests x 8 GiB would be 8 TiB of host address space). ``madvise_remove`` is kept
+for the raw baseline of bench/inflate.py.
+
+Safety: the file name comes only from a valid guest id (``shared.messages.valid_guest_id``),
+it is opened relative to the RAM directory's descriptor with O_NOFOLLOW, and it must be
+a regular file with a single link — a symlink or a hard link planted in the directory
+cannot make the host truncate or punch another file. Reclaimed bytes are read back from
+the kernel (``st_blocks``), never computed from what was asked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+
+from shared.messages import valid_guest_id
+from shared.ranges import sort_and_coalesce
+
+PAGE_SIZE = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SUFFIX = ".ram"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class RamDirError(Exception):
+    """The RAM directory or a file in it is not what the host can safely use."""
+
+
+def validate_ram_dir(ram_dir: Path | str) -> Path:
+    """Resolve ``--ram-dir`` once at startup: an existing, writable, real directory."""
+    path = Path(ram_dir)
+    if path.is_symlink():
+        raise RamDirError(f"--ram-dir {path} is a symlink; give the real directory")
+    if not path.is_dir():
+        raise RamDirError(f"--ram-dir {path} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RamDirError(f"--ram-dir {path} is not writable")
+    return path.resolve()
+
+
+def ram_file_name(guest: str) -> str:
+    if not valid_guest_id(guest):
+        raise RamDirError(f"not a valid guest id for a RAM file: {guest!r:.80}")
+    return guest + SUFFIX
+
+
+def _byte_ranges(pfns, counts, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merged byte (offset, length) ranges, clipped to the file (tracker-validated anyway)."""
+    pfns, counts = sort_and_coalesce(pfns, counts)
+    if not pfns.size:
+        return pfns, counts
+    pages = size // PAGE_SIZE
+    inside = pfns < pages
+    pfns, counts = pfns[inside], counts[inside]
+    counts = np.minimum(counts, np.uint64(pages) - pfns)
+    return pfns * np.uint64(PAGE_SIZE), counts * np.uint64(PAGE_SIZE)
+
+
+def punch_holes(fd: int, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) each byte range (one syscall per merged range)."""
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        if _fallocate(fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"fallocate(PUNCH_HOLE) failed: {os.strerror(code)}")
+
+
+def madvise_remove(mapping: mmap.mmap, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    """madvise(MADV_REMOVE) each byte range of a MAP_SHARED mapping (the raw baseline)."""
+    advise = mapping.madvise
+    for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        advise(mmap.MADV_REMOVE, offset, length)
+
+
+class RamFile:
+    """One guest's sparse RAM file, held open by the host for hole punching."""
+
+    def __init__(self, directory: Path, name: str, fd: int, size: int) -> None:
+        self.directory = directory
+        self.name = name
+        self.fd = fd
+        self.size = size
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.name
+
+    @classmethod
+    def open(cls, ram_dir: Path | str, guest: str, pages: int) -> RamFile:
+        """Create ``ram_dir/<guest>.ram`` sparse, or reopen it (recreated if the size differs).
+
+        The file outlives host restarts and sessions: a guest's memory is its own until
+        the host forgets the guest (``remove``).
+        """
+        name = ram_file_name(guest)
+        if not 0 < pages <= (1 << 52):
+            raise RamDirError(f"cannot size a RAM file for {pages} pages")
+        size = pages * PAGE_SIZE
+        directory = Path(ram_dir)
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (NotADirectoryError, FileNotFoundError) as error:
+            raise RamDirError(
+                f"{directory} is not a real directory (symlinks are refused)"
+            ) from error
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                fd = os.open(name, flags, 0o660, dir_fd=dir_fd)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise RamDirError(f"{directory / name} is a symlink; refusing it") from error
+                raise
+        finally:
+            os.close(dir_fd)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RamDirError(f"{directory / name} is not a regular file")
+            if info.st_nlink != 1:
+                raise RamDirError(f"{directory / name} has {info.st_nlink} links; refusing it")
+            if info.st_size != size:
+                os.ftruncate(fd, 0)  # a different size is a different guest: start from zeros
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(directory, name, fd, size)
+
+    def discard(self, pfns, counts) -> int:
+        """Give the pages back to the kernel; returns the bytes it actually freed."""
+        offsets, lengths = _byte_ranges(pfns, counts, self.size)
+        if not offsets.size:
+            return 0
+        before = self.allocated_bytes()
+        punch_holes(self.fd, offsets, lengths)
+        return max(0, before - self.allocated_bytes())
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def resident_bytes(self) -> int:
+        """Bytes of guest RAM backed by host memory now (tmpfs: the allocated blocks)."""
+        return self.allocated_bytes()
+
+    def reclaimed_bytes(self) -> int:
+        return max(0, self.size - self.allocated_bytes())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        """Delete the file (the host forgot the guest), if it is still the one we opened."""
+        ours = os.fstat(self.fd) if self.fd >= 0 else None
+        self.close()
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                current = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if ours is None or (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino):
+                os.unlink(self.name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def __enter__(self) -> RamFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
+
+
+def remove_ram_file(ram_dir: Path | str, guest: str) -> bool:
+    """Delete a guest's RAM file without a RamFile open (retention expired after a restart)."""
+    name = ram_file_name(guest)
+    dir_fd = os.open(Path(ram_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(current.st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dir_fd)
+
+
+def ram_files(ram_dir: Path | str) -> list[str]:
+    """Guest ids that have a RAM file in the directory (for forgetting them after a restart)."""
+    found = []
+    for entry in os.scandir(ram_dir):
+        if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
+            guest = entry.name[: -len(SUFFIX)]
+            if valid_guest_id(guest):
+                found.append(guest)
+    return sorted(found)
