@@ -27,7 +27,6 @@ from pathlib import Path
 
 from shared import PAGE_SIZE
 from shared.errors import RemoteProtocolError
-from shared.messages import valid_guest_id
 
 from .histogram import LatencyHistogram
 from .tracker import KINDS, REASONS, GuestTracker
@@ -154,7 +153,7 @@ class Registry:
         """Create or reopen the guest's RAM file (shared-ram feature); returns its path."""
         from .reclaim import RamFile
 
-        if record.ram is not None and getattr(record.ram, "pages", record.pages) != record.pages:
+        if record.ram is not None and record.ram.size != record.pages * PAGE_SIZE:
             record.ram.close()
             record.ram = None
         if record.ram is None:
@@ -189,24 +188,26 @@ class Registry:
 
     def adopt_orphan_files(self) -> None:
         """Give RAM files left by a previous host the retention grace period."""
-        if self.ram_dir is None or not self.ram_dir.is_dir():
+        if self.ram_dir is None:
             return
-        loop = asyncio.get_running_loop()
-        for path in self.ram_dir.glob("*.ram"):
-            guest = path.name[: -len(".ram")]
-            if not valid_guest_id(guest) or guest in self.guests or not path.is_file() or path.is_symlink():
-                continue
-            self._orphans[guest] = loop.call_later(self.retention, self._remove_orphan, guest, path)
+        from .reclaim import ram_files
 
-    def _remove_orphan(self, guest: str, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        for guest in ram_files(self.ram_dir):
+            if guest not in self.guests and guest not in self._orphans:
+                self._orphans[guest] = loop.call_later(self.retention, self._remove_orphan, guest)
+
+    def _remove_orphan(self, guest: str) -> None:
+        from .reclaim import remove_ram_file
+
         self._orphans.pop(guest, None)
         if guest in self.guests:
             return
         try:
-            path.unlink()
-            log.info("orphan RAM file removed", extra={"guest": guest, "path": str(path)})
-        except FileNotFoundError:
-            pass
+            if remove_ram_file(self.ram_dir, guest):
+                log.info("orphan RAM file removed", extra={"guest": guest})
+        except OSError as error:
+            log.warning("cannot remove orphan RAM file", extra={"guest": guest, "error": str(error)})
 
     def close(self) -> None:
         """Host shutdown: stop timers and close (not remove) RAM files — they outlive the host."""

@@ -132,7 +132,13 @@ class HostServer:
     async def start(self) -> None:
         settings = self.settings
         if settings.ram_dir is not None:
-            settings.ram_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            from .reclaim import RamDirError, validate_ram_dir
+
+            try:
+                settings.ram_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+                self.registry.ram_dir = validate_ram_dir(settings.ram_dir)
+            except (OSError, RamDirError) as error:
+                raise ListenError(f"--ram-dir: {error}") from None
             self.registry.adopt_orphan_files()
         try:
             for address in settings.listen:

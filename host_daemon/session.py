@@ -237,31 +237,35 @@ class Session:
             if record is not None:
                 record.received_bytes += len(data)
                 record.last_message_at = time.time()
+            # Replies to this chunk: control replies as bytes, ACKs as (seq, rejected). ACKs
+            # are packed at the end of the chunk, so the window slots of the chunk's batches
+            # stay taken while it is parsed and a guest that sends past its window inside
+            # what we read is caught (window-overrun), as a device sees an overfull ring.
             out: list[bytes] = []
+            acks: list[Ack] = []
             try:
                 while True:
                     event = conn.next_event()
                     if event is NEED_DATA:
                         break
                     if event is CONNECTION_CLOSED:
-                        if out:
-                            await self.queue.put(b"".join(out))
+                        await self._flush(out, acks)
                         return
                     kind = KIND.get(type(event))
                     if kind is not None:
-                        if delay:
-                            if out:
-                                await self.queue.put(b"".join(out))
-                                out = []
+                        if delay:  # a slow host: each ACK leaves as soon as its batch is done
+                            await self._flush(out, acks)
                             await asyncio.sleep(delay)
-                        out.append(self._apply(kind, event))
-                        if delay:
-                            await self.queue.put(out.pop())
+                            acks.append(self._apply(kind, event))
+                            await self._flush(out, acks)
+                        else:
+                            acks.append(self._apply(kind, event))
                     elif not self._control(event, out):
-                        if out:
-                            await self.queue.put(b"".join(out))
+                        await self._flush(out, acks)
                         return
             except RemoteProtocolError as error:
+                # The connection is dead: what was applied is not acked (the guest's next
+                # session starts over and re-reports), only the ERROR goes out.
                 if out:
                     await self.queue.put(b"".join(out))
                 self.reason = error.code
@@ -270,10 +274,20 @@ class Session:
                 return
             except LocalProtocolError:
                 return  # the connection was closed under us (timeout, shutdown)
-            if out:
-                await self.queue.put(b"".join(out))
+            if out or acks:
+                await self._flush(out, acks)
 
-    def _apply(self, kind: str, batch) -> bytes:
+    async def _flush(self, out: list[bytes], acks: list[Ack]) -> None:
+        if acks:
+            send = self.conn.send
+            out.extend([send(ack) for ack in acks])
+            acks.clear()
+        if out:
+            data = b"".join(out) if len(out) > 1 else out[0]
+            out.clear()
+            await self.queue.put(data)
+
+    def _apply(self, kind: str, batch) -> Ack:
         """Apply one batch and return its ACK — the hot path, kept flat on purpose."""
         start = perf_counter()
         record = self.record
@@ -286,7 +300,6 @@ class Session:
             except OSError as error:
                 log.error("discard failed", extra={"guest": record.id, "error": str(error)})
                 raise RemoteProtocolError("internal", "the host could not discard pages") from None
-        ack = self.conn.send(Ack(batch.seq, min(result.rejected_pages, (1 << 64) - 1)))
         elapsed = perf_counter() - start
         record.apply.observe(elapsed)
         self.host.stats.apply.observe(elapsed)
@@ -297,7 +310,7 @@ class Session:
             rejected = record.rejected
             for reason, pages in result.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + pages
-        return ack
+        return Ack(batch.seq, min(result.rejected_pages, (1 << 64) - 1))
 
     def _control(self, event, out: list[bytes]) -> bool:
         """Non-batch messages; False when the session ends."""
@@ -337,7 +350,7 @@ class Session:
         if "shared-ram" in features:
             try:
                 ram_file = host.registry.open_ram(record)
-            except (OSError, ValueError) as error:
+            except Exception as error:  # OSError, RamDirError: refuse this guest, not the host
                 log.error("cannot open RAM file", extra={"guest": record.id, "error": str(error)})
                 raise RemoteProtocolError("internal", "the host cannot provide the RAM file") from None
         elif record.ram is not None:  # this session does not use the shared file
