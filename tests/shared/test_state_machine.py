@@ -46,6 +46,7 @@ from shared.protocol import (
     HostConnection,
     Role,
     State,
+    negotiate_features,
 )
 from shared.ranges import encode_ranges
 
@@ -379,8 +380,9 @@ def run_host(data: bytes, chunk: int) -> None:
         for start in range(0, len(data), chunk):
             host.receive_data(data[start : start + chunk])
             for event in host.events():
-                if isinstance(event, Hello):
-                    host.send(Welcome(window=8, max_ranges=64, features=("ranges52",)))
+                if isinstance(event, Hello):  # a corrupted HELLO may offer other features
+                    accepted = negotiate_features(event.features, ("ranges52", "pfn32"))
+                    host.send(Welcome(window=8, max_ranges=64, features=accepted))
                 elif getattr(event, "pfns", None) is not None:
                     host.send(Ack(seq=event.seq))
         host.receive_data(b"")
