@@ -1,0 +1,263 @@
+"""``make demo``: one balloon-host and three simulated guests (idle, churn, burst), live.
+
+Everything lives in one temporary folder (the Unix socket, the logs, the RAM files when
+shared RAM is available) and on free loopback ports, so two demos never clash. The demo
+shows ``balloonctl top`` when it exists (a rich table of the host's admin API otherwise);
+without a terminal (CI) it prints a plain status line every few seconds instead. It runs
+until Ctrl-C, or for ``DEMO_SECONDS`` seconds, and always cleans up: every child is
+stopped (SIGTERM, then SIGKILL), the folder removed — also when a child dies early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+GUESTS = (
+    ("idle", ["--workload", "idle"]),
+    ("churn", ["--workload", "churn", "--utilization", "0.5"]),
+    ("burst", ["--workload", "burst"]),
+)
+MEMORY = "256MiB"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch_json(url: str, timeout: float = 1.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.0f}"
+
+
+class Demo:
+    def __init__(self, seconds: float | None, out=sys.stdout) -> None:
+        self.seconds = seconds
+        self.out = out
+        self.folder = Path(tempfile.mkdtemp(prefix="balloon-demo-"))
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.logs: dict[str, Path] = {}
+        self.host_port = free_port()
+        self.host_url = f"http://127.0.0.1:{self.host_port}"
+        self.guest_ports: dict[str, int] = {}
+        self.shared_ram = importlib.util.find_spec("guest_agent.memory.ram") is not None
+
+    # -- processes -----------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log_path = self.folder / f"{name}.log"
+        self.logs[name] = log_path
+        with open(log_path, "wb") as log:
+            # Own session: the terminal's Ctrl-C reaches the demo only, which then stops
+            # the children in order (guests say BYE before the host goes).
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.children.append((name, child))
+        return child
+
+    def start(self) -> None:
+        socket_path = self.folder / "host.sock"
+        host = [sys.executable, "-m", "host_daemon", "--listen", f"unix:{socket_path}",
+                "--http", f"127.0.0.1:{self.host_port}", "--retention", "30s"]
+        if self.shared_ram:
+            ram_dir = self.folder / "ram"
+            ram_dir.mkdir()
+            host += ["--ram-dir", str(ram_dir)]
+        self._spawn("host", host)
+        self._wait_ready()
+        for name, extra in GUESTS:
+            port = free_port()
+            self.guest_ports[name] = port
+            argv = [sys.executable, "-m", "guest_agent", "--connect", f"unix:{socket_path}", "--id", name,
+                    "--memory", MEMORY, "--http", f"127.0.0.1:{port}", "--seed", "1", *extra]
+            if self.shared_ram:
+                argv.append("--shared-ram")
+            self._spawn(f"guest-{name}", argv)
+
+    def _wait_ready(self, deadline: float = 15.0) -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            self.check_children()
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"{self.host_url}/readyz", timeout=0.5) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.1)
+        raise RuntimeError("the host did not become ready in time")
+
+    def check_children(self) -> None:
+        for name, child in self.children:
+            if child.poll() is not None:
+                raise ChildDied(name, child.returncode, self._tail(name))
+
+    def _tail(self, name: str, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        """Guests first (they send BYE), then the host; SIGKILL whatever lingers; remove the folder."""
+        for group in (lambda n: n != "host", lambda n: n == "host"):
+            members = [(n, c) for n, c in self.children if group(n) and c.poll() is None]
+            for _, child in members:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+            end = time.monotonic() + 5.0
+            for _, child in members:
+                try:
+                    child.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- showing -------------------------------------------------------------------------
+
+    def print_urls(self) -> None:
+        p = lambda *a: print(*a, file=self.out, flush=True)  # noqa: E731
+        p(f"balloon-hints demo in {self.folder}")
+        p(f"  host    metrics {self.host_url}/metrics   admin API {self.host_url}/api/v1/guests")
+        for name, port in self.guest_ports.items():
+            p(f"  guest {name:<6} metrics http://127.0.0.1:{port}/metrics")
+        p(f"  shared RAM with canaries: {'on' if self.shared_ram else 'off'}")
+        p("  pids: " + " ".join(f"{name}={child.pid}" for name, child in self.children))
+        p(f"  try: balloonctl --host {self.host_url} target churn 64MiB")
+        p("Ctrl-C stops the demo" + (f" (or after {self.seconds:g}s)" if self.seconds else ""))
+
+    def guests(self) -> list[dict]:
+        try:
+            return fetch_json(f"{self.host_url}/api/v1/guests").get("guests", [])
+        except (OSError, urllib.error.URLError, ValueError):
+            return []
+
+    def status_line(self) -> str:
+        parts = []
+        for g in sorted(self.guests(), key=lambda g: g.get("id", "")):
+            parts.append(f"{g.get('id')}: {'up' if g.get('connected') else 'down'} "
+                         f"reported={_mib(g.get('reported_bytes'))}MiB "
+                         f"inflated={_mib(g.get('inflated_bytes'))}MiB "
+                         f"reclaimed={_mib(g.get('reclaimed_bytes'))}MiB")
+        return time.strftime("%H:%M:%S ") + (" | ".join(parts) if parts else "no guests yet")
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title=f"balloon-host {self.host_url}  (Ctrl-C to stop)")
+        for column in ("guest", "conn", "memory MiB", "reported MiB", "inflated MiB", "target MiB",
+                       "reclaimed MiB", "window", "batches"):
+            table.add_column(column, justify="right" if column != "guest" else "left")
+        for g in sorted(self.guests(), key=lambda g: g.get("id", "")):
+            window = g.get("window") or {}
+            table.add_row(str(g.get("id")), "yes" if g.get("connected") else "no", _mib(g.get("memory_bytes")),
+                          _mib(g.get("reported_bytes")), _mib(g.get("inflated_bytes")),
+                          _mib(g.get("target_bytes")), _mib(g.get("reclaimed_bytes")),
+                          f"{window.get('in_use', 0)}/{window.get('size', 0)}",
+                          str(sum((g.get("batches") or {}).values())))
+        return table
+
+    def _until(self):
+        return None if not self.seconds else time.monotonic() + self.seconds
+
+    def _time_left(self, until) -> bool:
+        return until is None or time.monotonic() < until
+
+    def show(self) -> None:
+        until = self._until()
+        if not self.out.isatty():
+            next_line = 0.0
+            while self._time_left(until):
+                self.check_children()
+                if time.monotonic() >= next_line:
+                    print(self.status_line(), file=self.out, flush=True)
+                    next_line = time.monotonic() + 2.0
+                time.sleep(0.1)
+            return
+        if importlib.util.find_spec("host_daemon.ctl") is not None:
+            top = subprocess.Popen([sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "top"])
+            self.children.append(("balloonctl", top))
+            try:
+                while self._time_left(until) and top.poll() is None:
+                    self.check_children_except("balloonctl")
+                    time.sleep(0.1)
+            finally:
+                if top.poll() is None:
+                    top.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        top.wait(3)
+            return
+        from rich.live import Live
+
+        with Live(self.table(), refresh_per_second=2, transient=False) as live:
+            while self._time_left(until):
+                self.check_children()
+                live.update(self.table())
+                time.sleep(0.5)
+
+    def check_children_except(self, skip: str) -> None:
+        for name, child in self.children:
+            if name != skip and child.poll() is not None:
+                raise ChildDied(name, child.returncode, self._tail(name))
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, name: str, code: int, tail: str) -> None:
+        super().__init__(f"{name} exited early with status {code}")
+        self.tail = tail
+
+
+def _seconds_from_env() -> float | None:
+    text = os.environ.get("DEMO_SECONDS", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"DEMO_SECONDS must be a number of seconds, not {text!r}") from None
+    return value if value > 0 else None
+
+
+def main() -> int:
+    seconds = _seconds_from_env()
+    demo = Demo(seconds)
+    # SIGTERM (e.g. from CI) ends the demo like Ctrl-C, through the same cleanup.
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    status = 0
+    try:
+        demo.start()
+        demo.print_urls()
+        demo.show()
+    except KeyboardInterrupt:
+        print("\nstopping", file=sys.stderr)
+    except ChildDied as error:
+        print(f"demo: {error}\n{error.tail}", file=sys.stderr)
+        status = 1
+    except RuntimeError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        status = 1
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            demo.stop()
+    print("demo stopped; every process and file it made is gone", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
