@@ -1,0 +1,127 @@
+"""balloon-host and balloon-guest as real processes on a Unix socket.
+
+The issue's "Done when": an idle 256 MiB guest and the host agree on the reported bytes
+(at least half the guest's memory), and agree again after the host is SIGKILLed and
+restarted (the guest reconnects and re-reports). Plus: the window is never exceeded, a
+slow host makes the guest stall rather than grow, the balloon follows the admin API's
+target, and the demo leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemons import Daemons, pid_alive, post_json, value, wait_for
+
+MIB = 1 << 20
+GUEST_MEMORY = 256 * MIB
+
+
+@pytest.fixture
+def daemons():
+    d = Daemons()
+    yield d
+    d.close()
+
+
+def views(host, guest, guest_id="g1"):
+    """(host's reported bytes for the guest, guest's reported bytes, host inflated, guest inflated)."""
+    h, g = host.metrics(), guest.metrics()
+    return (value(h, "balloon_reported_bytes", guest=guest_id), value(g, "balloon_guest_reported_bytes"),
+            value(h, "balloon_inflated_bytes", guest=guest_id), value(g, "balloon_guest_inflated_bytes"))
+
+
+def converged(host, guest, guest_id="g1", minimum=0):
+    host_reported, guest_reported, host_inflated, guest_inflated = views(host, guest, guest_id)
+    g = guest.metrics()
+    quiet = value(g, "balloon_guest_inflight_batches") == 0 and value(g, "balloon_guest_connected") == 1
+    return (quiet and host_reported is not None and host_reported == guest_reported >= minimum
+            and (host_inflated or 0) == (guest_inflated or 0))
+
+
+def test_idle_guest_converges_and_converges_again_after_host_sigkill(daemons, capsys):
+    host = daemons.host()
+    start = time.monotonic()
+    guest = daemons.guest("g1", "--workload", "idle")
+    wait_for(lambda: converged(host, guest, minimum=GUEST_MEMORY // 2), 20,
+             f"first convergence: {views(host, guest)}")
+    first = time.monotonic() - start
+
+    host.kill(signal.SIGKILL)
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_connected") == 0, 10, "the guest sees the host gone")
+    start = time.monotonic()
+    host = daemons.restart(host)
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_reconnects_total") >= 1, 20, "reconnect")
+    wait_for(lambda: converged(host, guest, minimum=GUEST_MEMORY // 2), 20,
+             f"convergence after restart: {views(host, guest)}")
+    again = time.monotonic() - start
+    g = guest.metrics()
+    assert value(g, "balloon_guest_inflight_batches_max") <= value(g, "balloon_guest_window_size")
+    with capsys.disabled():
+        print(f"\n[e2e] idle 256MiB guest converged in {first:.2f}s from start, {again:.2f}s after host restart "
+              f"(report delay 0.2s); reported {views(host, guest)[0] / MIB:.0f} MiB")
+
+
+def test_balloon_follows_the_target_and_the_window_is_never_exceeded(daemons):
+    host = daemons.host("--window", "2", "--max-ranges", "8")
+    guest = daemons.guest("g1", "--workload", "churn", "--utilization", "0.3", "--rate", "2000",
+                          "--capacity", "4", "--seed", "7")
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_batches_total", kind="report") >= 4, 20, "reports")
+    response = post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "64MiB"})
+    assert response["target_pages"] == 64 * MIB // 4096
+    wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 64 * MIB
+             and value(guest.metrics(), "balloon_guest_inflated_bytes") == 64 * MIB, 20, "inflate to 64MiB")
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "16MiB"})
+    wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 16 * MIB
+             and value(guest.metrics(), "balloon_guest_inflated_bytes") == 16 * MIB, 20, "deflate to 16MiB")
+    g, h = guest.metrics(), host.metrics()
+    assert value(g, "balloon_guest_batches_total", kind="deflate") >= 1
+    assert value(g, "balloon_guest_batches_total", kind="reuse") >= 1  # churn takes reported pages back
+    assert value(g, "balloon_guest_inflight_batches_max") <= 2
+    assert value(g, "balloon_guest_reconnects_total") == 0
+    assert not value(h, "balloon_protocol_errors_total", code="window-overrun")
+    assert value(g, "balloon_guest_rejected_pages_total", kind="report") == 0
+
+
+def test_a_slow_host_makes_the_guest_stall_not_grow(daemons):
+    host = daemons.host("--window", "2", "--debug-apply-delay", "300ms")
+    guest = daemons.guest("g1", "--workload", "churn", "--utilization", "0.2", "--capacity", "2",
+                          "--report-delay", "50ms", memory="512MiB")
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_window_stall_seconds_total") > 0.5, 20, "a stall")
+    rss_before = guest.rss_bytes()
+    isolated = []
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:  # sample the bounded quantities while the host is slow
+        g = guest.metrics()
+        isolated.append(value(g, "balloon_guest_isolated_bytes"))
+        assert value(g, "balloon_guest_inflight_batches") <= 2
+        assert (value(host.metrics(), "balloon_inflight_batches", guest="g1") or 0) <= 2
+        time.sleep(0.1)
+    g = guest.metrics()
+    assert value(g, "balloon_guest_window_stall_seconds_total") > 1.0
+    assert value(g, "balloon_guest_inflight_batches_max") <= 2
+    # only what is in flight is isolated: window x capacity x one order-10 block at most
+    assert max(isolated) <= 2 * 2 * 4 * MIB
+    assert guest.rss_bytes() - rss_before < 16 * MIB
+    assert value(guest.metrics(), "balloon_guest_reconnects_total") == 0
+
+
+def test_demo_runs_and_leaves_nothing_running():
+    env = dict(os.environ, DEMO_SECONDS="5")
+    result = subprocess.run([sys.executable, "-m", "guest_agent.demo"], capture_output=True, text=True,
+                            timeout=90, env=env)
+    assert result.returncode == 0, result.stderr
+    folder = re.search(r"demo in (\S+)", result.stdout).group(1)
+    pids = [int(p) for p in re.findall(r"=(\d+)", re.search(r"pids: (.*)", result.stdout).group(1))]
+    assert len(pids) == 4  # one host, three guests
+    assert "metrics http://127.0.0.1:" in result.stdout
+    assert re.search(r"idle: up reported=\d+MiB", result.stdout), result.stdout
+    assert not Path(folder).exists()
+    assert not any(pid_alive(pid) for pid in pids)
