@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from shared.logfmt import configure_logging
 
@@ -69,7 +70,9 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     from .memory.workloads import make_workload
 
     allocator = BuddyAllocator(settings.pages)
-    memory = WorkloadMemory(allocator, seed=settings.seed)
+    # A new generation per run: a canary left in the persistent RAM file by an earlier run
+    # of this guest never passes for a page this run owns.
+    memory = WorkloadMemory(allocator, seed=settings.seed, generation=time.time_ns() & 0xFFFF_FFFF)
     workload = _call_with_supported(
         make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
         rate=settings.rate, size_mix=_parse_size_mix(settings.size_mix))

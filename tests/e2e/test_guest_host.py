@@ -125,3 +125,28 @@ def test_demo_runs_and_leaves_nothing_running():
     assert re.search(r"idle: up reported=\d+MiB", result.stdout), result.stdout
     assert not Path(folder).exists()
     assert not any(pid_alive(pid) for pid in pids)
+
+
+def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(daemons):
+    """Issue 5, guest side: canaries in every owned page, real reclaim, host crashes."""
+    ram_dir = daemons.folder / "ram"
+    host = daemons.host("--ram-dir", str(ram_dir))
+    guest = daemons.guest("g1", "--workload", "churn", "--utilization", "0.4", "--rate", "3000",
+                          "--shared-ram", "--seed", "3", memory="128MiB")
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_canary_pages_checked_total") > 0, 20,
+             f"canaries checked\n{guest.tail()}")
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "48MiB"})
+    wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 20, "inflate")
+    for crash in range(2):
+        host.kill(signal.SIGKILL)
+        wait_for(lambda: value(guest.metrics(), "balloon_guest_connected") == 0, 10, "host gone")
+        host = daemons.restart(host)
+        wait_for(lambda n=crash + 1: value(guest.metrics(), "balloon_guest_reconnects_total") >= n, 20,
+                 "reconnect")
+        wait_for(lambda h=host: value(h.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 20,
+                 "the balloon re-inflated at the new host")
+    h, g = host.metrics(), guest.metrics()
+    assert value(h, "balloon_reclaimed_bytes", guest="g1") > 0
+    assert value(g, "balloon_guest_canary_pages_checked_total") > 1000
+    assert value(g, "balloon_guest_canary_failures_total") == 0, guest.tail()
+    assert value(g, "balloon_guest_inflated_bytes") == 48 * MIB
