@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("address")
     serve.add_argument("--window", type=int, default=16)
     serve.add_argument("--max-ranges", type=int, default=4096)
+    serve.add_argument("--error-after", type=int, metavar="N",
+                       help="misbehave: answer batch N+1 of each session with ERROR and close")
+    serve.add_argument("--error-code", default="internal")
+    serve.add_argument("--close-after", type=int, metavar="N",
+                       help="misbehave: drop the connection at batch N+1 of each session")
     client = sub.add_parser("client", help="measure the bare channel's batches/s; prints JSON")
     client.add_argument("address")
     client.add_argument("--batches", type=int, default=100_000)
@@ -183,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def serve_forever() -> None:
-        server = await start_bare_host(args.address, window=args.window, max_ranges=args.max_ranges)
+        server = await start_bare_host(args.address, window=args.window, max_ranges=args.max_ranges,
+                                       error_after=args.error_after, error_code=args.error_code,
+                                       close_after=args.close_after)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)

@@ -43,8 +43,10 @@ KINDS = {"report": Report, "inflate": Inflate, "hint": Hint}
 DRAIN_TIMEOUT_S = 2.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
-#: A guest that cannot connect this many times in a row gives up (host not there).
+#: A guest that cannot connect this many times in a row gives up (host not there);
+#: sooner if it never got a session at all (wrong address: fail fast).
 MAX_CONNECT_FAILURES = 10
+MAX_FIRST_CONNECT_FAILURES = 5
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class LoadGuest(asyncio.Protocol):
                 self.totals.errors["connect-failed"] += 1
                 failures += 1
                 self.last_error = f"{type(error).__name__}: {error}"
-                if failures >= MAX_CONNECT_FAILURES:
+                if failures >= (MAX_CONNECT_FAILURES if sessions else MAX_FIRST_CONNECT_FAILURES):
                     self.totals.errors["gave-up"] += 1
                     break
                 await self._backoff(failures)
