@@ -150,3 +150,16 @@ def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(da
     assert value(g, "balloon_guest_canary_pages_checked_total") > 1000
     assert value(g, "balloon_guest_canary_failures_total") == 0, guest.tail()
     assert value(g, "balloon_guest_inflated_bytes") == 48 * MIB
+
+
+def test_legacy_pfn32_guest_converges_and_sigterm_says_bye(daemons):
+    host = daemons.host()
+    guest = daemons.guest("g1", "--workload", "idle", "--pfn32", memory="64MiB")
+    wait_for(lambda: converged(host, guest, minimum=32 * MIB), 30, f"pfn32 convergence: {views(host, guest)}")
+    g = guest.metrics()
+    # 256 PFNs per message, one ack each: at least one message per MiB reported
+    assert value(g, "balloon_guest_batches_total", kind="report") >= views(host, guest)[1] / MIB
+    guest.popen.send_signal(signal.SIGTERM)
+    assert guest.popen.wait(10) == 0
+    wait_for(lambda: "bye" in host.log.read_text().lower(), 10, f"the host logs the guest's BYE\n{host.tail()}")
+    wait_for(lambda: value(host.metrics(), "balloon_guests_connected") == 0, 10, "the host sees the guest leave")
