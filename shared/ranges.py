@@ -60,15 +60,28 @@ def words_needed(counts) -> int:
 
 
 def encode_words(pfns, counts) -> np.ndarray:
-    """Encode ranges to a uint64 word array (canonical: escape only for counts >= 4096)."""
+    """Encode ranges to a uint64 word array (canonical: escape only for counts >= 4096).
+
+    Vectorized in a few full passes: inline words for every range, then, only when some
+    range needs the escape, one masked copy that leaves a slot after each escape word
+    for its count word.
+    """
     pfns, counts = check_ranges(pfns, counts)
+    words = np.left_shift(pfns, SHIFT)
+    np.bitwise_or(words, counts, out=words)
     escaped = counts > MAX_INLINE_COUNT
-    width = 1 + escaped.astype(np.intp)
-    position = np.cumsum(width) - width
-    words = np.empty(int(width.sum()), dtype=WORD)
-    words[position] = (pfns << SHIFT) | np.where(escaped, np.uint64(0), counts)
-    words[position[escaped] + 1] = counts[escaped]
-    return words
+    extra = int(np.count_nonzero(escaped))
+    if not extra:
+        return words.astype(WORD, copy=False)
+    at = np.flatnonzero(escaped)
+    words[at] = pfns[at] << SHIFT  # the escape: count field 0
+    count_at = at + np.arange(1, extra + 1)  # each count word follows its escape
+    range_slot = np.ones(words.size + extra, dtype=bool)
+    range_slot[count_at] = False
+    out = np.empty(words.size + extra, dtype=WORD)
+    out[range_slot] = words
+    out[count_at] = counts[at]
+    return out
 
 
 def encode_ranges(pfns, counts) -> bytes:
@@ -89,30 +102,34 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
     words = np.frombuffer(data, dtype=WORD)
     if not words.size:
         return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    low = words & COUNT_MASK
+    low = np.bitwise_and(words, COUNT_MASK)
     zero = low == 0
     if not zero.any():  # fast path: no escapes at all
-        return words >> SHIFT, low
+        return np.right_shift(words, SHIFT), low
     # A word whose count field is 0 is either an escape (a range word) or the count word
     # that follows an escape. Every maximal run of such words starts at a range word, so
     # inside a run even offsets are escapes and odd offsets are count words; a run of odd
     # length ends in an escape whose count word is the (nonzero-low) word after the run.
-    index = np.arange(words.size)
-    last_break = np.maximum.accumulate(np.where(zero, -1, index))
-    offset = index - last_break - 1
-    escape = zero & (offset % 2 == 0)
-    if escape[-1]:
+    # Such words are few, so the runs are found on their indices, not on the whole batch.
+    zero_at = np.flatnonzero(zero)
+    k = np.arange(zero_at.size)
+    run_start = np.empty(zero_at.size, dtype=bool)
+    run_start[0] = True
+    np.not_equal(zero_at[1:], zero_at[:-1] + 1, out=run_start[1:])
+    first = np.maximum.accumulate(np.where(run_start, k, 0))
+    escape_at = zero_at[(k - first) % 2 == 0]
+    if escape_at[-1] == words.size - 1:
         raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
-    count_word = np.zeros(words.size, dtype=bool)
-    count_word[1:] = escape[:-1]
-    range_word = ~count_word
-    counts = low.copy()
-    escape_at = np.flatnonzero(escape)
-    escaped_counts = words[escape_at + 1]
-    if escaped_counts.size and not escaped_counts.all():
+    count_at = escape_at + 1
+    escaped_counts = words[count_at]
+    if not escaped_counts.all():
         raise RemoteProtocolError("bad-payload", "an escape announces a count of zero")
-    counts[escape_at] = escaped_counts
-    return words[range_word] >> SHIFT, counts[range_word]
+    range_word = np.ones(words.size, dtype=bool)
+    range_word[count_at] = False
+    kept = words[range_word]
+    counts = np.bitwise_and(kept, COUNT_MASK)
+    counts[escape_at - np.arange(escape_at.size)] = escaped_counts  # escape positions once count words are gone
+    return np.right_shift(kept, SHIFT, out=kept.astype(np.uint64, copy=False)), counts
 
 
 def count_ranges(data) -> int:
