@@ -1,0 +1,164 @@
+"""balloonctl against a real balloon-host subprocess (guests made with balloon-load)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from host_daemon.ctl import RateTracker, human_bytes, human_seconds
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _poll(condition, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=0.5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Host:
+    def __init__(self, tmp_path: Path, *extra: str) -> None:
+        self.sock = tmp_path / "host.sock"
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.process = subprocess.Popen(
+            [str(BIN / "balloon-host"), "--listen", f"unix:{self.sock}", "--http", self.url[7:],
+             "--log-level", "warning", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _poll(lambda: self.process.poll() is not None or _ready(self.url), what="balloon-host")
+        assert self.process.poll() is None
+        self.address = f"unix:{self.sock}"
+
+    def load(self, *args: str, background: bool = False):
+        command = [str(BIN / "balloon-load"), "--connect", self.address, "--quiet", *args]
+        if background:
+            return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def host(tmp_path):
+    if not (Path(__file__).parents[2] / "host_daemon" / "cli.py").exists():
+        pytest.skip("balloon-host is not there yet")
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret-admin-token\n")
+    made = Host(tmp_path, "--admin-token-file", str(token))
+    made.token_file = token
+    yield made
+    made.stop()
+
+
+def ctl(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "balloonctl"), *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def test_status_table_and_json(host):
+    host.load("--guests", "2", "--batches", "20")
+    table = ctl("--host", host.url, "status")
+    assert table.returncode == 0, table.stderr
+    assert "load-0" in table.stdout and "load-1" in table.stdout and "2 guest(s)" in table.stdout
+    answer = ctl("status", "--json", env={"BALLOON_CTL_HOST": host.url})  # the env var names the host
+    guests = {g["id"]: g for g in json.loads(answer.stdout)["guests"]}
+    assert set(guests) == {"load-0", "load-1"}
+    assert guests["load-0"]["reported_bytes"] > 0 and guests["load-0"]["batches"]["report"] == 20
+    one = json.loads(ctl("--host", host.url, "status", "load-1", "--json").stdout)
+    assert one["id"] == "load-1"
+
+
+def test_unknown_guest_and_unreachable_host_fail_in_one_line(host):
+    missing = ctl("--host", host.url, "status", "nobody")
+    assert missing.returncode == 1 and "404" in missing.stderr and "Traceback" not in missing.stderr
+    down = ctl("--host", f"http://127.0.0.1:{_free_port()}", "status")
+    assert down.returncode == 1
+    assert down.stderr.count("\n") == 1 and "cannot reach the host" in down.stderr
+    assert ctl("--host", host.url, "target", "x", "lots").returncode == 2  # not a size
+
+
+def test_target_needs_the_admin_token(host):
+    host.load("--batches", "5")
+    refused = ctl("--host", host.url, "target", "load-0", "128MiB")
+    assert refused.returncode == 1 and "401" in refused.stderr
+    done = ctl("--host", host.url, "target", "load-0", "128MiB", "--token-file", str(host.token_file))
+    assert done.returncode == 0, done.stderr
+    assert "32768 pages" in done.stdout
+    guest = json.loads(ctl("--host", host.url, "status", "load-0", "--json").stdout)
+    assert guest["target_bytes"] == 128 << 20
+
+
+def test_top_shows_rates_from_successive_polls(host):
+    load = host.load("--guests", "2", "--rate", "200", "--duration", "20s", background=True)
+    try:
+        _poll(lambda: len(json.loads(ctl("--host", host.url, "status", "--json").stdout)["guests"]) == 2,
+              what="two guests")
+        lines = ctl("--host", host.url, "top", "--iterations", "2", "--interval", "0.5s", "--json")
+        assert lines.returncode == 0, lines.stderr
+        first, second = (json.loads(line) for line in lines.stdout.splitlines())
+        assert all(g["batches_per_s"] is None for g in first["guests"])  # no rate from one poll
+        rates = [g["batches_per_s"] for g in second["guests"]]
+        assert len(rates) == 2 and all(rate > 0 for rate in rates)
+        assert all(g["report_bytes_per_s"] > 0 for g in second["guests"])
+        table = ctl("--host", host.url, "top", "--iterations", "1")
+        assert table.returncode == 0 and "load-0" in table.stdout and "batches/s" in table.stdout
+    finally:
+        load.terminate()
+        load.wait(timeout=10)
+
+
+def test_hint_starts_a_command_on_a_hinting_guest(host):
+    load = host.load("--kind", "hint", "--rate", "50", "--duration", "20s", background=True)
+    try:
+        _poll(lambda: ctl("--host", host.url, "status", "load-0", "--json").returncode == 0, what="guest")
+        started = ctl("--host", host.url, "hint", "load-0", "--token-file", str(host.token_file), "--json")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["cmd_id"] >= 1
+    finally:
+        load.terminate()
+        load.wait(timeout=10)
+
+
+def test_rate_tracker_and_formatting():
+    tracker = RateTracker()
+    guest = {"id": "g", "batches": {"report": 10}, "pages_total": {"report": 100, "inflate": 0}}
+    assert tracker.update([guest], 1.0)["g"]["batches_per_s"] is None
+    guest = {"id": "g", "batches": {"report": 30}, "pages_total": {"report": 300, "inflate": 50}}
+    rates = tracker.update([guest], 3.0)["g"]
+    assert rates["batches_per_s"] == 10.0
+    assert rates["report_bytes_per_s"] == 100 * 4096 and rates["inflate_bytes_per_s"] == 25 * 4096
+    assert human_bytes(3 << 30) == "3.0 GiB" and human_bytes(None) == "-"
+    assert human_seconds(250e-6) == "250 µs" and human_seconds(0.0123) == "12.30 ms"
