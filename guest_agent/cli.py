@@ -60,7 +60,15 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
         def scan():
             return procfs.scan_free_runs(root)
 
-        pages = settings.pages or procfs_pages(root)
+        if settings.pages == 0:
+            try:
+                pages = procfs.system_ram_pages(root)
+            except (OSError, ValueError) as error:
+                raise SettingsError(f"--source procfs: cannot read System RAM from {root}/proc/iomem "
+                                    f"({error}); give --memory") from None
+        else:
+            pages = settings.pages
+
         hinting = Hinting(scan, interval=settings.scan_interval)
         log.info("procfs source: free pages are sent only as hints for host hint commands — "
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
@@ -81,15 +89,6 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     agent = Agent(allocator=allocator, workload=workload, memory=memory, reporting=reporting, balloon=balloon,
                   metrics=metrics, total_pages=settings.pages, sweep_samples=settings.canary_samples)
     return agent, memory
-
-
-def procfs_pages(root) -> int:
-    from .memory import procfs
-
-    finder = getattr(procfs, "system_ram_pages", None)
-    if finder is None:
-        raise SettingsError("--memory: give the RAM size to announce for --source procfs")
-    return int(finder(root))
 
 
 class SharedRamBinder:
@@ -127,7 +126,11 @@ class SharedRamBinder:
 
 async def run(settings: GuestSettings) -> int:
     metrics = GuestMetrics()
-    agent, memory = build_agent(settings, metrics)
+    try:
+        agent, memory = build_agent(settings, metrics)
+    except SettingsError as error:
+        log.error(str(error))
+        return 2
     binder = SharedRamBinder(settings, memory)
     client = GuestClient(
         agent, settings.connect, settings.id, settings.offered_features(), token=settings.token(),

@@ -22,6 +22,7 @@ ENV_PREFIX = "BALLOON_GUEST"
 DEFAULT_HTTP = "127.0.0.1:9471"
 DEFAULT_CONNECT = "unix:/run/balloon-hints/host.sock"
 PAGE_SIZE = 4096
+DEFAULT_MEMORY = 512 << 20
 MAX_ORDER = 10
 SOURCES = ("sim", "procfs")
 KNOWN_FEATURES = ("ranges52", "pfn32", "shared-ram", "deflate-on-oom", "hinting", "stats")
@@ -168,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
     add("--id", default=None, metavar="NAME",
         help="guest id (the host's label for this guest; default: the hostname)")
-    add("--memory", type=_wrap(parse_size, "size"), default="512MiB", metavar="SIZE",
-        help="simulated guest RAM, e.g. 512MiB or 8GiB (a multiple of 4MiB); with --source procfs, "
-             "the RAM size announced to the host (0: highest System RAM address)")
+    add("--memory", type=_wrap(parse_size, "size"), default=None, metavar="SIZE",
+        help="simulated guest RAM, e.g. 512MiB or 8GiB (a multiple of 4MiB; default 512MiB); with "
+             "--source procfs, the RAM size announced to the host (default: the end of the highest "
+             "System RAM range in /proc/iomem)")
     add("--source", choices=SOURCES, default="sim",
         help="sim: a simulated buddy allocator driven by --workload, reported and isolated like "
              "Linux; procfs: this machine's free pages from /proc/kpageflags (root), sent only as "
@@ -253,7 +255,8 @@ def parse_settings(argv, environ=None) -> GuestSettings:
     if ns.pfn32 and features and "pfn32" not in features:
         features = features + ("pfn32",)
     return GuestSettings(
-        connect=ns.connect, id=ns.id or default_guest_id(), memory=ns.memory, source=ns.source,
+        connect=ns.connect, id=ns.id or default_guest_id(), source=ns.source,
+        memory=ns.memory if ns.memory is not None else (DEFAULT_MEMORY if ns.source == "sim" else 0),
         workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix,
         seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, capacity=ns.capacity,
         http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,

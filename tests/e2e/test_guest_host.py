@@ -163,3 +163,39 @@ def test_legacy_pfn32_guest_converges_and_sigterm_says_bye(daemons):
     assert guest.popen.wait(10) == 0
     wait_for(lambda: "bye" in host.log.read_text().lower(), 10, f"the host logs the guest's BYE\n{host.tail()}")
     wait_for(lambda: value(host.metrics(), "balloon_guests_connected") == 0, 10, "the host sees the guest leave")
+
+
+def _procfs_fixture(root: Path) -> int:
+    """A tiny machine: System RAM pages 256..8191, free blocks of 512 and 1024 pages plus 3 pages."""
+    import numpy as np
+
+    pages = 8192
+    flags = np.full(pages, (1 << 5) | (1 << 11), dtype="<u8")  # LRU | MMAP: in use
+    counts = np.ones(pages, dtype="<u8")
+    free = [(512, 512), (2048, 1024), (4096, 3)]
+    for pfn, n in free:
+        flags[pfn:pfn + n] = 1 << 10  # KPF_BUDDY on every page of a free block (current kernels)
+        counts[pfn:pfn + n] = 0
+    proc = root / "proc"
+    proc.mkdir(parents=True)
+    flags.tofile(proc / "kpageflags")
+    counts.tofile(proc / "kpagecount")
+    (proc / "iomem").write_text("00000000-000fffff : Reserved\n00100000-01ffffff : System RAM\n")
+    return sum(n for _, n in free)
+
+
+def test_procfs_source_hints_possibly_reclaimable_pages_for_a_host_command(daemons):
+    free_pages = _procfs_fixture(daemons.folder / "machine")
+    host = daemons.host()
+    guest = daemons.guest("g1", "--source", "procfs", "--procfs-root", str(daemons.folder / "machine"),
+                          "--scan-interval", "100ms", memory="0")
+    wait_for(lambda: value(guest.metrics(), "balloon_guest_possibly_reclaimable_bytes") == free_pages * 4096,
+             20, f"a scan\n{guest.tail()}")
+    assert value(guest.metrics(), "balloon_guest_batches_total", kind="hint") == 0  # never unsolicited
+    assert value(guest.metrics(), "balloon_guest_batches_total", kind="report") == 0  # nothing isolated
+    cmd = post_json(f"{host.url}/api/v1/guests/g1/hint", {})
+    assert cmd["cmd_id"] >= 1
+    wait_for(lambda: value(host.metrics(), "balloon_hinted_bytes", guest="g1") == free_pages * 4096, 20,
+             f"hints at the host\n{guest.tail()}")
+    assert value(guest.metrics(), "balloon_guest_hinted_bytes") == free_pages * 4096
+    assert "possibly reclaimable" in guest.log.read_text()
