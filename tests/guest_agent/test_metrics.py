@@ -1,0 +1,74 @@
+"""The guest's /metrics: every name the issue and CONTRACT.md promise, /healthz, a private registry."""
+
+from __future__ import annotations
+
+import aiohttp
+from guest_fakes import FakeBuddy
+from prometheus_client.parser import text_string_to_metric_families
+
+from guest_agent.agent import Agent
+from guest_agent.balloon import Balloon
+from guest_agent.metrics import GuestMetrics, start_http
+from guest_agent.reporting import FreePageReporting
+
+REQUIRED = {
+    "balloon_guest_memory_bytes", "balloon_guest_free_bytes", "balloon_guest_reported_bytes",
+    "balloon_guest_isolated_bytes", "balloon_guest_batches_total", "balloon_guest_ack_latency_seconds_bucket",
+    "balloon_guest_window_stall_seconds_total", "balloon_guest_inflight_batches",
+    "balloon_guest_reconnects_total", "balloon_guest_connected", "balloon_guest_canary_failures_total",
+    "balloon_guest_canary_pages_checked_total", "balloon_guest_inflated_bytes",
+    "balloon_guest_balloon_target_bytes",
+}
+
+
+async def test_metrics_endpoint_serves_every_promised_name_and_healthz():
+    allocator = FakeBuddy(4096)
+    metrics = GuestMetrics()
+    Agent(allocator=allocator, reporting=FreePageReporting(allocator), balloon=Balloon(allocator),
+          metrics=metrics, total_pages=4096)
+    runner, port = await start_http(metrics, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200 and await response.text() == "ok"
+    finally:
+        await runner.cleanup()
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    assert REQUIRED <= samples.keys(), REQUIRED - samples.keys()
+    assert samples["balloon_guest_memory_bytes"].value == 4096 * 4096
+    assert samples["balloon_guest_free_bytes"].value == 4096 * 4096
+    assert samples["balloon_guest_connected"].value == 0
+    # buckets resolve sub-millisecond acks
+    bounds = {float(s.labels["le"]) for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name == "balloon_guest_ack_latency_seconds_bucket"}
+    assert min(bounds) <= 1e-5 and 1e-3 in bounds
+
+
+def test_each_agent_has_its_own_registry():
+    first, second = GuestMetrics(), GuestMetrics()
+    first.reconnects.inc()
+    assert first.value("balloon_guest_reconnects_total") == 1
+    assert second.value("balloon_guest_reconnects_total") == 0
+
+
+def test_promtool_accepts_the_guest_metrics():
+    import shutil
+    import subprocess
+
+    import pytest
+    from prometheus_client import generate_latest
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make system-deps installs Debian's prometheus)")
+    allocator = FakeBuddy(4096)
+    metrics = GuestMetrics()
+    Agent(allocator=allocator, reporting=FreePageReporting(allocator), balloon=Balloon(allocator),
+          metrics=metrics, total_pages=4096)
+    metrics.ack_latency.observe(0.0002)
+    result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(metrics.registry),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
