@@ -199,3 +199,17 @@ def test_procfs_source_hints_possibly_reclaimable_pages_for_a_host_command(daemo
              f"hints at the host\n{guest.tail()}")
     assert value(guest.metrics(), "balloon_guest_hinted_bytes") == free_pages * 4096
     assert "possibly reclaimable" in guest.log.read_text()
+
+
+def test_token_file_proves_the_guest_id(daemons):
+    tokens = daemons.folder / "tokens"
+    tokens.write_text("# guest-id token\ng1 s3cret-one\ng2 s3cret-two\n")
+    (daemons.folder / "g1.token").write_text("s3cret-one\n")
+    (daemons.folder / "g2.token").write_text("wrong\n")
+    host = daemons.host("--token-file", str(tokens))
+    good = daemons.guest("g1", "--token-file", str(daemons.folder / "g1.token"), memory="32MiB")
+    bad = daemons.guest("g2", "--token-file", str(daemons.folder / "g2.token"), memory="32MiB")
+    wait_for(lambda: converged(host, good, minimum=16 * MIB), 20, "the guest with the right token converges")
+    wait_for(lambda: "auth-failed" in bad.log.read_text(), 20, f"the wrong token is refused\n{bad.tail()}")
+    assert value(bad.metrics(), "balloon_guest_connected") == 0
+    assert value(host.metrics(), "balloon_reported_bytes", guest="g2") in (None, 0)
