@@ -209,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet and args.json != "-":
         print(render_text(data))
     if args.json == "-":
-        json.dump(data, sys.stdout, indent=2)
-        print()
+        try:
+            json.dump(data, sys.stdout, indent=2)
+            print()
+        except BrokenPipeError:  # `balloon-load --json - | head`
+            sys.stderr.close()
     elif args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     if args.plot:

@@ -91,6 +91,7 @@ class LoadGuest(asyncio.Protocol):
         self.reuse_next = False
         self.finished = False
         self.last_error: str | None = None
+        self.sessions = 0
         self.out: list[bytes] = []  # corked writes: one syscall per wakeup, not per batch
 
     # -- lifecycle ------------------------------------------------------------------
@@ -103,7 +104,6 @@ class LoadGuest(asyncio.Protocol):
             self.loop.call_later(max(0.0, self.plan.deadline - time.perf_counter()), self._on_deadline)
         self.next_due = max(start_at, time.perf_counter())
         failures = 0
-        sessions = 0
         while not self._done_sending():
             try:
                 await self._connect()
@@ -111,15 +111,14 @@ class LoadGuest(asyncio.Protocol):
                 self.totals.errors["connect-failed"] += 1
                 failures += 1
                 self.last_error = f"{type(error).__name__}: {error}"
-                if failures >= (MAX_CONNECT_FAILURES if sessions else MAX_FIRST_CONNECT_FAILURES):
+                if failures >= (MAX_CONNECT_FAILURES if self.sessions else MAX_FIRST_CONNECT_FAILURES):
                     self.totals.errors["gave-up"] += 1
                     break
                 await self._backoff(failures)
                 continue
             failures = 0
             self.totals.sessions += 1
-            self.totals.reconnects += sessions > 0  # a new session after a lost one
-            sessions += 1
+            self.totals.reconnects += self.sessions > 1  # a new session after a lost one
             await self.session_over
             self._end_session()
             if not self._done_sending():
@@ -181,6 +180,7 @@ class LoadGuest(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.sessions += 1
         self.out = []
         features = [self.plan.encoding] + (["hinting"] if self.plan.kind == "hint" else [])
         self.conn = GuestConnection(self.guest_id, self.plan.guest_pages, features, self.token)
@@ -220,6 +220,11 @@ class LoadGuest(asyncio.Protocol):
 
     def _on_other(self, event) -> None:
         if isinstance(event, Welcome):
+            if self.totals_first_session():
+                # the schedule starts when the first session is up: the handshake is not an
+                # ack latency (later sessions keep their schedule: batches due while the
+                # guest was disconnected are charged, as wrk2 would)
+                self.next_due = max(self.next_due, time.perf_counter())
             if self.plan.rate is None:
                 self._pump()
                 self._flush()
@@ -234,6 +239,9 @@ class LoadGuest(asyncio.Protocol):
         elif isinstance(event, HintStart):
             self.cmd_id = event.cmd_id
         # TARGET, HINT_STOP, PONG: nothing to do for a load guest
+
+    def totals_first_session(self) -> bool:
+        return self.sessions == 1
 
     def _on_ack(self, ack: Ack) -> None:
         now = time.perf_counter()

@@ -1,0 +1,229 @@
+"""Scale benchmark: many guests on one balloon-host, driven by balloon-load.
+
+Two measurements, each against a fresh ``balloon-host`` subprocess on a Unix socket:
+
+1. **Fixed offered rate**: 64 and 256 guests, each sending ``--rate`` REPORT batches/s
+   (open loop, latency from the intended send time), for ``--duration`` seconds: ack
+   latency p50/p99/max from balloon-load's HdrHistogram, the host's CPU (utime + stime
+   from /proc/PID/stat over the run) and its RSS (VmRSS at the end, VmHWM peak).
+2. **Capacity**: the largest guest count the host holds at 1 report/s each with p99 ack
+   latency under 10 ms — doubling from 64 until a step fails (or the cap), then a couple
+   of bisection steps between the last pass and the first failure.
+
+The load generator runs on the same machine and competes for the same cores, as it would
+in a CI runner; the machine line says how many cores there were.
+
+    python -m bench.scale                # 64/256 guests x 10 s, capacity search up to 2048
+    python -m bench.scale --quick        # 8/16 guests x 1.5 s, capacity up to 32 (smoke test)
+    python -m bench.scale --markdown     # tables for docs/PERFORMANCE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import machine_line
+
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+P99_BAR_S = 0.010
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _command(name: str, module: str) -> list[str]:
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+class Host:
+    """A balloon-host subprocess and what /proc says about it."""
+
+    def __init__(self, workdir: Path, max_guests: int) -> None:
+        self.sock = workdir / f"host-{time.monotonic_ns()}.sock"
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.process = subprocess.Popen(
+            _command("balloon-host", "host_daemon") + [
+                "--listen", f"unix:{self.sock}", "--http", self.url[7:], "--max-guests", str(max_guests),
+                "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"balloon-host exited: {self.process.stderr.read().decode()[-500:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=0.5) as response:
+                    if response.status == 200 and self.sock.exists():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("balloon-host did not become ready")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+    def memory(self) -> dict[str, int]:
+        values = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+        return values
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def run_step(workdir: Path, guests: int, rate: float, duration: float, ramp: float,
+             processes: int = 1) -> dict:
+    """One host, one balloon-load run; the load's JSON plus the host's CPU and memory."""
+    host = Host(workdir, max_guests=max(1024, guests * 2))
+    try:
+        rss_idle = host.memory().get("VmRSS", 0)
+        out = workdir / f"load-{guests}.json"
+        cpu_before = host.cpu_seconds()
+        started = time.monotonic()
+        result = subprocess.run(
+            _command("balloon-load", "guest_agent.load") + [
+                "--connect", f"unix:{host.sock}", "--guests", str(guests), "--rate", str(rate),
+                "--duration", f"{duration}s", "--ramp", f"{ramp}s", "--processes", str(processes),
+                "--json", str(out), "--quiet"],
+            capture_output=True, text=True, timeout=duration + ramp + 120)
+        wall = time.monotonic() - started
+        cpu = host.cpu_seconds() - cpu_before
+        memory = host.memory()
+        if result.returncode not in (0, 1) or not out.exists():
+            raise RuntimeError(f"balloon-load failed ({result.returncode}): {result.stderr[-500:]}")
+        load = json.loads(out.read_text())
+    finally:
+        host.stop()
+    latency = load["latency_s"]
+    return {"guests": guests, "rate_per_guest": rate, "offered": load["offered_rate"],
+            "achieved": load["achieved_rate"], "batches": load["batches"], "p50_s": latency["p50"],
+            "p99_s": latency["p99"], "max_s": latency["max"], "errors": sum(load["errors"].values()),
+            "host_cpu_s": cpu, "host_cpu_share": cpu / max(wall, 1e-9), "host_rss_bytes": memory.get("VmRSS", 0),
+            "host_peak_rss_bytes": memory.get("VmHWM", 0), "host_idle_rss_bytes": rss_idle,
+            "duration_s": load["duration_s"], "error_codes": load["errors"]}
+
+
+def holds(step: dict) -> bool:
+    return step["errors"] == 0 and step["p99_s"] is not None and step["p99_s"] < P99_BAR_S
+
+
+def capacity(workdir: Path, start: int, cap: int, duration: float, bisections: int) -> dict:
+    """Largest guest count at 1 report/s with p99 < 10 ms: doubling, then bisection."""
+    steps = []
+    good, bad = None, None
+    guests = start
+    while guests <= cap:
+        step = run_step(workdir, guests, 1.0, duration, ramp=min(2.0, duration / 2),
+                        processes=2 if guests >= 512 else 1)
+        steps.append(step)
+        if holds(step):
+            good = guests
+            guests *= 2
+        else:
+            bad = guests
+            break
+    if good is not None and bad is not None:
+        for _ in range(bisections):
+            middle = (good + bad) // 2
+            if middle in (good, bad):
+                break
+            step = run_step(workdir, middle, 1.0, duration, ramp=min(2.0, duration / 2),
+                            processes=2 if middle >= 512 else 1)
+            steps.append(step)
+            if holds(step):
+                good = middle
+            else:
+                bad = middle
+    return {"largest": good, "first_failure": bad, "cap": cap, "steps": steps}
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value * 1e3:.2f}"
+
+
+def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str:
+    header = ["guests", "offered batches/s", "achieved", "p50 ms", "p99 ms", "max ms", "errors",
+              "host CPU", "host RSS MiB", "RSS per guest KiB"]
+
+    def line(step):
+        per_guest = (step["host_rss_bytes"] - step["host_idle_rss_bytes"]) / step["guests"] / 1024
+        return [str(step["guests"]), f"{step['offered']:,.0f}", f"{step['achieved']:,.0f}", _ms(step["p50_s"]),
+                _ms(step["p99_s"]), _ms(step["max_s"]), str(step["errors"]), f"{step['host_cpu_share'] * 100:.0f}%",
+                f"{step['host_rss_bytes'] / (1 << 20):.1f}", f"{per_guest:.1f}"]
+
+    largest = search["largest"]
+    if largest is None:
+        verdict = f"no guest count from {search['steps'][0]['guests']} up held p99 < 10 ms at 1 report/s"
+    else:
+        verdict = f"**{largest}** guests held 1 report/s each with p99 < 10 ms"
+        if search["first_failure"] is None:
+            verdict += f" (the search stopped at its cap of {search['cap']}, no failure seen)"
+        else:
+            failed = next(s for s in search["steps"] if s["guests"] == search["first_failure"])
+            verdict += (f"; {search['first_failure']} did not (p99 {_ms(failed['p99_s'])} ms, "
+                        f"{failed['errors']} errors, {failed['achieved']:,.0f} of {failed['offered']:,.0f} batches/s)")
+    rate = fixed[0]["rate_per_guest"] if fixed else 0
+    intro = f"`{command}`; {machine_line()}."
+    if markdown:
+        def table(rows):
+            return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                    *("| " + " | ".join(line(r)) + " |" for r in rows)]
+        return "\n".join([intro, "", f"Fixed offered rate, {rate:g} REPORT batches/s per guest:", "",
+                          *table(fixed), "", "Capacity search at 1 report/s per guest:", "",
+                          *table(search["steps"]), "", f"Result: {verdict}."])
+    rows = [header] + [line(r) for r in fixed] + [["--"] * len(header)] + [line(r) for r in search["steps"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join([intro] + ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+                     + [f"Result: {verdict}."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8/16 guests, 1.5 s, capacity up to 32")
+    parser.add_argument("--rate", type=float, default=10.0, help="batches/s per guest for the fixed runs")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    parser.add_argument("--cap", type=int, default=2048, help="largest guest count the search tries")
+    parser.add_argument("--markdown", action="store_true", help="tables for docs/PERFORMANCE.md")
+    parser.add_argument("--json", metavar="FILE", help="also write every step as JSON")
+    args = parser.parse_args(argv)
+    counts = (8, 16) if args.quick else (64, 256)
+    duration = 1.5 if args.quick else args.duration
+    with tempfile.TemporaryDirectory(prefix="balloon-scale-") as tmp:
+        workdir = Path(tmp)
+        fixed = [run_step(workdir, guests, args.rate, duration, ramp=min(2.0, duration / 3)) for guests in counts]
+        search = capacity(workdir, 8 if args.quick else 64, 32 if args.quick else args.cap, duration,
+                          0 if args.quick else 2)
+    command = "python -m bench.scale" + (" --quick" if args.quick else "")
+    print(render(fixed, search, args.markdown, command))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"fixed": fixed, "capacity": search}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
