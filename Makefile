@@ -54,5 +54,22 @@ demo: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}
 
+# tests/deploy with every tool required (a missing promtool/prometheus/npm/systemd-analyze fails
+# instead of skipping) and a longer live Prometheus run. See docs/OPERATIONS.md.
+deploy-test: $(STAMP) system-deps
+	BALLOON_DEPLOY_STRICT=1 BALLOON_LIVE_SECONDS=$${BALLOON_LIVE_SECONDS:-20} \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy $(PYTEST_ARGS)
+
+# Build deploy/Dockerfile with podman (runc, deploy/podman/containers.conf) on a debootstrapped
+# base, run a host and a guest container, scrape them. Root only; installs its tools first.
+CONTAINER_TOOLS := podman runc debootstrap
+container-test: $(STAMP)
+	@[ "$$(id -u)" = 0 ] || { echo "container-test needs root (rootful podman, debootstrap)"; exit 1; }
+	@missing=""; for t in $(CONTAINER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CONTAINER_TOOLS) ca-certificates >/dev/null; fi
+	CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf BALLOON_CONTAINER_TEST=1 BALLOON_DEPLOY_STRICT=1 \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/deploy/test_container.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

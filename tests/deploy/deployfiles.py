@@ -241,3 +241,74 @@ def _balanced(text: str) -> bool:
         if depth < 0:
             return False
     return depth == 0
+
+
+# --- live processes ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+             "summary": ("_sum", "_count", ""), "gauge": ("",), "untyped": ("",), "info": ("_info",)}
+
+
+def scrape(url: str, declared: bool = False) -> dict[str, list[tuple[dict, float]]]:
+    """Sample name → [(labels, value)] from a /metrics endpoint.
+
+    With ``declared``, families announced by HELP/TYPE but with no sample yet (a labelled counter
+    nothing has incremented) are included with an empty list, under their sample names.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(http_get(url)):
+        if declared:
+            for suffix in _SUFFIXES.get(family.type, ("",)):
+                samples.setdefault(family.name + suffix, [])
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as error:  # noqa: BLE001 - the endpoint may not be up yet
+            last_error = error
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+def referenced_balloon_metrics() -> dict[str, set[str]]:
+    """Every balloon_* sample name the dashboard or the rules select → where it is used."""
+    used: dict[str, set[str]] = {}
+    for rule in load_rules():
+        for name in balloon_metric_names(rule.expr):
+            used.setdefault(name, set()).add(f"rule {rule.name}")
+    for query in dashboard_queries():
+        for name in balloon_metric_names(query.expr):
+            used.setdefault(name, set()).add(f"panel {query.panel!r}")
+    for variable, query in variable_queries().items():
+        for name in balloon_metric_names(query):
+            used.setdefault(name, set()).add(f"variable ${variable}")
+    return used
