@@ -324,3 +324,89 @@ def test_hints_carry_the_command_id_and_end_with_hint_done():
     agent.receive(HintStart(43), 0.2)
     agent.receive(HintStop(43), 0.2)
     assert agent.poll_batch(0.2) is None
+
+
+class NullRam:
+    """Canaries switched on (so the proxy tracks live allocations) without touching memory."""
+
+    def write_canaries(self, pfns, counts, generation):
+        return int(np.asarray(counts).sum())
+
+    def check_canaries(self, pfns, counts, generation):
+        return 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sessions_with_the_real_allocator_never_discard_owned_pages_and_converge(seed):
+    """G1's BuddyAllocator and churn workload, random acks, targets and lost sessions."""
+    from guest_agent.memory import BuddyAllocator
+    from guest_agent.memory.workloads import make_workload
+
+    rng = np.random.default_rng(seed)
+    pages = 16384
+    allocator = BuddyAllocator(pages)
+    memory = WorkloadMemory(allocator, ram=NullRam())
+    workload = make_workload("churn", memory, seed=seed, utilization=0.4, rate=4000)
+    balloon = Balloon(allocator, deflate_on_oom=True)
+    agent = Agent(allocator=allocator, memory=memory, workload=workload, balloon=balloon,
+                  reporting=FreePageReporting(allocator, 9, 0.2, 8), total_pages=pages,
+                  ping_interval=0, stats_interval=0)
+    owned_at_apply = []
+
+    def owned(batch) -> set[int]:
+        live = memory.live
+        touched = set()
+        for page in expand_pages(batch.pfns, batch.counts).tolist():
+            for order in range(11):  # is the page inside a live workload block?
+                head = page & ~((1 << order) - 1)
+                if live.get(head) is not None and live[head] >= order:
+                    touched.add(page)
+                    break
+        return touched
+
+    class CheckingHost(FakeHost):
+        def apply(self, batch):
+            if batch.TYPE.name in ("REPORT", "INFLATE"):
+                owned_at_apply.extend(owned(batch))
+            super().apply(batch)
+
+    now = 0.0
+    host = CheckingHost(window=int(rng.integers(1, 6)), max_ranges=int(rng.integers(1, 64)))
+    conn = connect(agent, host, now)
+    for _ in range(300):
+        now += 0.05
+        agent.tick(now)
+        while (data := agent.poll_batch(now)) is not None:
+            host.receive(data)
+        assert len(host.unacked) <= host.window
+        roll = rng.random()
+        if roll < 0.02:  # the connection drops
+            agent.end_session(now)
+            host = CheckingHost(window=int(rng.integers(1, 6)), max_ranges=int(rng.integers(1, 64)))
+            conn = connect(agent, host, now)
+            continue
+        if roll < 0.06:
+            agent.receive(Target(int(rng.integers(0, pages // 2))), now)
+        if host.unacked and rng.random() < 0.7:
+            data = host.ack(int(rng.integers(1, len(host.unacked) + 1)))
+            conn.receive_data(data)
+            for event in conn.events():
+                agent.receive(event, now)
+    assert not owned_at_apply, f"the host discarded {len(owned_at_apply)} pages the workload owned"
+    # quiet: stop the workload, let everything drain, then both views agree
+    agent.workload = None
+    for _ in range(200):
+        now += 0.1
+        agent.tick(now)
+        while (data := agent.poll_batch(now)) is not None:
+            host.receive(data)
+        if host.unacked:
+            conn.receive_data(host.ack())
+            for event in conn.events():
+                agent.receive(event, now)
+        elif not agent.wants_to_send(now) and agent.reporting.state.value == "idle":
+            break
+    assert len(host.reported) == allocator.reported_pages
+    assert len(host.inflated) == balloon.pages
+    assert not (host.reported & host.inflated)
+    allocator.check()
