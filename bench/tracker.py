@@ -151,6 +151,7 @@ def main(argv=None) -> int:
         "--budget", type=float, default=20.0, help="seconds per structure and workload"
     )
     parser.add_argument("--repeats", type=int, default=3, help="best of N passes")
+    parser.add_argument("--markdown", action="store_true", help="print only the markdown table")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     pages = (1 << 18) if args.quick else (1 << 21)
