@@ -31,6 +31,13 @@ class LatencyHistogram:
         self.sum += seconds
         self.count += 1
 
+    def merge(self, other: LatencyHistogram) -> None:
+        counts = self.counts
+        for index, count in enumerate(other.counts):
+            counts[index] += count
+        self.sum += other.sum
+        self.count += other.count
+
     def cumulative(self) -> list[tuple[str, int]]:
         """``[(le, cumulative count), ...]`` ending with ``+Inf``, for HistogramMetricFamily."""
         total = 0

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 from shared import PAGE_SIZE
 from shared.errors import CODES
 
-from .histogram import LatencyHistogram
 from .session import RESULTS
 from .tracker import KINDS
 
@@ -28,7 +27,6 @@ class HostStats:
     def __init__(self) -> None:
         self.sessions: dict[str, int] = dict.fromkeys(RESULTS, 0)
         self.protocol_errors: dict[str, int] = dict.fromkeys(CODES, 0)
-        self.apply = LatencyHistogram()
 
 
 class HostCollector(Collector):
@@ -108,7 +106,7 @@ class HostCollector(Collector):
         yield from (rejected, received, up, memory, reported, inflated, hinted, target, inflight,
                     reclaimed, resident)
 
-        apply = stats.apply
+        apply = host.registry.apply_histogram()
         histogram = HistogramMetricFamily("balloon_batch_apply_seconds",
                                           "Time to apply one batch (tracker and RAM-file "
                                           "discard) until its ACK is ready.")

@@ -113,12 +113,22 @@ class Registry:
         self.guests: dict[str, GuestRecord] = {}
         self._orphans: dict[str, asyncio.TimerHandle] = {}
         self.forgotten = 0
+        #: apply-time samples of forgotten guests, so the host-wide histogram stays monotonic
+        self.retired_apply = LatencyHistogram()
 
     def __len__(self) -> int:
         return len(self.guests)
 
     def get(self, guest: str) -> GuestRecord | None:
         return self.guests.get(guest)
+
+    def apply_histogram(self) -> LatencyHistogram:
+        """Host-wide apply times: every known guest's plus the forgotten ones' (scrape time)."""
+        total = LatencyHistogram()
+        total.merge(self.retired_apply)
+        for record in self.guests.values():
+            total.merge(record.apply)
+        return total
 
     @property
     def connected(self) -> int:
@@ -179,6 +189,7 @@ class Registry:
             return
         del self.guests[guest]
         self.forgotten += 1
+        self.retired_apply.merge(record.apply)
         if record.ram is not None:
             try:
                 record.ram.remove()

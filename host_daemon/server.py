@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -128,6 +129,8 @@ class HostServer:
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
+        #: hole punching of large discards, off the event loop (see session.OFFLOAD_PAGES)
+        self.discard_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="discard")
 
     async def start(self) -> None:
         settings = self.settings
@@ -247,6 +250,7 @@ class HostServer:
         await self._close_listeners()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.discard_pool.shutdown(wait=True)
         self.registry.close()
         log.info("host stopped")
         self._stopped.set()

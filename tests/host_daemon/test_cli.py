@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from hostkit import ACK, BYE, RawGuest, sample
 
-from host_daemon import loops
+from host_daemon import cli, loops
 from host_daemon.server import ListenError, prepare_unix_path, unix_socket
 from host_daemon.settings import SettingsError, parse_settings
 from shared.addresses import Address
@@ -52,17 +52,23 @@ def test_help_explains_every_flag():
     (["--listen", "unix:/tmp/x.sock", "--token-file", "/nonexistent/tokens"], "--token-file"),
     (["--listen", "unix:/tmp/x.sock", "--ram-dir", "relative/dir"], "absolute"),
 ])
-def test_bad_options_exit_2_with_a_clear_message(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2, result
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_options_exit_2_with_a_clear_message(args, message, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("BALLOON_HOST_")]:
+        monkeypatch.delenv(name)
+    try:
+        status = cli.main(args)
+    except SystemExit as exit_info:  # argparse's own errors
+        status = exit_info.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
-def test_bad_token_file_exits_2(tmp_path):
+def test_bad_token_file_exits_2(tmp_path, capsys):
     tokens = tmp_path / "tokens"
     tokens.write_text("g1 short\n")
-    result = run_cli("--listen", f"unix:{tmp_path}/s", "--token-file", str(tokens))
-    assert result.returncode == 2 and "shorter than 8" in result.stderr
+    assert cli.main(["--listen", f"unix:{tmp_path}/s", "--token-file", str(tokens)]) == 2
+    assert "shorter than 8" in capsys.readouterr().err
 
 
 def test_layering_flag_over_env_over_file(tmp_path):

@@ -81,9 +81,12 @@ async def test_retention_forgets_a_guest_and_its_series(make_host):
     text = await scrape(host.url)
     assert sample(text, "balloon_reported_bytes", guest="leaver") == 64 * 4096  # retained
     assert sample(text, "balloon_guest_up", guest="leaver") == 0
+    applied = sample(text, "balloon_batch_apply_seconds_count")
+    assert applied == 1
     await eventually(lambda: host.registry.get("leaver") is None, timeout=3)
     text = await scrape(host.url)
     assert 'guest="leaver"' not in text
+    assert sample(text, "balloon_batch_apply_seconds_count") == applied  # host-wide stays monotonic
 
 
 async def test_reconnect_within_retention_keeps_counters(make_host):

@@ -49,9 +49,11 @@ async def test_ram_file_created_and_reported_ranges_discarded(make_host, ram_dir
     await guest.batch(INFLATE, [(6144, 1024)])
     assert await guest.recv() == [ACK, 1, 0]
     assert (before - os.stat(ram_file).st_blocks) * 512 == 4096 * 4096
+    await guest.report([(7200, 16)])  # small: punched inline, not in the worker thread
+    assert (before - os.stat(ram_file).st_blocks) * 512 == 4112 * 4096
     text = await scrape(host.url)
-    assert sample(text, "balloon_reclaimed_bytes", guest="vm1") == 4096 * 4096
-    assert sample(text, "balloon_resident_bytes", guest="vm1") == (PAGES - 4096) * 4096
+    assert sample(text, "balloon_reclaimed_bytes", guest="vm1") == 4112 * 4096
+    assert sample(text, "balloon_resident_bytes", guest="vm1") == (PAGES - 4112) * 4096
     await guest.close()
     await eventually(lambda: not os.path.exists(ram_file), timeout=5)  # forgotten after retention
 
