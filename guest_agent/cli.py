@@ -69,7 +69,7 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
         else:
             pages = settings.pages
 
-        hinting = Hinting(scan, interval=settings.scan_interval)
+        hinting = Hinting(scan, interval=settings.scan_interval, background=True)
         log.info("procfs source: free pages are sent only as hints for host hint commands — "
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
         return Agent(hinting=hinting, metrics=metrics, total_pages=pages), None

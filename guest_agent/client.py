@@ -114,9 +114,18 @@ class GuestClient:
                 await ticker
 
     async def _tick_loop(self) -> None:
+        hinting = self.agent.hinting
+        scans: set[asyncio.Task] = set()
         while True:
+            now = self._now()
             if self.workload_ready():
-                self.agent.tick(self._now())
+                self.agent.tick(now)
+            if hinting is not None and hinting.background and hinting.scan_due(now):
+                # seconds of preads on a big machine: off the event loop
+                hinting.scanning = True
+                task = asyncio.create_task(asyncio.to_thread(hinting.run_scan, now))
+                scans.add(task)
+                task.add_done_callback(lambda t: (scans.discard(t), self._wake.set()))
             self._wake.set()
             await asyncio.sleep(self.tick)
 

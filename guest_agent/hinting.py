@@ -31,17 +31,28 @@ log = logging.getLogger("guest_agent.hinting")
 
 
 class Hinting:
-    """Scans a free-page source and turns a host's hint command into HINT operations."""
+    """Scans a free-page source and turns a host's hint command into HINT operations.
 
-    def __init__(self, scan: Callable[[], tuple[np.ndarray, np.ndarray]], interval: float = 10.0) -> None:
+    A scan of a real machine reads 8 bytes of kpageflags and kpagecount per page (seconds
+    for tens of GiB), so the asyncio client runs it in a worker thread (``background``);
+    the sans-IO tests run it inline. A command is hinted from a scan that *finished after
+    the command started*, never from an older snapshot.
+    """
+
+    def __init__(self, scan: Callable[[], tuple[np.ndarray, np.ndarray]], interval: float = 10.0,
+                 background: bool = False) -> None:
         self.scan = scan
         self.interval = interval
+        self.background = background
         self.possibly_reclaimable_pages = 0
         self.hinted_pages = 0
         self._requested: int | None = None  # cmd id waiting to be hinted
+        self._requested_at_scan = 0  # scans finished when the command arrived
         self._current: int | None = None  # cmd id being hinted
         self._next_scan = 0.0
+        self._result: tuple[np.ndarray, np.ndarray] | None = None
         self.scans = 0
+        self.scanning = False
 
     @property
     def pending(self) -> bool:
@@ -55,6 +66,7 @@ class Hinting:
 
     def start(self, cmd_id: int) -> None:
         self._requested = cmd_id
+        self._requested_at_scan = self.scans + (1 if self.scanning else 0)
         self._current = cmd_id
         self.hinted_pages = 0
 
@@ -64,30 +76,51 @@ class Hinting:
         if self._current == cmd_id:
             self._current = None
 
-    def _scan(self) -> tuple[np.ndarray, np.ndarray]:
-        pfns, counts = self.scan()
+    def _fresh(self) -> bool:
+        return self._result is not None and self.scans > self._requested_at_scan
+
+    def scan_due(self, now: float) -> bool:
+        if self.scanning:
+            return False
+        if self._requested is not None and not self._fresh():
+            return True
+        return bool(self.interval) and now >= self._next_scan
+
+    def run_scan(self, now: float | None = None) -> None:
+        """Scan once (inline, or in a worker thread); failures are logged, not raised."""
+        if now is not None:
+            self._next_scan = now + self.interval
+        self.scanning = True
+        try:
+            pfns, counts = self.scan()
+        except (OSError, ValueError) as error:
+            log.warning("free page scan failed", extra={"error": str(error)})
+            return
+        finally:
+            self.scanning = False
         pfns = np.asarray(pfns, dtype=np.uint64)
         counts = np.asarray(counts, dtype=np.uint64)
-        self.scans += 1
         self.possibly_reclaimable_pages = int(counts.sum()) if counts.size else 0
-        return pfns, counts
+        self._result = (pfns, counts)
+        self.scans += 1
+        log.info("free pages possibly reclaimable (hints only: kernel pages cannot be isolated)",
+                 extra={"mib": self.possibly_reclaimable_pages * 4096 >> 20})
 
     def tick(self, now: float) -> None:
-        if self.interval and now >= self._next_scan:
-            self._next_scan = now + self.interval
-            try:
-                self._scan()
-            except OSError as error:
-                log.warning("free page scan failed", extra={"error": str(error)})
-                return
-            log.info("free pages possibly reclaimable (hints only: kernel pages cannot be isolated)",
-                     extra={"mib": self.possibly_reclaimable_pages * 4096 >> 20})
+        if not self.background and self.scan_due(now):
+            self.run_scan(now)
 
     def build(self, encoding: str, buffer: RangeBuffer, control: deque) -> Op | None:
         if self._requested is None:
             return None
+        if not self._fresh():
+            if self.background:
+                return None  # the client's worker thread is scanning
+            self.run_scan()
+            if not self._fresh():
+                return None
         cmd_id, self._requested = self._requested, None
-        pfns, counts = self._scan()
+        pfns, counts = self._result
         if not pfns.size:
             control.append(HintDone(cmd_id))
             return None

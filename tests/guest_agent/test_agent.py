@@ -410,3 +410,19 @@ def test_random_sessions_with_the_real_allocator_never_discard_owned_pages_and_c
     assert len(host.inflated) == balloon.pages
     assert not (host.reported & host.inflated)
     allocator.check()
+
+
+def test_background_hinting_waits_for_a_scan_that_started_after_the_command():
+    calls = []
+    hinting = Hinting(lambda: (calls.append(1), (np.array([10], np.uint64), np.array([5], np.uint64)))[1],
+                      interval=0, background=True)
+    agent = Agent(hinting=hinting, total_pages=PAGES, ping_interval=0)
+    connect(agent, FakeHost(features=("ranges52", "hinting")), features=("ranges52", "hinting"))
+    hinting.run_scan()  # an old snapshot
+    agent.receive(HintStart(5), 0.0)
+    assert hinting.scan_due(0.0)
+    assert agent.poll_batch(0.0) is None  # not from the old snapshot, and not scanning inline
+    assert len(calls) == 1
+    hinting.run_scan()  # what the client's worker thread does
+    assert not hinting.scan_due(0.0)
+    assert agent.poll_batch(0.0) is not None
