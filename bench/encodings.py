@@ -239,8 +239,9 @@ def render(result: dict, markdown: bool, command: str) -> str:
                       f"{row['wire_bytes'] / base['wire_bytes']:.2f}x",
                       _ms(row["encode_s"]), _ms(row["decode_s"]), _ms(row["apply_s"]), _ms(_total(row))])
     gib = result["pages"] * 4096 / (1 << 30)
-    intro = (f"Guest of {gib:g} GiB ({result['pages']:,} pages), half free; `{command}`; "
-             f"{machine_line()}.")
+    intro = f"Guest of {gib:g} GiB ({result['pages']:,} pages), half free."
+    if not markdown:  # run_all stamps the command and the machine on the markdown itself
+        intro += f" `{command}`; {machine_line()}."
     notes = []
     if not result["apply"]:
         notes.append("host_daemon/tracker.py missing: no apply column.")

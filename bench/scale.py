@@ -14,7 +14,7 @@ The load generator runs on the same machine and competes for the same cores, as 
 in a CI runner; the machine line says how many cores there were.
 
     python -m bench.scale                # 64/256 guests x 10 s, capacity search up to 2048
-    python -m bench.scale --quick        # 8/16 guests x 1.5 s, capacity up to 32 (smoke test)
+    python -m bench.scale --quick        # 8/16 guests x 1 s, capacity up to 16 (smoke test)
     python -m bench.scale --markdown     # tables for docs/PERFORMANCE.md
 """
 
@@ -51,19 +51,24 @@ def _command(name: str, module: str) -> list[str]:
 
 
 class Host:
-    """A balloon-host subprocess and what /proc says about it."""
+    """A balloon-host subprocess (or the bare reference host) and what /proc says about it."""
 
-    def __init__(self, workdir: Path, max_guests: int) -> None:
+    def __init__(self, workdir: Path, max_guests: int, bare: bool = False) -> None:
         self.sock = workdir / f"host-{time.monotonic_ns()}.sock"
         self.url = f"http://127.0.0.1:{_free_port()}"
-        self.process = subprocess.Popen(
-            _command("balloon-host", "host_daemon") + [
+        if bare:  # guest_agent/load/bare.py: framing only, the environment's floor
+            command = [sys.executable, "-m", "guest_agent.load.bare", "serve", f"unix:{self.sock}"]
+        else:
+            command = _command("balloon-host", "host_daemon") + [
                 "--listen", f"unix:{self.sock}", "--http", self.url[7:], "--max-guests", str(max_guests),
-                "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                "--log-level", "warning"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"balloon-host exited: {self.process.stderr.read().decode()[-500:]}")
+                raise RuntimeError(f"the host exited: {self.process.stderr.read().decode()[-500:]}")
+            if bare and self.sock.exists():
+                return
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=0.5) as response:
                     if response.status == 200 and self.sock.exists():
@@ -96,9 +101,9 @@ class Host:
 
 
 def run_step(workdir: Path, guests: int, rate: float, duration: float, ramp: float,
-             processes: int = 1) -> dict:
+             processes: int = 1, bare: bool = False) -> dict:
     """One host, one balloon-load run; the load's JSON plus the host's CPU and memory."""
-    host = Host(workdir, max_guests=max(1024, guests * 2))
+    host = Host(workdir, max_guests=max(1024, guests * 2), bare=bare)
     try:
         rss_idle = host.memory().get("VmRSS", 0)
         out = workdir / f"load-{guests}.json"
@@ -119,7 +124,7 @@ def run_step(workdir: Path, guests: int, rate: float, duration: float, ramp: flo
     finally:
         host.stop()
     latency = load["latency_s"]
-    return {"guests": guests, "rate_per_guest": rate, "offered": load["offered_rate"],
+    return {"host": "bare" if bare else "balloon-host", "guests": guests, "rate_per_guest": rate, "offered": load["offered_rate"],
             "achieved": load["achieved_rate"], "batches": load["batches"], "p50_s": latency["p50"],
             "p99_s": latency["p99"], "max_s": latency["max"], "errors": sum(load["errors"].values()),
             "host_cpu_s": cpu, "host_cpu_share": cpu / max(wall, 1e-9), "host_rss_bytes": memory.get("VmRSS", 0),
@@ -166,12 +171,12 @@ def _ms(value: float | None) -> str:
 
 
 def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str:
-    header = ["guests", "offered batches/s", "achieved", "p50 ms", "p99 ms", "max ms", "errors",
+    header = ["host", "guests", "offered batches/s", "achieved", "p50 ms", "p99 ms", "max ms", "errors",
               "host CPU", "host RSS MiB", "RSS per guest KiB"]
 
     def line(step):
         per_guest = (step["host_rss_bytes"] - step["host_idle_rss_bytes"]) / step["guests"] / 1024
-        return [str(step["guests"]), f"{step['offered']:,.0f}", f"{step['achieved']:,.0f}", _ms(step["p50_s"]),
+        return [step["host"], str(step["guests"]), f"{step['offered']:,.0f}", f"{step['achieved']:,.0f}", _ms(step["p50_s"]),
                 _ms(step["p99_s"]), _ms(step["max_s"]), str(step["errors"]), f"{step['host_cpu_share'] * 100:.0f}%",
                 f"{step['host_rss_bytes'] / (1 << 20):.1f}", f"{per_guest:.1f}"]
 
@@ -188,11 +193,13 @@ def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str
                         f"{failed['errors']} errors, {failed['achieved']:,.0f} of {failed['offered']:,.0f} batches/s)")
     rate = fixed[0]["rate_per_guest"] if fixed else 0
     intro = f"`{command}`; {machine_line()}."
-    if markdown:
+    if markdown:  # run_all stamps the command and the machine
         def table(rows):
             return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                     *("| " + " | ".join(line(r)) + " |" for r in rows)]
-        return "\n".join([intro, "", f"Fixed offered rate, {rate:g} REPORT batches/s per guest:", "",
+        return "\n".join([f"Fixed offered rate, {rate:g} REPORT batches/s per guest (the `bare` row: the same "
+                          "load against a host that only frames messages — the floor this machine and the "
+                          "load generator set):", "",
                           *table(fixed), "", "Capacity search at 1 report/s per guest:", "",
                           *table(search["steps"]), "", f"Result: {verdict}."])
     rows = [header] + [line(r) for r in fixed] + [["--"] * len(header)] + [line(r) for r in search["steps"]]
@@ -204,7 +211,7 @@ def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8/16 guests, 1.5 s, capacity up to 32")
+    parser.add_argument("--quick", action="store_true", help="8/16 guests, 1 s, capacity up to 16")
     parser.add_argument("--rate", type=float, default=10.0, help="batches/s per guest for the fixed runs")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
     parser.add_argument("--cap", type=int, default=2048, help="largest guest count the search tries")
@@ -212,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write every step as JSON")
     args = parser.parse_args(argv)
     counts = (8, 16) if args.quick else (64, 256)
-    duration = 1.5 if args.quick else args.duration
+    duration = 1.0 if args.quick else args.duration
     with tempfile.TemporaryDirectory(prefix="balloon-scale-") as tmp:
         workdir = Path(tmp)
         fixed = [run_step(workdir, guests, args.rate, duration, ramp=min(2.0, duration / 3)) for guests in counts]
-        search = capacity(workdir, 8 if args.quick else 64, 32 if args.quick else args.cap, duration,
+        # the same load against a host that only frames: what the machine and the load generator
+        # cost by themselves (latency here is not the daemon's)
+        fixed.append(run_step(workdir, counts[-1], args.rate, duration, ramp=min(2.0, duration / 3), bare=True))
+        search = capacity(workdir, 8 if args.quick else 64, 16 if args.quick else args.cap, duration,
                           0 if args.quick else 2)
     command = "python -m bench.scale" + (" --quick" if args.quick else "")
     print(render(fixed, search, args.markdown, command))
