@@ -59,6 +59,22 @@ def words_needed(counts) -> int:
     return int(counts.size + np.count_nonzero(counts > MAX_INLINE_COUNT))
 
 
+def _flatnonzero_sparse(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a mostly-False bool array, about twice as fast.
+
+    Escapes are a few percent of a batch. Viewing the mask as uint64 finds the 8-bool
+    blocks holding any True in one cheap pass; only those blocks are scanned bool by bool.
+    """
+    whole = mask.size & ~7
+    blocks = mask[:whole].view(np.uint64)
+    hit = np.flatnonzero(blocks != 0)
+    inner = np.flatnonzero(blocks[hit].view(np.bool_))
+    found = hit[inner >> 3] * 8 + (inner & 7)
+    if whole == mask.size:
+        return found
+    return np.concatenate((found, np.flatnonzero(mask[whole:]) + whole))
+
+
 def encode_words(pfns, counts) -> np.ndarray:
     """Encode ranges to a uint64 word array (canonical: escape only for counts >= 4096).
 
@@ -68,19 +84,20 @@ def encode_words(pfns, counts) -> np.ndarray:
     """
     pfns, counts = check_ranges(pfns, counts)
     words = np.left_shift(pfns, SHIFT)
-    np.bitwise_or(words, counts, out=words)
+    np.add(words, counts, out=words)  # == | for inline counts; undone below for escaped ones
     escaped = counts > MAX_INLINE_COUNT
     extra = int(np.count_nonzero(escaped))
     if not extra:
         return words.astype(WORD, copy=False)
-    at = np.flatnonzero(escaped)
-    words[at] = pfns[at] << SHIFT  # the escape: count field 0
+    at = _flatnonzero_sparse(escaped)
+    long_counts = counts[at]
+    words[at] -= long_counts  # the escape: pfn << 12, count field 0 (uint64 wraps back exactly)
     count_at = at + np.arange(1, extra + 1)  # each count word follows its escape
     range_slot = np.ones(words.size + extra, dtype=bool)
     range_slot[count_at] = False
     out = np.empty(words.size + extra, dtype=WORD)
     out[range_slot] = words
-    out[count_at] = counts[at]
+    out[count_at] = long_counts
     return out
 
 
@@ -102,16 +119,18 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
     words = np.frombuffer(data, dtype=WORD)
     if not words.size:
         return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    low = np.bitwise_and(words, COUNT_MASK)
-    zero = low == 0
+    # The count field lies in each word's first little-endian 16 bits: testing it there
+    # moves a quarter of the bytes a full 64-bit mask would.
+    low16 = np.bitwise_and(words.view("<u2")[::4], np.uint16(MAX_INLINE_COUNT))
+    zero = low16 == 0
     if not zero.any():  # fast path: no escapes at all
-        return np.right_shift(words, SHIFT), low
+        return np.right_shift(words, SHIFT), np.bitwise_and(words, COUNT_MASK)
     # A word whose count field is 0 is either an escape (a range word) or the count word
     # that follows an escape. Every maximal run of such words starts at a range word, so
     # inside a run even offsets are escapes and odd offsets are count words; a run of odd
     # length ends in an escape whose count word is the (nonzero-low) word after the run.
     # Such words are few, so the runs are found on their indices, not on the whole batch.
-    zero_at = np.flatnonzero(zero)
+    zero_at = _flatnonzero_sparse(zero)
     k = np.arange(zero_at.size)
     run_start = np.empty(zero_at.size, dtype=bool)
     run_start[0] = True
