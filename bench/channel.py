@@ -17,7 +17,7 @@ REUSE of another, so the daemon's tracker holds ~2000 ranges and does real work.
 Besides batches/s the host's CPU time per batch is read from /proc.
 
     python -m bench.channel                 # 5 runs of 3 s per host
-    python -m bench.channel --quick         # 2 runs of 0.5 s (smoke test)
+    python -m bench.channel --quick         # 1 run of 0.3 s per pair (smoke test)
     python -m bench.channel --markdown      # table for docs/PERFORMANCE.md
 """
 
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-ranges", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5, help="runs per host (alternating), best is kept")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per run")
-    parser.add_argument("--quick", action="store_true", help="2 runs of 0.5 s: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="1 run of 0.3 s per pair: a smoke test")
     parser.add_argument("--markdown", action="store_true", help="print a table for docs/PERFORMANCE.md")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--guest", choices=("raw", "protocol", "both"), default="both",
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
         _shell_host(args.shell_host, args.window, args.max_ranges)
         return 0
     if args.quick:
-        args.runs, args.duration = 2, 0.5
+        args.runs, args.duration = 1, 0.3
     summary = measure(args)
     command = "python -m bench.channel " + " ".join(sys.argv[1:] if argv is None else argv)
     print(render_markdown(summary, command) if args.markdown else render_text(summary))

@@ -243,20 +243,34 @@ class Session:
             if record is not None:
                 record.received_bytes += len(data)
                 record.last_message_at = time.time()
-            # Replies to this chunk: control replies as bytes, ACKs as (seq, rejected). ACKs
-            # are packed at the end of the chunk, so the window slots of the chunk's batches
-            # stay taken while it is parsed and a guest that sends past its window inside
-            # what we read is caught (window-overrun), as a device sees an overfull ring.
-            out: list[bytes] = []
-            acks: list[Ack] = []
+            # Parse the whole chunk first, then handle it: the window slots of every batch
+            # read stay taken until its ACK is packed, so the in-flight gauge shows what the
+            # host holds and a guest that sends past its window within what we read is
+            # caught (window-overrun), as a device sees an overfull ring. A malformed
+            # message anywhere in the chunk kills the connection before anything of it is
+            # applied (nothing could be acked on a dead connection anyway).
+            events = []
+            closed = False
             try:
                 while True:
                     event = conn.next_event()
                     if event is NEED_DATA:
                         break
                     if event is CONNECTION_CLOSED:
-                        await self._flush(out, acks)
-                        return
+                        closed = True
+                        break
+                    events.append(event)
+                    if conn.state is State.CLOSED:  # BYE or ERROR from the guest
+                        break
+            except RemoteProtocolError as error:
+                self.reason = error.code
+                self.result = "rejected" if error.code in REFUSALS else "error"
+                self._queue_error(error)
+                return
+            out: list[bytes] = []  # control replies, as bytes
+            acks: list[Ack] = []  # packed at the end of the chunk (one write)
+            try:
+                for event in events:
                     kind = KIND.get(type(event))
                     if kind is not None:
                         if delay:  # a slow host: each ACK leaves as soon as its batch is done
@@ -272,9 +286,8 @@ class Session:
                     elif not self._control(event, out):
                         await self._flush(out, acks)
                         return
-            except RemoteProtocolError as error:
-                # The connection is dead: what was applied is not acked (the guest's next
-                # session starts over and re-reports), only the ERROR goes out.
+                await self._flush(out, acks)
+            except RemoteProtocolError as error:  # refused HELLO, failed discard
                 if out:
                     await self.queue.put(b"".join(out))
                 self.reason = error.code
@@ -283,8 +296,8 @@ class Session:
                 return
             except LocalProtocolError:
                 return  # the connection was closed under us (timeout, shutdown)
-            if out or acks:
-                await self._flush(out, acks)
+            if closed:
+                return
 
     async def _flush(self, out: list[bytes], acks: list[Ack]) -> None:
         if acks:

@@ -183,3 +183,60 @@ async def test_admin_api_guest_shape(make_host):
     assert item["address"].startswith("tcp:127.0.0.1:")
     assert item["reclaimed_bytes"] is None and item["apply_seconds_p99"] > 0
     await guest.close()
+
+
+async def test_hint_command_via_post(make_host):
+    from hostkit import HINT, HINT_START
+
+    host = await make_host()
+    guest = await RawGuest.connect(host.unix)
+    await guest.hello("mig", PAGES, features=["hinting"])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{host.url}/api/v1/guests/mig/hint") as response:
+            assert response.status == 202
+            cmd_id = (await response.json())["cmd_id"]
+    assert await guest.recv() == [HINT_START, cmd_id]
+    await guest.batch(HINT, [(0, 512)], cmd_id=cmd_id)
+    assert await guest.recv() == [ACK, 0, 0]
+    await guest.batch(HINT, [(1024, 512)], cmd_id=cmd_id + 7)  # stale: ignored, counted
+    assert await guest.recv() == [ACK, 1, 512]
+    text = await scrape(host.url)
+    assert sample(text, "balloon_hinted_bytes", guest="mig") == 512 * 4096
+    await guest.close()
+    plain = await RawGuest.connect(host.unix)
+    await plain.hello("nohint", PAGES)
+    async with aiohttp.ClientSession() as http, http.post(f"{host.url}/api/v1/guests/nohint/hint") as response:
+        assert response.status == 409
+    await plain.close()
+
+
+async def test_session_start_and_end_are_logged(make_host, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="balloon.host.session")
+    host = await make_host()
+    guest = await RawGuest.connect(host.unix)
+    await guest.hello("logged", PAGES)
+    await guest.send([BYE, "bye now"])
+    await guest.closed()
+    await eventually(lambda: any(r.getMessage() == "session end" for r in caplog.records))
+    start = next(r for r in caplog.records if r.getMessage() == "session start")
+    end = next(r for r in caplog.records if r.getMessage() == "session end")
+    assert start.guest == "logged" and start.address.startswith("unix:")
+    assert end.guest == "logged" and end.reason == "bye: bye now" and end.duration_s >= 0
+    assert end.address == start.address
+
+
+async def test_slow_host_keeps_batches_in_flight(make_host):
+    """--debug-apply-delay plays a slow host: the guest's window fills, the host's in-flight
+    gauge shows it, and every batch is still acked in order."""
+    host = await make_host(window=4, debug_apply_delay=0.05)
+    guest = await RawGuest.connect(host.unix)
+    await guest.hello("slowpoke", PAGES)
+    seqs = [await guest.batch(REPORT, [(i * 512, 512)]) for i in range(4)]
+    await eventually(lambda: host.registry.get("slowpoke").session.window_state()[1] >= 2)
+    text = await scrape(host.url)
+    assert sample(text, "balloon_inflight_batches", guest="slowpoke") >= 2
+    acks = [await guest.recv() for _ in seqs]
+    assert acks == [[ACK, s, 0] for s in seqs]
+    await guest.close()
