@@ -203,3 +203,28 @@ async def test_promtool_accepts_live_metrics(make_host, tmp_path):
                  "balloon_batch_apply_seconds_bucket", "balloon_balloon_target_bytes", "balloon_hinted_bytes"):
         assert f"\n{name}" in text, name
     assert 'le="1e-05"' in text and 'le="1.0"' in text
+
+
+async def test_vsock_listener_when_the_kernel_has_it():
+    """vsock forces the stock loop; exercised for real only where vsock loopback exists."""
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("no AF_VSOCK in this Python")
+    from host_daemon.server import vsock_socket
+
+    try:
+        sock = vsock_socket(1, 0xFFFFFFFF)  # VMADDR_CID_LOCAL, any port
+    except ListenError as error:
+        pytest.skip(f"vsock loopback unavailable here: {error}")
+    port = sock.getsockname()[1]
+    server = await asyncio.start_server(lambda r, w: w.close(), sock=sock)
+    try:
+        client = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        client.settimeout(2)
+        try:
+            await asyncio.to_thread(client.connect, (1, port))
+        except OSError as error:
+            pytest.skip(f"vsock loopback cannot connect here: {error}")
+        finally:
+            client.close()
+    finally:
+        server.close()

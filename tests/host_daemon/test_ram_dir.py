@@ -75,3 +75,30 @@ async def test_shared_ram_not_offered_without_ram_dir(make_host):
     welcome = await guest.hello("noram", PAGES, features=["shared-ram"])
     assert welcome[1]["features"] == [] and "ram_file" not in welcome[1]
     await guest.close()
+
+
+async def test_ram_file_survives_reconnect_and_orphans_expire(make_host, ram_dir):
+    """The RAM file outlives a session (the guest's memory is its own); a file left by a
+    previous host for a guest that never returns is removed after the retention."""
+    from pathlib import Path
+
+    orphan = Path(ram_dir) / "gone.ram"
+    orphan.write_bytes(b"\0" * 4096)
+    host = await make_host(ram_dir=Path(ram_dir), retention=0.5)
+    guest = await RawGuest.connect(host.unix)
+    first = await guest.hello("stay", PAGES, features=["shared-ram"])
+    ram_file = first[1]["ram_file"]
+    with open(ram_file, "r+b") as handle:
+        handle.seek(4096 * 100)
+        handle.write(b"canary!!")
+    await guest.close()
+    await eventually(lambda: not host.registry.get("stay").connected)
+    guest = await RawGuest.connect(host.tcp)
+    second = await guest.hello("stay", PAGES, features=["shared-ram"])
+    assert second[1]["ram_file"] == ram_file
+    with open(ram_file, "rb") as handle:
+        handle.seek(4096 * 100)
+        assert handle.read(8) == b"canary!!"  # same file, data kept
+    await eventually(lambda: not orphan.exists(), timeout=5)
+    assert os.path.exists(ram_file)  # connected guests keep theirs
+    await guest.close()
