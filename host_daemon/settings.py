@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="balloon-host",
         description="The hypervisor side of the balloon channel: serves many guests, validates every "
                     "range they report, tracks reclaimable memory per guest, gives it back to the kernel "
-                    "when guest RAM is a shared file, and exposes metrics and an admin API.",
+                    "when guest RAM is a shared file, and exposes metrics and an admin API. "
+                    "A guest id that has a live session cannot be taken by another connection "
+                    "(ERROR guest-busy); guest ids are the labels of every per-guest metric.",
         epilog=describe_layers(ENV_PREFIX),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -203,6 +205,8 @@ def parse_settings(argv, environ=None) -> HostSettings:
     SettingsError carries semantic problems (cli.main turns it into exit 2)."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser.parse_args(["--help"])  # before resolve_settings hides the defaults; exits 0
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     known, _ = pre.parse_known_args(argv)
