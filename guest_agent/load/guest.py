@@ -92,6 +92,7 @@ class LoadGuest(asyncio.Protocol):
         self.finished = False
         self.last_error: str | None = None
         self.sessions = 0
+        self.acked = 0  # ACKs over every session of this guest
         self.out: list[bytes] = []  # corked writes: one syscall per wakeup, not per batch
 
     # -- lifecycle ------------------------------------------------------------------
@@ -103,26 +104,27 @@ class LoadGuest(asyncio.Protocol):
         if self.plan.deadline is not None:
             self.loop.call_later(max(0.0, self.plan.deadline - time.perf_counter()), self._on_deadline)
         self.next_due = max(start_at, time.perf_counter())
-        failures = 0
+        failures = 0  # in a row: failed connects, and sessions that ended before any ACK
         while not self._done_sending():
             try:
                 await self._connect()
             except (TimeoutError, OSError) as error:
                 self.totals.errors["connect-failed"] += 1
-                failures += 1
                 self.last_error = f"{type(error).__name__}: {error}"
-                if failures >= (MAX_CONNECT_FAILURES if self.sessions else MAX_FIRST_CONNECT_FAILURES):
-                    self.totals.errors["gave-up"] += 1
+                failures += 1
+            else:
+                self.totals.sessions += 1
+                self.totals.reconnects += self.sessions > 1  # a new session after a lost one
+                acked_before = self.acked
+                await self.session_over
+                self._end_session()
+                failures = failures + 1 if self.acked == acked_before else 0
+                if self._done_sending():
                     break
-                await self._backoff(failures)
-                continue
-            failures = 0
-            self.totals.sessions += 1
-            self.totals.reconnects += self.sessions > 1  # a new session after a lost one
-            await self.session_over
-            self._end_session()
-            if not self._done_sending():
-                await self._backoff(1)
+            if failures >= (MAX_CONNECT_FAILURES if self.acked else MAX_FIRST_CONNECT_FAILURES):
+                self.totals.errors["gave-up"] += 1  # e.g. no host, or it refuses us (auth-failed)
+                break
+            await self._backoff(max(1, failures))
         self.finished = True
 
     async def _connect(self) -> None:
@@ -249,6 +251,7 @@ class LoadGuest(asyncio.Protocol):
         self.recorder.latencies.append(now - t0)
         totals = self.totals
         totals.batches += 1
+        self.acked += 1
         totals.ranges += ranges
         totals.pages += pages
         totals.rejected_pages += ack.rejected_pages

@@ -127,3 +127,20 @@ def test_hint_kind_against_the_real_host(real_host, load_cli, tmp_path):
     result = load_cli("--connect", address, "--batches", "200", "--kind", "hint", "--json", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert load_json(out)["batches"] == 200
+
+
+def test_tokens_from_the_hosts_token_file(real_host, load_cli, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# guest-id token\nload-0 first-secret-token\nload-1 second-secret-token\n")
+    address, _url, _process = real_host("--token-file", str(tokens))
+    out = tmp_path / "out.json"
+    result = load_cli("--connect", address, "--guests", "2", "--batches", "20", "--token-file", str(tokens),
+                      "--json", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert load_json(out)["batches"] == 40
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-right-token\n")  # one token for every guest
+    refused = load_cli("--connect", address, "--batches", "5", "--token-file", str(wrong), "--json", str(out),
+                       "--quiet")
+    assert refused.returncode == 3
+    assert load_json(out)["errors"]["auth-failed"] >= 1
