@@ -65,6 +65,8 @@ def _flatnonzero_sparse(mask: np.ndarray) -> np.ndarray:
     Escapes are a few percent of a batch. Viewing the mask as uint64 finds the 8-bool
     blocks holding any True in one cheap pass; only those blocks are scanned bool by bool.
     """
+    if mask.size < 1 << 15:  # a batch-sized mask: fewer numpy calls beat fewer bytes
+        return np.flatnonzero(mask)
     whole = mask.size & ~7
     blocks = mask[:whole].view(np.uint64)
     hit = np.flatnonzero(blocks != 0)
@@ -119,24 +121,24 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
     words = np.frombuffer(data, dtype=WORD)
     if not words.size:
         return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    # The count field lies in each word's first little-endian 16 bits: testing it there
-    # moves a quarter of the bytes a full 64-bit mask would.
-    low16 = np.bitwise_and(words.view("<u2")[::4], np.uint16(MAX_INLINE_COUNT))
-    zero = low16 == 0
+    low = np.bitwise_and(words, COUNT_MASK)
+    zero = low == 0
     if not zero.any():  # fast path: no escapes at all
-        return np.right_shift(words, SHIFT), np.bitwise_and(words, COUNT_MASK)
+        return np.right_shift(words, SHIFT), low
     # A word whose count field is 0 is either an escape (a range word) or the count word
     # that follows an escape. Every maximal run of such words starts at a range word, so
     # inside a run even offsets are escapes and odd offsets are count words; a run of odd
     # length ends in an escape whose count word is the (nonzero-low) word after the run.
     # Such words are few, so the runs are found on their indices, not on the whole batch.
     zero_at = _flatnonzero_sparse(zero)
-    k = np.arange(zero_at.size)
-    run_start = np.empty(zero_at.size, dtype=bool)
-    run_start[0] = True
-    np.not_equal(zero_at[1:], zero_at[:-1] + 1, out=run_start[1:])
-    first = np.maximum.accumulate(np.where(run_start, k, 0))
-    escape_at = zero_at[(k - first) % 2 == 0]
+    apart = np.diff(zero_at) != 1
+    if apart.all():  # every run is one word long: each is an escape (the usual case)
+        escape_at = zero_at
+    else:
+        k = np.arange(zero_at.size)
+        run_start = np.concatenate(([True], apart))
+        first = np.maximum.accumulate(np.where(run_start, k, 0))
+        escape_at = zero_at[(k - first) % 2 == 0]
     if escape_at[-1] == words.size - 1:
         raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
     count_at = escape_at + 1
