@@ -57,7 +57,7 @@ chaos: $(STAMP)
 # tests/deploy with every tool required (a missing promtool/prometheus/npm/systemd-analyze fails
 # instead of skipping) and a longer live Prometheus run. See docs/OPERATIONS.md.
 deploy-test: $(STAMP) system-deps
-	BALLOON_DEPLOY_STRICT=1 BALLOON_LIVE_SECONDS=$${BALLOON_LIVE_SECONDS:-20} \
+	BALLOON_DEPLOY_STRICT=1 BALLOON_LIVE_SCRAPES=$${BALLOON_LIVE_SCRAPES:-20} \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy $(PYTEST_ARGS)
 
 # Build deploy/Dockerfile with podman (runc, deploy/podman/containers.conf) on a debootstrapped
