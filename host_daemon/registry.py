@@ -190,11 +190,15 @@ class Registry:
         del self.guests[guest]
         self.forgotten += 1
         self.retired_apply.merge(record.apply)
-        if record.ram is not None:
-            try:
+        try:
+            if record.ram is not None:
                 record.ram.remove()
-            except OSError as error:
-                log.warning("cannot remove RAM file", extra={"guest": guest, "error": str(error)})
+            elif self.ram_dir is not None:  # a file from an earlier session or host
+                from .reclaim import remove_ram_file
+
+                remove_ram_file(self.ram_dir, guest)
+        except OSError as error:
+            log.warning("cannot remove RAM file", extra={"guest": guest, "error": str(error)})
         log.info("guest forgotten", extra={"guest": guest, "retention_s": self.retention})
 
     def adopt_orphan_files(self) -> None:

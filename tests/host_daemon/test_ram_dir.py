@@ -102,3 +102,18 @@ async def test_ram_file_survives_reconnect_and_orphans_expire(make_host, ram_dir
     await eventually(lambda: not orphan.exists(), timeout=5)
     assert os.path.exists(ram_file)  # connected guests keep theirs
     await guest.close()
+
+
+async def test_file_of_a_guest_that_stopped_sharing_is_removed_when_forgotten(make_host, ram_dir):
+    from pathlib import Path
+
+    host = await make_host(ram_dir=Path(ram_dir), retention=0.3)
+    guest = await RawGuest.connect(host.unix)
+    ram_file = (await guest.hello("switch", PAGES, features=["shared-ram"]))[1]["ram_file"]
+    await guest.close()
+    await eventually(lambda: not host.registry.get("switch").connected)
+    guest = await RawGuest.connect(host.unix)
+    assert "ram_file" not in (await guest.hello("switch", PAGES))[1]
+    await guest.close()
+    assert os.path.exists(ram_file)
+    await eventually(lambda: not os.path.exists(ram_file), timeout=5)
