@@ -60,6 +60,7 @@ class Agent:
         self.total_pages = total_pages
         self.conn: GuestConnection | None = None
         self._queue: deque[Op] = deque()
+        self._deferred_aborts: list[Op] = []  # sent reports of a lost session (see end_session)
         self._inflight: dict[int, tuple[Op, float]] = {}
         self._control: deque[Message] = deque()
         self._buffer: RangeBuffer | None = None
@@ -97,6 +98,9 @@ class Agent:
         # The seed's fixed buffer: sized once per session, refilled for every batch.
         words = max(2 * min(self._max_ranges, 4096), 2 * capacity)
         self._buffer = RangeBuffer(words, max_ranges=self._max_ranges)
+        for op in self._deferred_aborts:  # back on the free lists, unreported
+            op.on_abort(op)
+        self._deferred_aborts.clear()
         if self.allocator is not None:
             self.allocator.clear_reported()
             self.allocator.drain_reused()  # the new host never saw those reports
@@ -110,12 +114,21 @@ class Agent:
         self._next_ping = now + self.ping_interval
 
     def end_session(self, now: float) -> None:
-        """The connection is gone: undo whatever the host may not have seen."""
+        """The connection is gone: undo whatever the host may not have seen.
+
+        A REPORT that went out may still be being discarded by the old host (a large
+        discard runs off its event loop). Its blocks therefore stay isolated until the
+        next WELCOME: the host admits one live session per guest id, so a new session
+        means the old one — and its discards — are over. Ops never sent are undone now.
+        """
         self._close_stall(now)
         for op in list(self._queue):
             if not op.done and not op.aborted and op.on_abort is not None:
                 op.aborted = True
-                op.on_abort(op)
+                if op.kind == "report" and op.sent:
+                    self._deferred_aborts.append(op)
+                else:
+                    op.on_abort(op)
         self._queue.clear()
         self._inflight.clear()
         self._control.clear()
