@@ -27,6 +27,10 @@ SHIFT = np.uint64(COUNT_BITS)
 PFN32 = np.dtype("<u4")
 PFN32_MAX_PER_MESSAGE = 256
 
+#: From this many words on, the codec trades extra numpy calls for fewer bytes moved;
+#: below it (every batch the daemons send) per-call overhead dominates.
+BIG_BATCH = 1 << 15
+
 
 def _as_u64(values, name: str) -> np.ndarray:
     array = np.asarray(values)
@@ -65,7 +69,7 @@ def _flatnonzero_sparse(mask: np.ndarray) -> np.ndarray:
     Escapes are a few percent of a batch. Viewing the mask as uint64 finds the 8-bool
     blocks holding any True in one cheap pass; only those blocks are scanned bool by bool.
     """
-    if mask.size < 1 << 15:  # a batch-sized mask: fewer numpy calls beat fewer bytes
+    if mask.size < BIG_BATCH:  # a batch-sized mask: fewer numpy calls beat fewer bytes
         return np.flatnonzero(mask)
     whole = mask.size & ~7
     blocks = mask[:whole].view(np.uint64)
@@ -121,9 +125,9 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
     words = np.frombuffer(data, dtype=WORD)
     if not words.size:
         return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    low = np.bitwise_and(words, COUNT_MASK)
+    low = np.bitwise_and(words, COUNT_MASK)  # also the counts when nothing is escaped
     zero = low == 0
-    if not zero.any():  # fast path: no escapes at all
+    if not zero.any():  # fast path: no escapes (every free page report of buddy blocks)
         return np.right_shift(words, SHIFT), low
     # A word whose count field is 0 is either an escape (a range word) or the count word
     # that follows an escape. Every maximal run of such words starts at a range word, so
