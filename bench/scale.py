@@ -129,7 +129,8 @@ def run_step(workdir: Path, guests: int, rate: float, duration: float, ramp: flo
             "p99_s": latency["p99"], "max_s": latency["max"], "errors": sum(load["errors"].values()),
             "host_cpu_s": cpu, "host_cpu_share": cpu / max(wall, 1e-9), "host_rss_bytes": memory.get("VmRSS", 0),
             "host_peak_rss_bytes": memory.get("VmHWM", 0), "host_idle_rss_bytes": rss_idle,
-            "duration_s": load["duration_s"], "error_codes": load["errors"]}
+            "duration_s": load["duration_s"], "error_codes": load["errors"],
+            "loadavg": float(Path("/proc/loadavg").read_text().split()[0])}
 
 
 def holds(step: dict) -> bool:
@@ -151,6 +152,15 @@ def capacity(workdir: Path, start: int, cap: int, duration: float, bisections: i
         else:
             bad = guests
             break
+    guests = start // 2
+    while good is None and guests >= 1:  # the start already failed: halve until a count holds
+        step = run_step(workdir, guests, 1.0, duration, ramp=min(2.0, duration / 2))
+        steps.append(step)
+        if holds(step):
+            good = guests
+        else:
+            bad = guests
+            guests //= 2
     if good is not None and bad is not None:
         for _ in range(bisections):
             middle = (good + bad) // 2
@@ -172,17 +182,17 @@ def _ms(value: float | None) -> str:
 
 def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str:
     header = ["host", "guests", "offered batches/s", "achieved", "p50 ms", "p99 ms", "max ms", "errors",
-              "host CPU", "host RSS MiB", "RSS per guest KiB"]
+              "host CPU", "host RSS MiB", "RSS per guest KiB", "machine load avg"]
 
     def line(step):
         per_guest = (step["host_rss_bytes"] - step["host_idle_rss_bytes"]) / step["guests"] / 1024
         return [step["host"], str(step["guests"]), f"{step['offered']:,.0f}", f"{step['achieved']:,.0f}", _ms(step["p50_s"]),
                 _ms(step["p99_s"]), _ms(step["max_s"]), str(step["errors"]), f"{step['host_cpu_share'] * 100:.0f}%",
-                f"{step['host_rss_bytes'] / (1 << 20):.1f}", f"{per_guest:.1f}"]
+                f"{step['host_rss_bytes'] / (1 << 20):.1f}", f"{per_guest:.1f}", f"{step['loadavg']:.1f}"]
 
     largest = search["largest"]
     if largest is None:
-        verdict = f"no guest count from {search['steps'][0]['guests']} up held p99 < 10 ms at 1 report/s"
+        verdict = "no guest count, down to 1, held p99 < 10 ms at 1 report/s"
     else:
         verdict = f"**{largest}** guests held 1 report/s each with p99 < 10 ms"
         if search["first_failure"] is None:
