@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the sections instead of writing the doc")
     args = parser.parse_args(argv)
 
-    doc = args.doc.read_text() if args.doc.exists() else (
-        "# Performance\n\nEvery figure below is rewritten by `make bench` (`python -m bench.run_all`).\n")
+    new_doc = "# Performance\n\nEvery figure below is rewritten by `make bench` (`python -m bench.run_all`).\n"
     failed = []
     for name, title, module in SECTIONS:
         if args.only and name not in args.only:
@@ -243,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(f"## {title}\n\n{section}\n")
         else:
-            doc = replace_section(doc, name, title, section)
-            args.doc.write_text(doc)  # after each section: a later failure keeps what was measured
+            # read-modify-write per section: edits made meanwhile (by people) are kept, and a
+            # later failure keeps what was measured so far
+            doc = args.doc.read_text() if args.doc.exists() else new_doc
+            args.doc.write_text(replace_section(doc, name, title, section))
     if failed:
         print(f"run_all: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
