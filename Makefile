@@ -56,7 +56,11 @@ chaos: $(STAMP)
 
 # tests/deploy with every tool required (a missing promtool/prometheus/npm/systemd-analyze fails
 # instead of skipping) and a longer live Prometheus run. See docs/OPERATIONS.md.
+DEPLOY_TOOLS := prometheus:promtool systemd:systemd-analyze npm:npm
 deploy-test: $(STAMP) system-deps
+	@missing=""; for pair in $(DEPLOY_TOOLS); do command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	BALLOON_DEPLOY_STRICT=1 BALLOON_LIVE_SCRAPES=$${BALLOON_LIVE_SCRAPES:-20} \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy $(PYTEST_ARGS)
 
