@@ -147,6 +147,7 @@ class Progress:
                                  TextColumn("{task.fields[errors]}"), transient=True)
         self.task = self.progress.add_task("load", total=total, rate="", p99="", errors="")
         self.errors = 0
+        self.seconds: dict[int, tuple[int, int]] = {}
 
     def __enter__(self):
         self.progress.start()
@@ -156,8 +157,10 @@ class Progress:
         self.progress.stop()
 
     def tick(self, slot: dict) -> None:
-        self.done += slot["batches"]
-        self.errors += slot["errors"]
+        # with several processes a second's slot arrives once per worker, growing each time
+        self.seconds[slot["second"]] = (slot["batches"], slot["errors"])
+        self.done = sum(batches for batches, _ in self.seconds.values())
+        self.errors = sum(errors for _, errors in self.seconds.values())
         p99 = latency_summary(slot["histogram"])["p99"]
         completed = slot["second"] + 1 if self.by_time else self.done
         self.progress.update(self.task, completed=min(completed, self.total),
