@@ -51,3 +51,15 @@ def test_timeline_adds_workers_per_second():
     assert row["p50_s"] == pytest.approx(0.001, rel=1e-3)  # HdrHistogram: 3 significant digits
     assert row["max_s"] == pytest.approx(0.004, rel=1e-3)
     assert first.tick(1)["batches"] == 0  # ticks report deltas
+
+
+def test_progress_counts_each_second_once_across_processes():
+    from guest_agent.load.cli import Progress
+
+    progress = Progress(total=100, by_time=False)
+    slot = {"second": 0, "batches": 10, "errors": 0, "histogram": new_histogram()}
+    progress.tick(slot)
+    slot["batches"] = 25  # the second worker's share of second 0 arrived
+    progress.tick(slot)
+    progress.tick({"second": 1, "batches": 5, "errors": 1, "histogram": new_histogram()})
+    assert progress.done == 30 and progress.errors == 1
