@@ -142,7 +142,7 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
         k = np.arange(zero_at.size)
         run_start = np.concatenate(([True], apart))
         first = np.maximum.accumulate(np.where(run_start, k, 0))
-        escape_at = zero_at[(k - first) % 2 == 0]
+        escape_at = zero_at[((k - first) & 1) == 0]
     if escape_at[-1] == words.size - 1:
         raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
     count_at = escape_at + 1
