@@ -242,7 +242,9 @@ class Chaos:
             value(g, "balloon_guest_connected"),
         )
 
-    def converged(self, name: str, guest: Process) -> bool:
+    def converged(self, name: str, guest: Process, minimum: int = 0) -> bool:
+        """Both sides agree, nothing is in flight, and (idle) at least ``minimum`` bytes are
+        reported or inflated — so that "both still at zero" right after a start is no match."""
         view = self.views(name, guest)
         if view is None or view[0] is None:
             return False
@@ -253,6 +255,7 @@ class Chaos:
             and inflight == 0
             and host_reported == guest_reported
             and host_inflated == guest_inflated == target
+            and host_reported + host_inflated >= minimum
         )
 
     def settle(self, names: list[str]) -> None:
@@ -288,7 +291,7 @@ class Chaos:
             guest = self.guests[name]
             try:
                 wait_for(
-                    lambda n=name, g=guest: self.converged(n, g),
+                    lambda n=name, g=guest: self.converged(n, g, self.memory // 2),
                     self.args.converge_timeout,
                     f"{name} (idle) converging with the host",
                 )
