@@ -10,9 +10,12 @@ pages count as uninitialized in the guest (docs: free page reporting). Note that
 has no shared zero page: even a *read* of a hole through a MAP_SHARED mapping allocates
 a page again, so a guest must not read pages it has reported (canary sweeps skip them).
 
-Why fallocate and not madvise: bench/reclaim.py measures both on the same ranges and
-they cost the same within noise (the kernel's page freeing dominates, a few µs per call
-on top); fallocate needs only the file descriptor, so the host never maps guest RAM
+Why fallocate and not madvise: bench/inflate.py measures both on a populated tmpfs file
+(docs/PERFORMANCE.md ``## Inflate``). For the ranges the host actually punches — merged
+order-9 reports and large inflate ranges — fallocate is as fast or faster (2 MiB ranges:
+248 vs 269 µs per call; one 256 MiB range: 17 vs 26 ms); madvise wins only on scattered
+4 KiB ranges (2.5 vs 5.4 µs per call, mostly the ctypes call), which merged batches rarely
+are. And fallocate needs only the file descriptor, so the host never maps guest RAM
 (1024 guests x 8 GiB would be 8 TiB of host address space). ``madvise_remove`` is kept
 for the raw baseline of bench/inflate.py.
 
