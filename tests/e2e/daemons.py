@@ -56,6 +56,11 @@ def wait_for(condition, deadline: float, what: str, interval: float = 0.05):
         except (OSError, urllib.error.URLError, ValueError) as error:
             last_error = error
         time.sleep(interval)
+    if callable(what):  # describe the state at the moment of failure
+        try:
+            what = what()
+        except Exception as error:  # noqa: BLE001 - best effort description
+            what = f"(could not describe: {error})"
     raise AssertionError(f"timed out after {deadline}s waiting for {what} (last error: {last_error})")
 
 

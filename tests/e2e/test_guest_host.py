@@ -52,7 +52,7 @@ def test_idle_guest_converges_and_converges_again_after_host_sigkill(daemons, ca
     start = time.monotonic()
     guest = daemons.guest("g1", "--workload", "idle")
     wait_for(lambda: converged(host, guest, minimum=GUEST_MEMORY // 2), 20,
-             f"first convergence: {views(host, guest)}")
+             lambda: f"first convergence: {views(host, guest)}")
     first = time.monotonic() - start
 
     host.kill(signal.SIGKILL)
@@ -61,7 +61,7 @@ def test_idle_guest_converges_and_converges_again_after_host_sigkill(daemons, ca
     host = daemons.restart(host)
     wait_for(lambda: value(guest.metrics(), "balloon_guest_reconnects_total") >= 1, 20, "reconnect")
     wait_for(lambda: converged(host, guest, minimum=GUEST_MEMORY // 2), 20,
-             f"convergence after restart: {views(host, guest)}")
+             lambda: f"convergence after restart: {views(host, guest)}")
     again = time.monotonic() - start
     g = guest.metrics()
     assert value(g, "balloon_guest_inflight_batches_max") <= value(g, "balloon_guest_window_size")
@@ -143,15 +143,16 @@ def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(da
     wait_for(lambda: value(guest.metrics(), "balloon_guest_canary_pages_checked_total") > 0, 20,
              f"canaries checked\n{guest.tail()}")
     post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "48MiB"})
-    wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 20, "inflate")
+    wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 30,
+             lambda: f"inflate: {views(host, guest)}\n{guest.tail()}")
     for crash in range(2):
         host.kill(signal.SIGKILL)
         wait_for(lambda: value(guest.metrics(), "balloon_guest_connected") == 0, 10, "host gone")
         host = daemons.restart(host)
         wait_for(lambda n=crash + 1: value(guest.metrics(), "balloon_guest_reconnects_total") >= n, 20,
                  "reconnect")
-        wait_for(lambda h=host: value(h.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 20,
-                 "the balloon re-inflated at the new host")
+        wait_for(lambda h=host: value(h.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 30,
+                 lambda h=host: f"the balloon re-inflated at the new host: {views(h, guest)}\n{guest.tail()}")
     h, g = host.metrics(), guest.metrics()
     assert value(h, "balloon_reclaimed_bytes", guest="g1") > 0
     assert value(g, "balloon_guest_canary_pages_checked_total") > 1000
@@ -162,7 +163,7 @@ def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(da
 def test_legacy_pfn32_guest_converges_and_sigterm_says_bye(daemons):
     host = daemons.host()
     guest = daemons.guest("g1", "--workload", "idle", "--pfn32", memory="64MiB")
-    wait_for(lambda: converged(host, guest, minimum=32 * MIB), 30, f"pfn32 convergence: {views(host, guest)}")
+    wait_for(lambda: converged(host, guest, minimum=32 * MIB), 30, lambda: f"pfn32 convergence: {views(host, guest)}")
     g = guest.metrics()
     # 256 PFNs per message, one ack each: at least one message per MiB reported
     assert value(g, "balloon_guest_batches_total", kind="report") >= views(host, guest)[1] / MIB
