@@ -116,13 +116,13 @@ class AdminApp:
             return _error(400, f"target {size} bytes exceeds the guest's {record.pages * PAGE_SIZE} bytes")
         record.target_pages = pages
         session = record.session
+        queued = False
         if session is not None:
             try:
-                await session.send(Target(pages))
+                queued = await session.send(Target(pages))
             except LocalProtocolError:
                 pass  # the session is closing; the next one gets the target after WELCOME
-        log.info("balloon target set", extra={"guest": record.id, "target_pages": pages,
-                                               "delivered": session is not None})
+        log.info("balloon target set", extra={"guest": record.id, "target_pages": pages, "queued": queued})
         return web.json_response({"target_pages": pages}, status=202)
 
     async def hint(self, request: web.Request) -> web.Response:
@@ -139,7 +139,9 @@ class AdminApp:
         record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
         record.tracker.set_hint_command(cmd_id)
         try:
-            await session.send(HintStart(cmd_id))
+            queued = await session.send(HintStart(cmd_id))
         except LocalProtocolError:
-            return _error(409, f"guest {guest!r} is disconnecting")
+            queued = False
+        if not queued:
+            return _error(409, f"guest {guest!r} is disconnecting or not reading")
         return web.json_response({"cmd_id": cmd_id}, status=202)

@@ -177,9 +177,20 @@ class Session:
             return
         self._put_nowait(data)
 
-    async def send(self, message) -> None:
-        """Send a host-initiated message (TARGET, HINT_START, PING) in order with the ACKs."""
-        await self.queue.put(self.conn.send(message))
+    async def send(self, message, timeout: float = 1.0) -> bool:
+        """Send a host-initiated message (TARGET, HINT_START) in order with the ACKs.
+
+        False when the guest has not read its queue for ``timeout`` seconds: a guest that
+        stops reading is closed by the idle timeout, and the admin call must not hang on it.
+        """
+        data = self.conn.send(message)
+        try:
+            await asyncio.wait_for(self.queue.put(data), timeout)
+        except TimeoutError:
+            log.warning("guest not reading; message not queued",
+                        extra={"guest": self.guest, "message": type(message).__name__})
+            return False
+        return True
 
     async def _write_loop(self) -> None:
         queue = self.queue
