@@ -107,6 +107,7 @@ class Agent:
         if self.reporting is not None:
             self.reporting.restart(now)
         if self.balloon is not None:
+            self.balloon.negotiated(conn.features)
             self.balloon.resend_all()
         if self.hinting is not None:
             self.hinting.reset()

@@ -38,7 +38,8 @@ class Balloon:
 
     def __init__(self, allocator, deflate_on_oom: bool = False) -> None:
         self.allocator = allocator
-        self.deflate_on_oom = deflate_on_oom
+        self.oom_offered = deflate_on_oom  # offered in HELLO
+        self.deflate_on_oom = deflate_on_oom  # and accepted by the current host (see negotiated)
         self.target = 0  # pages the host asked for
         self.oom_deflated = 0  # pages given back on OOM since the last TARGET
         self.oom_deflates = 0
@@ -88,6 +89,10 @@ class Balloon:
         return False
 
     # -- sessions -----------------------------------------------------------------------
+
+    def negotiated(self, features) -> None:
+        """VIRTIO_BALLOON_F_DEFLATE_ON_OOM only counts when the device accepted it."""
+        self.deflate_on_oom = self.oom_offered and "deflate-on-oom" in features
 
     def resend_all(self) -> None:
         """New session: the host knows nothing, so everything held must be inflated again."""

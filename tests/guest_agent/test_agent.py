@@ -250,6 +250,29 @@ def test_deflate_on_oom_gives_the_workload_balloon_memory():
     assert len(h.host.inflated) == h.balloon.pages < 4096 - 16
 
 
+def test_no_deflate_on_oom_unless_the_host_accepted_the_feature():
+    h = Harness(pages=4096, host_features=("ranges52",))
+    assert "deflate-on-oom" not in h.conn.features
+    h.deliver(Target(4096 - 16))
+    h.settle()
+    while h.memory.alloc(0) is not None:
+        pass
+    h.advance(0.1)
+    h.pump()
+    assert not any(b.TYPE.name == "DEFLATE" for b in h.host.unacked)
+    assert h.balloon.pages == 4096 - 16
+
+
+def test_stats_carry_free_and_total_memory_when_negotiated():
+    h = Harness(features=("ranges52", "stats"))
+    h.agent.stats_interval = 1.0
+    h.advance(0.1)
+    h.pump()
+    (stats,) = [m for m in h.host.others if m.TYPE.name == "STATS"]
+    assert stats.values[5] == PAGES * 4096  # VIRTIO_BALLOON_S_MEMTOT
+    assert stats.values[4] == h.allocator.free_pages * 4096  # VIRTIO_BALLOON_S_MEMFREE
+
+
 def test_legacy_pfn32_mode_sends_256_pfns_per_message_and_isolates_until_the_last_ack():
     h = Harness(window=2, capacity=1, features=("pfn32",))
     assert h.conn.encoding == "pfn32"
