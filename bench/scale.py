@@ -176,6 +176,11 @@ def capacity(workdir: Path, start: int, cap: int, duration: float, bisections: i
     return {"largest": good, "first_failure": bad, "cap": cap, "steps": steps}
 
 
+def _errors(step: dict) -> str:
+    codes = ", ".join(f"{code} {count}" for code, count in sorted(step.get("error_codes", {}).items()))
+    return f"{step['errors']} ({codes})" if codes else str(step["errors"])
+
+
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value * 1e3:.2f}"
 
@@ -187,7 +192,7 @@ def render(fixed: list[dict], search: dict, markdown: bool, command: str) -> str
     def line(step):
         per_guest = (step["host_rss_bytes"] - step["host_idle_rss_bytes"]) / step["guests"] / 1024
         return [step["host"], str(step["guests"]), f"{step['offered']:,.0f}", f"{step['achieved']:,.0f}", _ms(step["p50_s"]),
-                _ms(step["p99_s"]), _ms(step["max_s"]), str(step["errors"]), f"{step['host_cpu_share'] * 100:.0f}%",
+                _ms(step["p99_s"]), _ms(step["max_s"]), _errors(step), f"{step['host_cpu_share'] * 100:.0f}%",
                 f"{step['host_rss_bytes'] / (1 << 20):.1f}", f"{per_guest:.1f}", f"{step['loadavg']:.1f}"]
 
     largest = search["largest"]
