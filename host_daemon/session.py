@@ -91,6 +91,7 @@ class Session:
         self._pinged = False
         self._nonce = 0
         self._pending = None
+        self._welcomed = asyncio.Event()  # wakes the watchdog from the handshake to the idle timer
         self._reader_task: asyncio.Task | None = None
         self._writer_task: asyncio.Task | None = None
 
@@ -418,6 +419,7 @@ class Session:
             max_message_bytes=settings.max_message_bytes, ram_file=ram_file))]
         if record.target_pages is not None:
             out.append(self.conn.send(Target(record.target_pages)))
+        self._welcomed.set()
         log.info("session start", extra={
             "guest": record.id, "address": self.address, "pages": hello.pages,
             "memory_bytes": hello.pages * PAGE_SIZE, "features": ",".join(features)})
@@ -428,14 +430,14 @@ class Session:
     async def _watchdog(self) -> None:
         settings = self.settings
         conn = self.conn
-        deadline = self.started + settings.handshake_timeout
-        while conn.state in (State.IDLE, State.HANDSHAKE):
-            now = time.monotonic()
-            if now >= deadline:
+        remaining = self.started + settings.handshake_timeout - time.monotonic()
+        try:
+            await asyncio.wait_for(self._welcomed.wait(), max(remaining, 0))
+        except TimeoutError:
+            if conn.state in (State.IDLE, State.HANDSHAKE):
                 self._abort(RemoteProtocolError(
                     "handshake-timeout", f"no HELLO within {settings.handshake_timeout:g}s"), "timeout")
-                return
-            await asyncio.sleep(deadline - now)
+            return
         idle = settings.idle_timeout
         while conn.state is State.READY:
             now = time.monotonic()

@@ -240,3 +240,15 @@ async def test_slow_host_keeps_batches_in_flight(make_host):
     acks = [await guest.recv() for _ in seqs]
     assert acks == [[ACK, s, 0] for s in seqs]
     await guest.close()
+
+
+async def test_idle_timer_starts_at_welcome_not_at_the_handshake_deadline(make_host):
+    """A guest that says HELLO late in its handshake window is still pinged on the idle clock."""
+    import asyncio
+
+    host = await make_host(idle_timeout=0.3, handshake_timeout=30)
+    guest = await RawGuest.connect(host.unix)
+    await asyncio.sleep(0.05)  # the session's timers are already running before HELLO
+    await guest.hello("late", PAGES)
+    assert (await guest.recv(2))[0] == PING
+    await guest.close()
