@@ -86,6 +86,7 @@ def _total(counts: np.ndarray) -> int:
 
 _SMALL = U64(1 << 52)
 _ZERO = U64(0)
+_ONE = U64(1)
 
 
 def _sweep(a_starts, a_ends, b_starts, b_ends):
@@ -209,6 +210,12 @@ class IntervalSet:
         last[-1] = reach.size - 1
         self._splice(low, high, all_starts[first], reach[last])
 
+    def add(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+        """``update``, returning which intervals were wholly in the set before (None: none)."""
+        covered = self.covers(starts, ends) if self.starts.size else None
+        self.update(starts, ends)
+        return covered if covered is not None and covered.any() else None
+
     def difference_update(self, starts: np.ndarray, ends: np.ndarray) -> None:
         """Remove sorted, disjoint intervals."""
         if not starts.size or not self.starts.size:
@@ -296,6 +303,19 @@ class RoaringPageSet:
         remove = self.bitmap.remove_range
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             remove(start, end)
+
+    def add(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+        """``update``, returning which intervals were wholly in the set before (None: none).
+
+        One C call per range builds the batch's bitmap; when it shares no page with the
+        set (the usual fresh report or inflate) no per-range test is needed at all.
+        """
+        batch = self._bitmap_of(starts, ends)
+        covered = None
+        if self.bitmap and self.bitmap.intersect(batch):
+            covered = self.covers(starts, ends)
+        self.bitmap |= batch
+        return covered
 
     def covers(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Per interval: is every page of it in this set already?"""
@@ -450,26 +470,49 @@ class GuestTracker:
     # --- the hot path -----------------------------------------------------------------
 
     def apply(self, kind: str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
-        """Validate and apply one decoded batch; never raises on what the guest sent."""
+        """Validate and apply one decoded batch; never raises on what the guest sent.
+
+        A clean batch (valid, sorted, no overlap — what a well-behaved guest sends) takes
+        a fast path of a dozen numpy passes; anything else takes the general path.
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown batch kind {kind!r}")
         pfns = np.asarray(pfns).astype(U64, copy=False).ravel()
         counts = np.asarray(counts).astype(U64, copy=False).ravel()
         if pfns.shape != counts.shape:
             raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
-        result = ApplyResult(kind=kind, ranges=int(pfns.size), pages=_total(counts))
+        result = ApplyResult(kind=kind, ranges=int(pfns.size))
         if not pfns.size:
             return result
-        verdict = _Verdicts(counts)
         if kind == "hint" and (cmd_id is None or cmd_id != self.hint_command):
+            result.pages = _total(counts)
+            verdict = _Verdicts(counts)
             verdict.mark(np.arange(pfns.size), "stale")
             verdict.count(result)
             return result
+        # Valid iff 1 <= count <= limit - pfn: count - 1 wraps to 2**64-1 for a zero count,
+        # and the room is 0 for pfn >= limit, so one comparison flags both.
+        limit = self._limit
+        bad = (counts - _ONE) >= (limit - np.minimum(pfns, limit))
+        if not bad.any():
+            ends = pfns + counts  # no wrap: count <= limit - pfn
+            # ends[i] <= starts[i+1] for all i means sorted and disjoint at once.
+            if pfns.size == 1 or (ends[:-1] <= pfns[1:]).all():
+                if kind in ("report", "reuse") and self.inflated.pages:
+                    conflict = self.inflated.touches(pfns, ends)
+                    if conflict.any():
+                        return self._general(result, kind, pfns, counts, bad)
+                result.accepted_pages = result.pages = int(counts.sum(dtype=U64))
+                self._change(result, pfns, ends)
+                return result
+        return self._general(result, kind, pfns, counts, bad)
 
-        # limit - pfn wraps to a huge value for pfn > limit, but then pfn >= limit holds.
-        zero = counts == _ZERO
-        bad = zero | (pfns >= self._limit) | (counts > self._limit - pfns)
+    def _general(self, result, kind, pfns, counts, bad) -> ApplyResult:
+        """Every verdict of the module docstring, for batches with something to reject."""
+        result.pages = _total(counts)
+        verdict = _Verdicts(counts)
         if bad.any():
+            zero = counts == _ZERO
             verdict.mark(np.flatnonzero(zero), "zero-length")
             verdict.mark(np.flatnonzero(bad & ~zero), "out-of-range")
             index = np.flatnonzero(~bad)
@@ -509,24 +552,23 @@ class GuestTracker:
         """Change the sets with the accepted ranges (sorted, disjoint)."""
         kind = result.kind
         if kind == "report":
-            result.discard = _given_back(self.reported, starts, ends)
-            self.reported.update(starts, ends)
+            result.discard = _given_back(self.reported.add(starts, ends), starts, ends)
         elif kind == "reuse":
             self.reported.difference_update(starts, ends)
         elif kind == "inflate":
-            result.discard = _given_back(self.inflated, starts, ends)
-            self.inflated.update(starts, ends)
-            self.reported.difference_update(starts, ends)
+            result.discard = _given_back(self.inflated.add(starts, ends), starts, ends)
+            if self.reported.pages:
+                self.reported.difference_update(starts, ends)
         elif kind == "deflate":
             self.inflated.difference_update(starts, ends)
         else:  # hint
             self.hinted.update(starts, ends)
 
 
-def _given_back(pages, starts, ends) -> tuple[np.ndarray, np.ndarray]:
-    """Accepted ranges not wholly in ``pages`` yet, merged, as (pfns, counts)."""
-    fresh = ~pages.covers(starts, ends)
-    if not fresh.all():
+def _given_back(covered, starts, ends) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted ranges that were not wholly in the set before, merged, as (pfns, counts)."""
+    if covered is not None:
+        fresh = ~covered
         starts, ends = starts[fresh], ends[fresh]
     starts, ends = _join_touching(starts, ends)
     return starts, ends - starts
