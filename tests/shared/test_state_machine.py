@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from shared.errors import CODES, LocalProtocolError, ProtocolError, RemoteProtocolError
 from shared.messages import (
@@ -192,7 +198,7 @@ def test_each_direction_owns_its_messages():
 # -- Hypothesis state machines ---------------------------------------------------------
 
 STATEFUL = settings(max_examples=150, stateful_step_count=30, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 kinds = st.sampled_from(list(MessageType))
 seqs = st.integers(0, 6)
@@ -208,14 +214,51 @@ def batch_bytes(kind: MessageType, seq: int, payload: bytes) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _hello_bytes(version=1, guest="g1", page_size=4096, pages=1 << 20, features=("ranges52", "unknown")):
+    body = {"version": version, "guest": guest, "page_size": page_size, "pages": pages, "features": list(features)}
+    return msgpack.packb([1, body])
+
+
+def _welcome_bytes(version=1, window=2, features=("ranges52",)):
+    return msgpack.packb([2, {"version": version, "window": window, "max_ranges": 8, "features": list(features)}])
+
+
+garbage = st.one_of(st.binary(max_size=24), kinds.map(wire), st.just(b""))
+HOST_HOSTILE = st.one_of(
+    garbage,
+    st.builds(_hello_bytes, version=st.sampled_from([1, 2]), guest=st.sampled_from(["g1", "../x"]),
+              page_size=st.sampled_from([4096, 8192]), pages=st.sampled_from([1, 0])),
+    st.builds(batch_bytes, st.sampled_from([MessageType.REPORT, MessageType.HINT]), seqs, payloads),
+)
+GUEST_HOSTILE = st.one_of(
+    garbage,
+    st.builds(_welcome_bytes, version=st.sampled_from([1, 3]), window=st.sampled_from([1, 0]),
+              features=st.sampled_from([(), ("pfn32",)])),
+    st.builds(lambda seq: msgpack.packb([4, seq, 0]), seqs),
+)
+
+
 class _Machine(RuleBasedStateMachine):
-    connection: GuestConnection | HostConnection
+    """Shared machinery. Protocol-following rules only fire where the protocol allows
+    them, one ``misbehave`` rule sends something hostile at any time, and a dead or closed
+    connection is replaced by a fresh one, so every run carries several sessions that get
+    far enough to exchange batches (test_machines_reach_ready checks that they do)."""
+
     role: Role
+    reached: set[str] = set()  # across all runs: which interesting events happened
 
     def __init__(self) -> None:
         super().__init__()
+        self.connection = self.fresh()
         self.dead: RemoteProtocolError | None = None
         self.closed = False
+
+    def fresh(self):
+        raise NotImplementedError
+
+    @property
+    def open(self) -> bool:
+        return self.dead is None and not self.closed
 
     def feed(self, data: bytes) -> None:
         connection = self.connection
@@ -232,6 +275,7 @@ class _Machine(RuleBasedStateMachine):
             except RemoteProtocolError as error:
                 assert_dead(connection, error)
                 self.dead = error
+                self.reached.add(f"{self.role.value}:error:{error.code}")
                 return
             if event is NEED_DATA:
                 return
@@ -241,22 +285,22 @@ class _Machine(RuleBasedStateMachine):
                 return
             expected = RECEIVE_RULES[(self.role, before)].get(event.WIRE_TYPE)
             assert expected is connection.state
+            if expected is State.CLOSED:
+                self.closed = True
+            self.reached.add(f"{self.role.value}:{type(event).__name__}")
+            if getattr(event, "pfns", None) is not None:
+                self.reached.add(f"{self.role.value}:batch")
             self.react(event)
 
     def react(self, event) -> None:
         """What the daemon would do in response."""
 
-    @rule(data=st.binary(max_size=24))
-    def garbage(self, data):
-        self.feed(data)
-
-    @rule(kind=kinds)
-    def message(self, kind):
-        self.feed(wire(kind))
-
+    @precondition(lambda self: not self.open)
     @rule()
-    def eof(self):
-        self.feed(b"")
+    def reconnect(self):
+        self.connection = self.fresh()
+        self.dead = None
+        self.closed = False
 
     @invariant()
     def window_is_never_exceeded(self):
@@ -266,8 +310,12 @@ class _Machine(RuleBasedStateMachine):
 
     @invariant()
     def closed_means_closed(self):
-        if self.dead is not None or self.closed:
+        if not self.open:
             assert self.connection.state is State.CLOSED
+
+
+def _ready(self) -> bool:
+    return self.open and self.connection.state is State.READY
 
 
 class HostUnderFire(_Machine):
@@ -275,34 +323,39 @@ class HostUnderFire(_Machine):
 
     role = Role.HOST
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.connection = HostConnection(max_message_bytes=4096)
+    def fresh(self):
+        return HostConnection(max_message_bytes=4096)
 
     def react(self, event) -> None:
         if isinstance(event, Hello):
-            self.connection.send(Welcome(window=3, max_ranges=64, features=()))
+            accepted = negotiate_features(event.features, ("ranges52",))
+            self.connection.send(Welcome(window=3, max_ranges=64, features=accepted))
             assert self.connection.state is State.READY
         elif event.WIRE_TYPE in (3, 5, 6, 7, 10):
             assert event.seq == self.connection.expected_seq - 1
             assert event.pfns.size == event.counts.size <= self.connection.max_ranges
 
-    @rule(version=st.sampled_from([1, 1, 2]), page_size=st.sampled_from([4096, 4096, 8192]),
-          guest=st.sampled_from(["g1", "g1", "../x"]), pages=st.sampled_from([1, 1 << 20, 0]))
-    def hello(self, version, page_size, guest, pages):
-        body = {"version": version, "guest": guest, "page_size": page_size, "pages": pages,
-                "features": ["ranges52", "unknown"]}
-        self.feed(msgpack.packb([1, body]))
+    @rule(data=HOST_HOSTILE)
+    def misbehave(self, data):
+        self.feed(data)
 
+    @precondition(lambda self: self.open and self.connection.state is State.IDLE)
+    @rule()
+    def hello(self):
+        self.feed(_hello_bytes())
+
+    @precondition(_ready)
     @rule(kind=st.sampled_from([MessageType.REPORT, MessageType.REUSE, MessageType.INFLATE,
-                                MessageType.DEFLATE, MessageType.HINT]),
-          ahead=st.sampled_from([0, 0, 0, 1, -1]), payload=payloads)
-    def batch(self, kind, ahead, payload):
-        seq = max(0, self.connection.expected_seq + ahead)
-        self.feed(batch_bytes(kind, seq, payload))
+                                MessageType.DEFLATE, MessageType.HINT]))
+    def batch(self, kind):
+        self.feed(batch_bytes(kind, self.connection.expected_seq, PAYLOAD))
 
-    @precondition(lambda self: self.dead is None and self.connection.window is not None
-                  and self.connection.window.in_flight and self.connection.state is State.READY)
+    @precondition(_ready)
+    @rule(kind=st.sampled_from([MessageType.STATS, MessageType.PING, MessageType.PONG, MessageType.HINT_DONE]))
+    def chatter(self, kind):
+        self.feed(wire(kind))
+
+    @precondition(lambda self: _ready(self) and self.connection.window.in_flight)
     @rule()
     def ack_oldest(self):
         self.connection.send(Ack(seq=self.connection.window.oldest))
@@ -313,28 +366,35 @@ class GuestUnderFire(_Machine):
 
     role = Role.GUEST
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.connection = GuestConnection("g1", 1 << 16, features=("ranges52", "stats"),
-                                          max_message_bytes=4096)
+    def fresh(self):
+        return GuestConnection("g1", 1 << 16, features=("ranges52", "stats"), max_message_bytes=4096)
 
+    @rule(data=GUEST_HOSTILE)
+    def misbehave(self, data):
+        self.feed(data)
+
+    @precondition(lambda self: self.open and self.connection.state is State.IDLE)
     @rule()
     def hello(self):
-        try:
-            self.connection.hello()
-        except LocalProtocolError as error:
-            assert error.code == "bad-state"
+        self.connection.hello()
 
-    @rule(version=st.sampled_from([1, 1, 3]), window=st.sampled_from([1, 2, 0]),
-          features=st.sampled_from([[], ["ranges52"], ["pfn32"]]))
-    def welcome(self, version, window, features):
-        body = {"version": version, "window": window, "max_ranges": 8, "features": features}
-        self.feed(msgpack.packb([2, body]))
+    @precondition(lambda self: self.open and self.connection.state is State.HANDSHAKE)
+    @rule()
+    def welcome(self):
+        self.feed(_welcome_bytes())
 
-    @rule(seq=seqs, rejected=st.integers(0, 10))
-    def ack(self, seq, rejected):
-        self.feed(msgpack.packb([4, seq, rejected]))
+    @precondition(lambda self: _ready(self) and self.connection.window.in_flight)
+    @rule(rejected=st.integers(0, 10))
+    def ack_oldest(self, rejected):
+        self.feed(msgpack.packb([4, self.connection.window.oldest, rejected]))
 
+    @precondition(_ready)
+    @rule(kind=st.sampled_from([MessageType.TARGET, MessageType.HINT_START, MessageType.HINT_STOP,
+                                MessageType.PING, MessageType.PONG]))
+    def chatter(self, kind):
+        self.feed(wire(kind))
+
+    @precondition(_ready)  # sending in other states is swept by test_send_every_type_in_every_state
     @rule(kind=st.sampled_from([Report, Reuse, Inflate, Deflate]), ranges=st.integers(1, 12))
     def send_batch(self, kind, ranges):
         guest = self.connection
@@ -346,6 +406,7 @@ class GuestUnderFire(_Machine):
             assert guest.next_seq == before
         else:
             assert guest.next_seq == before + 1
+            self.reached.add("guest:sent-batch")
 
 
 TestHostUnderFire = HostUnderFire.TestCase
@@ -413,3 +474,15 @@ def test_uncorrupted_session_runs_clean():
             host.send(Ack(seq=event.seq))
     assert seen == ["Hello"] + ["Report", "Stats"] * 4 + ["Bye"]
     assert host.state is State.CLOSED
+
+
+def test_machines_reach_ready():
+    """The machines above are only worth something if sessions get to carry batches."""
+    for machine in (HostUnderFire, GuestUnderFire):
+        machine.reached = set()
+        run_state_machine_as_test(machine, settings=settings(STATEFUL, max_examples=100, derandomize=True,
+                                                             database=None))
+    reached = HostUnderFire.reached | GuestUnderFire.reached
+    for needed in ("host:Hello", "host:batch", "host:Stats", "host:error:window-overrun", "host:error:bad-seq",
+                   "guest:Welcome", "guest:Ack", "guest:Target", "guest:sent-batch", "guest:error:bad-ack"):
+        assert needed in reached, (needed, sorted(reached))
