@@ -49,12 +49,14 @@ report or inflate discards nothing. Empty for REUSE, DEFLATE and HINT.
 The sets are pyroaring ``BitMap64`` bitmaps (``RoaringPageSet``), chosen over sorted
 numpy interval arrays (``IntervalSet``, kept as the measured alternative) by
 bench/tracker.py — figures in docs/PERFORMANCE.md ``## Tracker``. On batches of scattered
-single pages roaring applied ~19x more ranges/s with 16x less memory; on contiguous
-order-9 blocks and pfn32-style runs both do hundreds of thousands to millions of ranges/s;
-and roaring's memory is bounded near one bit per guest page whatever a guest sends,
-where intervals cost 16 bytes per interval. Validation (the verdicts above) is fully
-vectorized; the only per-range Python step is one C call per accepted range into
-roaring (``add_range``), which pyroaring offers no bulk form of.
+single pages roaring applied ~10x more ranges/s with 16x less memory; on contiguous
+order-9 blocks it is faster too; on pfn32-style runs intervals are ~2x faster but both do
+millions of ranges/s. Roaring's memory is bounded near one bit per guest page whatever a
+guest sends, where intervals cost 16 bytes per interval. Validation (the verdicts above)
+is vectorized; a clean batch (valid, sorted, disjoint) takes a fast path of a dozen numpy
+passes. The per-range Python steps are single C calls into roaring (``add_range``,
+``remove_range``; ``contains_range`` only when a batch repeats pages), which pyroaring
+offers no bulk form of.
 """
 
 from __future__ import annotations
