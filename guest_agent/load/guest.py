@@ -41,6 +41,7 @@ from .stats import Recorder
 
 KINDS = {"report": Report, "inflate": Inflate, "hint": Hint}
 DRAIN_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_CAP_S = 1.0
 #: A guest that cannot connect this many times in a row gives up (host not there);
@@ -131,15 +132,20 @@ class LoadGuest(asyncio.Protocol):
         address = self.plan.address
         self.session_over = self.loop.create_future()
         self.reported_error = False
-        if address.kind == "unix":
-            await self.loop.create_unix_connection(lambda: self, address.path)
-        elif address.kind == "tcp":
-            await self.loop.create_connection(lambda: self, address.host, address.port)
-        else:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            await self.loop.sock_connect(sock, (address.cid, address.port))
-            await self.loop.create_connection(lambda: self, sock=sock)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            if address.kind == "unix":
+                await self.loop.create_unix_connection(lambda: self, address.path)
+            elif address.kind == "tcp":
+                await self.loop.create_connection(lambda: self, address.host, address.port)
+            else:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    await self.loop.sock_connect(sock, (address.cid, address.port))
+                    await self.loop.create_connection(lambda: self, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
 
     async def _backoff(self, failures: int) -> None:
         delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
