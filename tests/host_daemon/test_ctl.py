@@ -147,6 +147,12 @@ def test_hint_starts_a_command_on_a_hinting_guest(host):
         started = ctl("--host", host.url, "hint", "load-0", "--token-file", str(host.token_file), "--json")
         assert started.returncode == 0, started.stderr
         assert json.loads(started.stdout)["cmd_id"] >= 1
+
+        def hinted() -> bool:  # the load guest tags its next hints with the new cmd_id
+            answer = ctl("--host", host.url, "status", "load-0", "--json")
+            return json.loads(answer.stdout).get("hinted_pages", 0) > 0
+
+        _poll(hinted, what="hints for the new command")
     finally:
         load.terminate()
         load.wait(timeout=10)
