@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open loop: R batches/s per guest at a constant rate; latency counts from the "
                             "intended send time (wrk2). Default: closed loop, the window kept full")
     shape.add_argument("--ramp", type=duration, default=0.0, metavar="S",
-                       help="start the guests evenly over S instead of all at once")
+                       help="start the guests evenly over S instead of all at once (rates cover the whole run, ramp included)")
     batch = parser.add_argument_group("batches")
     batch.add_argument("--kind", choices=("report", "inflate", "hint"), default="report",
                        help="REPORT, INFLATE or HINT batches (default report)")
