@@ -72,6 +72,7 @@ container-test: $(STAMP)
 	@missing=""; for t in $(CONTAINER_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CONTAINER_TOOLS) ca-certificates >/dev/null; fi
+	$(BIN)/pip install --quiet -e '.[container]'
 	CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf BALLOON_CONTAINER_TEST=1 BALLOON_DEPLOY_STRICT=1 \
 	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/deploy/test_container.py $(PYTEST_ARGS)
 
