@@ -294,6 +294,11 @@ class RoaringPageSet:
         add = bitmap.add_range
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             add(start, end)
+        if starts.size > 64:
+            # Many short ranges (pfn32 batches: single pages) land in array containers;
+            # as runs they stay runs after the union (65 KiB -> 0.4 KiB for 2 GiB of pfn32
+            # inflate, +4 us per batch).
+            bitmap.run_optimize()
         return bitmap
 
     def update(self, starts: np.ndarray, ends: np.ndarray) -> None:
