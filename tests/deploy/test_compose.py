@@ -81,3 +81,18 @@ def test_prometheus_and_grafana_mount_the_shipped_files():
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_the_compose_schema_is_bundled_not_fetched(tmp_path):
+    """check-jsonschema's vendor.compose-spec ships in the package: it works with no network."""
+    import os
+    import shutil
+
+    import pytest
+
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to run without a network namespace")
+    result = subprocess.run([unshare, "--net", tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                             str(COMPOSE)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
