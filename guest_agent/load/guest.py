@@ -94,6 +94,8 @@ class LoadGuest(asyncio.Protocol):
         self.last_error: str | None = None
         self.sessions = 0
         self.acked = 0  # ACKs over every session of this guest
+        self.interrupted = False
+        self.wake: asyncio.Future | None = None
         self.out: list[bytes] = []  # corked writes: one syscall per wakeup, not per batch
 
     # -- lifecycle ------------------------------------------------------------------
@@ -101,7 +103,9 @@ class LoadGuest(asyncio.Protocol):
     async def run(self, start_at: float) -> None:
         """Run sessions (reconnecting with backoff) until the plan is done."""
         self.loop = asyncio.get_running_loop()
-        await _sleep_until(start_at)
+        wake = self.loop.create_future()
+        self.wake = wake
+        await _sleep_until(start_at, wake)
         if self.plan.deadline is not None:
             self.loop.call_later(max(0.0, self.plan.deadline - time.perf_counter()), self._on_deadline)
         self.next_due = max(start_at, time.perf_counter())
@@ -151,7 +155,7 @@ class LoadGuest(asyncio.Protocol):
         delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
         if self.plan.deadline is not None:
             delay = min(delay, max(0.0, self.plan.deadline - time.perf_counter()))
-        await asyncio.sleep(delay)
+        await _sleep_until(time.perf_counter() + delay, self.wake)
 
     def _on_deadline(self) -> None:
         """Time is up: stop even if the host has gone quiet and no ACK will call _pump."""
@@ -159,7 +163,16 @@ class LoadGuest(asyncio.Protocol):
             self.due.clear()
             self._stop()
 
+    def interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: stop sending now, collect the ACKs in flight, report as usual."""
+        self.interrupted = True
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)  # a guest still waiting for its ramp slot
+        self._on_deadline()
+
     def _done_sending(self) -> bool:
+        if self.interrupted:
+            return True
         if self.plan.batches is not None and self.created >= self.plan.batches:
             return True
         return self.plan.deadline is not None and time.perf_counter() >= self.plan.deadline
@@ -367,7 +380,11 @@ class LoadGuest(asyncio.Protocol):
         self._flush()
 
 
-async def _sleep_until(when: float) -> None:
+async def _sleep_until(when: float, wake: asyncio.Future | None = None) -> None:
+    """Sleep until perf_counter time ``when``, or until ``wake`` is resolved."""
     delay = when - time.perf_counter()
     if delay > 0:
-        await asyncio.sleep(delay)
+        if wake is None:
+            await asyncio.sleep(delay)
+        else:
+            await asyncio.wait([wake], timeout=delay)

@@ -8,9 +8,11 @@ their results: counters add, histograms merge through their standard encoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -89,6 +91,14 @@ async def _run_guests(config: LoadConfig, indices: list[int], epoch_wall: float,
              for guest, index in zip(guests, indices, strict=True)]
 
     loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:  # Ctrl-C / SIGTERM: stop gracefully and still report
+        for guest in guests:
+            guest.interrupt()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            loop.add_signal_handler(signum, interrupt)
     second = 0
 
     def tick() -> None:
@@ -178,6 +188,13 @@ def _run_processes(config: LoadConfig, shares: list[list[int]], take) -> list[di
                                daemon=True) for share in shares]
     for worker in workers:
         worker.start()
+
+    def forward(signum, _frame) -> None:  # the workers stop gracefully and send their results
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for _ in workers:
             kind, _pid, detail = _get(ready, workers)
@@ -196,6 +213,8 @@ def _run_processes(config: LoadConfig, shares: list[list[int]], take) -> list[di
                 raise RuntimeError(f"a load worker failed: {detail}")
         return done
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for worker in workers:
             worker.join(timeout=5)
             if worker.is_alive():

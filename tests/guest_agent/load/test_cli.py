@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from guest_agent.load.report import JSON_KEYS
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(condition, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def load_json(path):
@@ -144,3 +161,30 @@ def test_tokens_from_the_hosts_token_file(real_host, load_cli, tmp_path):
                        "--quiet")
     assert refused.returncode == 3
     assert load_json(out)["errors"]["auth-failed"] >= 1
+
+
+@pytest.mark.parametrize("signum, processes", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")])
+def test_interrupt_stops_gracefully_and_still_reports(real_host, tmp_path, signum, processes):
+    address, url, _process = real_host()
+    out = tmp_path / "out.json"
+    load = subprocess.Popen([str(BIN / "balloon-load"), "--connect", address, "--guests", "2", "--processes",
+                             processes, "--duration", "60s", "--json", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def acked() -> bool:
+            try:
+                with urllib.request.urlopen(url + "/api/v1/guests", timeout=1) as response:
+                    guests = json.loads(response.read())["guests"]
+            except OSError:
+                return False
+            return len(guests) == 2 and all(sum(g["batches"].values()) > 0 for g in guests)
+
+        wait_for(acked, what="both load guests acked")
+        load.send_signal(signum)
+        assert load.wait(timeout=30) == 0, load.stderr.read().decode()
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    data = load_json(out)
+    assert data["batches"] > 0 and data["duration_s"] < 30 and data["errors"] == {}
