@@ -1,10 +1,12 @@
-"""Generate the annotated hex dumps in docs/PROTOCOL.md from the real connection objects.
+"""Generate the annotated hex dumps and tables in docs/PROTOCOL.md from the code.
 
 The bytes come from ``GuestConnection.send`` / ``HostConnection.send`` — never typed by
-hand — and tests/shared/test_protocol_doc.py checks that the doc holds exactly what this
-prints, so the examples cannot drift from the code.
+hand — and the tables from ``SEND_RULES``/``RECEIVE_RULES`` and ``CODES``. Each generated
+part sits between ``<!-- generated:NAME -->`` markers in the doc;
+tests/shared/test_protocol_doc.py fails when one is stale, and ``--update`` rewrites them.
 
-    .venv/bin/python tests/shared/protocol_examples.py    # print the markdown blocks
+    .venv/bin/python tests/shared/protocol_examples.py             # print the blocks
+    .venv/bin/python tests/shared/protocol_examples.py --update    # rewrite docs/PROTOCOL.md
 """
 
 from __future__ import annotations
@@ -157,14 +159,6 @@ def examples() -> list[tuple[str, str]]:
     ]
 
 
-def main() -> None:
-    print(state_table() + "\n")
-    print(error_table() + "\n")
-    for title, dump in examples():
-        print(f"<!-- example: {title} -->\n```text\n{dump}\n```\n")
-
-
-
 def state_table() -> str:
     """The send/receive rule tables of shared/protocol.py as a markdown table."""
     from shared.messages import MessageType
@@ -196,12 +190,38 @@ def error_table() -> str:
     return "\n".join(lines)
 
 
-def render_doc(template: str) -> str:
-    """Fill docs/PROTOCOL.md's generated parts into ``template`` (used once to write it)."""
-    text = template.replace("%%STATE_TABLE%%", state_table()).replace("%%ERROR_TABLE%%", error_table())
+def generated_blocks() -> dict[str, str]:
+    """Every generated part of docs/PROTOCOL.md, by the name of its markers."""
+    blocks = {"state-table": state_table(), "error-table": error_table()}
     for title, dump in examples():
-        text = text.replace(f"%%EXAMPLE {title}%%", f"```text\n{dump}\n```")
+        blocks[f"example:{title}"] = f"```text\n{dump}\n```"
+    return blocks
+
+
+def update_doc(text: str) -> str:
+    """``text`` with the part between each ``<!-- generated:NAME -->`` and
+    ``<!-- /generated:NAME -->`` replaced by what the code generates now."""
+    for name, block in generated_blocks().items():
+        start, end = f"<!-- generated:{name} -->\n", f"\n<!-- /generated:{name} -->"
+        if start not in text or end not in text:
+            raise ValueError(f"docs/PROTOCOL.md has no markers for {name!r}")
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + start + block + end + after
     return text
+
+
+def main() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+    if sys.argv[1:] == ["--update"]:
+        current = doc.read_text(encoding="utf-8")
+        updated = update_doc(current)
+        if updated != current:
+            doc.write_text(updated, encoding="utf-8")
+        print(f"{doc}: {'updated' if updated != current else 'already up to date'}")
+        return
+    for name, block in generated_blocks().items():
+        print(f"<!-- generated:{name} -->\n{block}\n<!-- /generated:{name} -->\n")
 
 
 if __name__ == "__main__":

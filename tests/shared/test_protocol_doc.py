@@ -2,7 +2,7 @@
 
 The hex dumps, the state table and the error table are produced from the code by
 tests/shared/protocol_examples.py; if the code changes what goes on the wire, this fails
-until the doc is regenerated (``.venv/bin/python tests/shared/protocol_examples.py``).
+until the doc is regenerated with ``.venv/bin/python tests/shared/protocol_examples.py --update``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,16 @@ def _examples_module():
 EXAMPLES = _examples_module()
 
 
+REGENERATE = "regenerate with: .venv/bin/python tests/shared/protocol_examples.py --update"
+
+
 @pytest.mark.parametrize("title,dump", EXAMPLES.examples(), ids=lambda v: v if len(v) < 20 else None)
 def test_hex_dump_in_doc_matches_the_code(title, dump):
-    assert f"```text\n{dump}\n```" in DOC, f"the {title} example in docs/PROTOCOL.md is stale"
+    assert f"```text\n{dump}\n```" in DOC, f"the {title} example in docs/PROTOCOL.md is stale; {REGENERATE}"
+
+
+def test_every_generated_part_is_up_to_date():
+    assert EXAMPLES.update_doc(DOC) == DOC, REGENERATE
 
 
 def test_required_examples_are_there():
@@ -43,11 +50,11 @@ def test_required_examples_are_there():
 
 
 def test_state_table_matches_the_rules():
-    assert EXAMPLES.state_table() in DOC
+    assert EXAMPLES.state_table() in DOC, REGENERATE
 
 
 def test_every_error_code_is_documented():
-    assert EXAMPLES.error_table() in DOC
+    assert EXAMPLES.error_table() in DOC, REGENERATE
     for code in CODES:
         assert f"`{code}`" in DOC
 
