@@ -1,7 +1,8 @@
 """`make container-test`: the image from deploy/Dockerfile, built with podman (runc, the project's
 deploy/podman/containers.conf) on a base made locally by debootstrap, runs a host and a guest
 container that meet at a shared socket volume and a tmpfs RAM volume; both are scraped. Then the
-daemon half of deploy/compose.yaml (host and three guests) is brought up with podman-compose.
+daemon half of deploy/compose.yaml (host and three guests) is brought up with podman-compose, and
+the deploy/systemd units run, sandbox and all, under a real systemd in a privileged container.
 
 Skipped unless BALLOON_CONTAINER_TEST=1 (the make target sets it): it needs root, podman, the
 Debian mirror and PyPI, and takes minutes the first time. Step timings go to
@@ -189,3 +190,59 @@ def test_compose_stack_daemons_come_up_and_report(image):
     finally:
         down = subprocess.run([*base, "down", "-v", "-t", "5"], capture_output=True, text=True, env=env, timeout=300)
         print(down.stdout[-1000:], down.stderr[-1000:])
+
+
+def _in(container: str, script: str, check=True):
+    return podman("exec", container, "sh", "-c", script, check=check)
+
+
+def test_systemd_units_run_sandboxed_under_a_real_systemd(image):
+    """`systemd-analyze verify` only reads the units; this starts them. Sandboxing options often
+    break a daemon at run time (a seccomp filter killing it with SIGSYS, a read-only path it
+    writes, a socket it cannot reach), so the host and a guest must come up, converge with real
+    reclaim in /dev/shm/balloon, and stop cleanly on SIGTERM. systemd needs namespaces to apply the
+    sandbox, hence --privileged (test container only)."""
+    systemd_image = "localhost/balloon-systemd-test:test"
+    timed("systemd test image (systemd from Debian + the app venv)",
+          [tool("podman"), "build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+           "--build-arg", f"APP_IMAGE={image}", "-f", str(DEPLOY / "podman" / "systemd-test.Containerfile"),
+           "-t", systemd_image, str(DEPLOY / "podman")], cwd=ROOT, timeout=900)
+    name = f"balloon-test-systemd-{uuid.uuid4().hex[:8]}"
+    host_port, guest_port = free_port(), free_port()
+    podman("run", "-d", "--name", name, "--privileged", "--systemd=always", "--network", "host",
+           "-v", f"{DEPLOY / 'systemd'}:/units:ro", systemd_image)
+    try:
+        wait_for(lambda: _in(name, "systemctl is-system-running", check=False).stdout.strip()
+                 in ("running", "degraded"), 60, "systemd in the container to finish booting")
+        _in(name, f"""
+            cp /units/balloon-host.service '/units/balloon-guest@.service' /etc/systemd/system/
+            cp /units/balloon.sysusers.conf /etc/sysusers.d/balloon.conf && systemd-sysusers
+            cp /units/balloon.tmpfiles.conf /etc/tmpfiles.d/balloon.conf && systemd-tmpfiles --create
+            echo BALLOON_HOST_HTTP=127.0.0.1:{host_port} > /etc/balloon/host.env
+            sed 's/127.0.0.1:9471/127.0.0.1:{guest_port}/; s/512MiB/64MiB/' /units/guest.env.example > /etc/balloon/guest-g1.env
+            systemctl daemon-reload
+            systemctl start balloon-host 'balloon-guest@g1'
+        """)
+
+        def converged():
+            host = scrape(f"http://127.0.0.1:{host_port}/metrics")
+            guest = scrape(f"http://127.0.0.1:{guest_port}/metrics")
+            at_host = _value(host, "balloon_reported_bytes", guest="g1")
+            if at_host and at_host == _value(guest, "balloon_guest_reported_bytes"):
+                return host
+            return None
+
+        try:
+            host = wait_for(converged, 60, "g1 reported bytes equal at host and guest under systemd")
+        except BaseException:
+            print(_in(name, "systemctl --no-pager status balloon-host 'balloon-guest@g1'; "
+                            "journalctl --no-pager -n 30", check=False).stdout)
+            raise
+        assert _value(host, "balloon_reclaimed_bytes", guest="g1") > 0
+        users = _in(name, "stat -c %U /run/balloon/host.sock /dev/shm/balloon/g1.ram").stdout.split()
+        assert users == ["balloon", "balloon"]
+        _in(name, "systemctl stop 'balloon-guest@g1' balloon-host")
+        results = _in(name, "systemctl show -p Result --value balloon-host 'balloon-guest@g1'").stdout.split()
+        assert results == ["success", "success"], "a unit did not stop cleanly on SIGTERM"
+    finally:
+        podman("rm", "-f", "-t", "5", name, check=False)
