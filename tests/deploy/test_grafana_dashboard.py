@@ -136,3 +136,10 @@ def test_type_check_rejects_a_misspelled_key_and_a_bad_enum_value(tmp_path):
     assert result.returncode != 0
     assert "palette-classik" in output and "colapsed" in output
 
+
+
+def test_compose_runs_the_grafana_version_the_dashboard_is_checked_against():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    tag = compose["services"]["grafana"]["image"].rsplit(":", 1)[1]
+    schema = json.loads((SCHEMA_PROJECT / "package.json").read_text())["devDependencies"]["@grafana/schema"]
+    assert tag == schema.lstrip("^~")
