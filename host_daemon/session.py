@@ -301,6 +301,10 @@ class Session:
                         return
                 await self._flush(out, acks)
             except RemoteProtocolError as error:  # refused HELLO, failed discard
+                try:  # what was applied before the failure is still acked
+                    out.extend([conn.send(ack) for ack in acks])
+                except LocalProtocolError:
+                    pass
                 if out:
                     await self.queue.put(b"".join(out))
                 self.reason = error.code

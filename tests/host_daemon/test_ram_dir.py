@@ -117,3 +117,33 @@ async def test_file_of_a_guest_that_stopped_sharing_is_removed_when_forgotten(ma
     await guest.close()
     assert os.path.exists(ram_file)
     await eventually(lambda: not os.path.exists(ram_file), timeout=5)
+
+
+async def test_failed_discard_is_an_internal_error_after_acking_what_was_applied(make_host, ram_dir):
+    """If the kernel refuses a hole punch, the guest must not believe the pages are gone:
+    batches applied before it are acked, then ERROR internal and the session ends."""
+    from pathlib import Path
+
+    import msgpack
+    from hostkit import ERROR, REPORT, words
+
+    host = await make_host(ram_dir=Path(ram_dir))
+    guest = await RawGuest.connect(host.unix)
+    await guest.hello("brittle", PAGES, features=["shared-ram"])
+    ram = host.registry.get("brittle").ram
+    real_discard = ram.discard
+    calls = []
+
+    def flaky(pfns, counts):
+        calls.append(len(pfns))
+        if len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        return real_discard(pfns, counts)
+
+    ram.discard = flaky
+    frames = b"".join(msgpack.packb([REPORT, seq, words([(seq * 64, 16)])], use_bin_type=True) for seq in range(2))
+    await guest.send_raw(frames)
+    seen = await guest.closed()
+    assert seen[0] == [ACK, 0, 0]
+    assert seen[-1][:2] == [ERROR, "internal"]
+    await eventually(lambda: host.stats.protocol_errors["internal"] == 1)
