@@ -55,7 +55,10 @@ from shared.ranges import encode_ranges
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-GUESTS = {"g1": "idle", "g2": "churn"}
+# "localhost" is scraped as localhost:PORT with no explicit guest label, so the shipped config's
+# fallback relabelling (guest := host part of the address) is what names it.
+GUESTS = {"g1": "idle", "g2": "churn", "localhost": "burst"}
+UNLABELLED = "localhost"
 ROGUE = "rogue"
 SCRAPES = int(os.environ.get("BALLOON_LIVE_SCRAPES", "3"))
 # What Grafana would use for $__rate_interval at a 1 s scrape interval is 4 s; a wider window keeps
@@ -184,6 +187,7 @@ def _prometheus_config(tmp: Path, host_port: int, guest_ports: dict[str, int]) -
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     jobs["balloon-host"]["static_configs"] = [{"targets": [f"127.0.0.1:{host_port}"]}]
     jobs["balloon-guest"]["static_configs"] = [
+        {"targets": [f"{UNLABELLED}:{port}"]} if guest == UNLABELLED else
         {"targets": [f"127.0.0.1:{port}"], "labels": {"guest": guest}} for guest, port in guest_ports.items()]
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -350,6 +354,7 @@ def test_the_provoked_protocol_error_alert_fires(stack):
 
 
 def test_guest_series_are_labelled_with_the_guest_id(stack):
+    """Explicit `guest` labels and the address fallback both name the guest; instance follows."""
     for series in stack.query('up{job="balloon-guest"}'):
         assert series["metric"]["instance"] == series["metric"]["guest"]
     labelled = {s["metric"]["guest"] for s in stack.query('balloon_guest_reported_bytes{job="balloon-guest"}')}
