@@ -55,7 +55,7 @@ READ_CHUNK = 65536
 #: i.e. every other guest's ACKs, for ~10 ms. fallocate releases the GIL (ctypes call).
 OFFLOAD_PAGES = 1024
 U64_MAX = (1 << 64) - 1
-QUEUE_ITEMS = 64  # byte strings; each is at most one chunk's replies
+QUEUE_ITEMS = 16  # byte strings; each is at most one chunk's replies (<= ~64 KiB)
 _CLOSE = object()
 ENDINGS = (Bye, Error)
 KIND = {Report: "report", Reuse: "reuse", Inflate: "inflate", Deflate: "deflate", Hint: "hint"}

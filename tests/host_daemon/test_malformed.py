@@ -138,3 +138,40 @@ async def test_bad_hello_fields(make_host):
         seen = await bad.closed()
         assert seen[-1][:2] == [ERROR, code]
     assert len(host.registry) == 0
+
+
+async def test_a_guest_that_never_reads_stalls_itself_and_is_closed(make_host):
+    """PINGs flooded without reading the PONGs: the host's writer blocks on drain(), its bounded
+    queue fills, its reader stops reading — memory stays bounded — and the idle timeout ends
+    the session, while another guest carries on."""
+    import msgpack
+    from hostkit import PING
+
+    from hostkit import PONG
+
+    host = await make_host(idle_timeout=0.6)
+    other = await _bystander(host)
+
+    async def keepalive():  # the bystander is not idle: it talks every 0.1 s
+        while True:
+            await other.send([PONG, 0])
+            await asyncio.sleep(0.1)
+
+    alive = asyncio.create_task(keepalive())
+    flood = await RawGuest.connect(host.unix)
+    await flood.hello("flood", PAGES)
+    session = host.registry.get("flood").session
+    ping = msgpack.packb([PING, 1]) * 4096
+    sent = 0
+    with pytest.raises((ConnectionError, OSError, TimeoutError)):
+        async with asyncio.timeout(20):
+            while True:
+                flood.writer.write(ping)
+                await flood.writer.drain()
+                sent += len(ping)
+                assert session.queue.qsize() <= session.queue.maxsize
+    assert sent < 64 * 1024 * 1024  # the host stopped reading long before
+    await eventually(lambda: not host.registry.get("flood").connected, timeout=5)
+    assert (await other.report([(8192, 8)]))[2] == 0
+    alive.cancel()
+    await other.close()
