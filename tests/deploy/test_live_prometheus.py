@@ -215,7 +215,7 @@ def stack(tmp_path_factory):
         guest_ports = {guest: free_port() for guest in GUESTS}
         for guest, workload in GUESTS.items():
             processes.append(_start([str(VENV_BIN / "balloon-guest"), "--connect", f"unix:{socket_path}",
-                                     "--id", guest, "--memory", "64MiB", "--workload", workload, "--shared-ram",
+                                     "--id", guest, "--memory", "128MiB", "--workload", workload, "--shared-ram",
                                      "--http", f"127.0.0.1:{guest_ports[guest]}"], tmp / f"{guest}.log"))
         guest_urls = {guest: f"http://127.0.0.1:{port}" for guest, port in guest_ports.items()}
         for guest, url in guest_urls.items():
@@ -336,6 +336,12 @@ def test_every_rule_evaluates_without_error(stack):
     assert len(rules) == len(load_rules())
     bad = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not bad
+
+
+def test_reported_and_reclaimed_memory_reach_prometheus(stack):
+    """Not only series but real numbers: the fleet reports memory and the kernel gave it back."""
+    wait_for(lambda: stack.query("sum(balloon_reported_bytes) > 0") and stack.query("sum(balloon_reclaimed_bytes) > 0"),
+             DATA_TIMEOUT, "reported and reclaimed bytes above 0 in Prometheus")
 
 
 def test_the_provoked_protocol_error_alert_fires(stack):
