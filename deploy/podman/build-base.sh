@@ -7,11 +7,11 @@
 #   IMAGE      default localhost/balloon-base:bookworm
 #   CACHE_DIR  default build/container — the rootfs tarball is cached there, so a second run
 #              only re-imports it (seconds) instead of debootstrapping again (minutes).
-# Needs root, debootstrap and podman. MIRROR overrides the Debian mirror.
+# Needs root, debootstrap and podman. MIRROR picks a Debian mirror (default: debootstrap's own).
 set -euo pipefail
 IMAGE=${1:-localhost/balloon-base:bookworm}
 CACHE=${2:-build/container}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+MIRROR=${MIRROR:-}
 SUITE=${SUITE:-bookworm}
 TARBALL="$CACHE/base-$SUITE.tar"
 
@@ -25,7 +25,7 @@ if [ ! -s "$TARBALL" ] || [ "${FORCE:-0}" = 1 ]; then
   trap 'rm -rf "$root"' EXIT
   echo "debootstrap $SUITE minbase into $root (a few minutes)"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    "$SUITE" "$root" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+    "$SUITE" "$root" ${MIRROR:+"$MIRROR"} >"$CACHE/debootstrap.log" 2>&1 \
     || { tail -20 "$CACHE/debootstrap.log"; exit 1; }
   # Keep the image small: package lists, caches and docs are not needed at run time.
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
