@@ -17,12 +17,30 @@ one range, so a run of order-9 blocks travels as one word (or two, with the esca
 from __future__ import annotations
 
 import enum
+import logging
+import math
 
 import numpy as np
 
 from shared.ranges import RangeBuffer, sort_and_coalesce
 
 from .batches import Op, block_counts, payloads_for
+
+
+def low_watermark_pages(total_pages: int) -> int:
+    """A zone's low watermark, as Linux sizes it for this much memory.
+
+    min_free_kbytes = sqrt(16 * memory in KiB), clamped to 128 KiB .. 256 MiB
+    (mm/page_alloc.c ``calculate_min_free_kbytes``); low = min + max(min / 4,
+    memory * watermark_scale_factor (10) / 10000) (``__setup_per_zone_wmarks``).
+    """
+    kib = total_pages * 4
+    min_free_kib = min(max(int(math.isqrt(kib * 16)), 128), 256 * 1024)
+    min_pages = min_free_kib // 4
+    return min_pages + max(min_pages // 4, total_pages * 10 // 10000)
+
+
+log = logging.getLogger("guest_agent.reporting")
 
 
 class PassState(enum.Enum):
@@ -46,6 +64,11 @@ class FreePageReporting:
         self._again = False
         self.isolated_pages = 0  # pages this reporter holds isolated in unacked reports
         self.passes = 0
+        # page_reporting_process_zone(): report only while the zone stays above its low
+        # watermark plus one full report (PAGE_REPORTING_CAPACITY << page_reporting_order),
+        # so reporting never takes the memory the workload is about to need.
+        self.reserve_pages = low_watermark_pages(int(allocator.total_pages)) + (capacity << order)
+        self.watermark_waits = 0
 
     # -- when -------------------------------------------------------------------------
 
@@ -96,6 +119,15 @@ class FreePageReporting:
     def build(self, now: float, encoding: str, max_ranges: int, buffer: RangeBuffer) -> Op | None:
         """Isolate up to ``capacity`` blocks and wrap them in a REPORT operation."""
         if not self.due(now):
+            return None
+        if int(self.allocator.free_pages) < self.reserve_pages:
+            if self.watermark_waits == 0:
+                log.info("reporting waits: free memory is below the low watermark plus one report "
+                         "(Linux page_reporting_process_zone); a smaller --capacity lowers it",
+                         extra={"reserve_mib": self.reserve_pages * 4096 >> 20})
+            self.watermark_waits += 1
+            if self.isolated_pages == 0:  # nothing in flight will bring pages back: stop
+                self._finish_pass(now)
             return None
         max_blocks = max(1, min(self.capacity, max_ranges))
         pfns, orders = self.allocator.isolate_unreported(self.order, max_blocks)

@@ -162,7 +162,8 @@ def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(da
 
 def test_legacy_pfn32_guest_converges_and_sigterm_says_bye(daemons):
     host = daemons.host()
-    guest = daemons.guest("g1", "--workload", "idle", "--pfn32", memory="64MiB")
+    # a small guest: Linux keeps low watermark + capacity << order (32 x 2MiB) free of reports
+    guest = daemons.guest("g1", "--workload", "idle", "--pfn32", "--capacity", "4", memory="64MiB")
     wait_for(lambda: converged(host, guest, minimum=32 * MIB), 30, lambda: f"pfn32 convergence: {views(host, guest)}")
     g = guest.metrics()
     # 256 PFNs per message, one ack each: at least one message per MiB reported
@@ -215,8 +216,8 @@ def test_token_file_proves_the_guest_id(daemons):
     (daemons.folder / "g1.token").write_text("s3cret-one\n")
     (daemons.folder / "g2.token").write_text("wrong\n")
     host = daemons.host("--token-file", str(tokens))
-    good = daemons.guest("g1", "--token-file", str(daemons.folder / "g1.token"), memory="32MiB")
-    bad = daemons.guest("g2", "--token-file", str(daemons.folder / "g2.token"), memory="32MiB")
+    good = daemons.guest("g1", "--token-file", str(daemons.folder / "g1.token"), "--capacity", "4", memory="32MiB")
+    bad = daemons.guest("g2", "--token-file", str(daemons.folder / "g2.token"), "--capacity", "4", memory="32MiB")
     wait_for(lambda: converged(host, good, minimum=16 * MIB), 20, "the guest with the right token converges")
     wait_for(lambda: "auth-failed" in bad.log.read_text(), 20, f"the wrong token is refused\n{bad.tail()}")
     assert value(bad.metrics(), "balloon_guest_connected") == 0

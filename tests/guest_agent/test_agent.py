@@ -117,6 +117,31 @@ def test_reported_blocks_are_isolated_until_the_ack_then_flagged_reported():
     assert h.metrics.value("balloon_guest_batches_total", {"kind": "report"}) == 1
 
 
+def test_reporting_keeps_the_low_watermark_free_for_the_workload():
+    from guest_agent.reporting import low_watermark_pages
+
+    h = Harness(window=16, capacity=1)
+    low = low_watermark_pages(PAGES)
+    h.advance(1.5)
+    sent = h.pump()
+    assert 0 < sent < 16  # the window had room; the watermark stopped the pass
+    assert h.allocator.free_pages >= low
+    assert h.memory.alloc(0) is not None  # the workload still gets memory while reports fly
+    h.settle()
+    assert h.host.reported == h.guest_reported()  # acks brought the pages back: all reported
+    assert len(h.host.reported) == PAGES - 512  # every block but the one the workload split
+
+
+def test_a_nearly_full_guest_does_not_report():
+    h = Harness(capacity=4)
+    while h.allocator.free_pages >= h.reporting.reserve_pages:
+        h.memory.alloc(9)
+    h.advance(1.5)
+    h.advance(1.5)
+    assert h.pump() == 0
+    assert h.allocator.isolated_pages == 0
+
+
 def test_idle_guest_converges_with_the_host():
     h = Harness()
     h.settle()
