@@ -115,10 +115,10 @@ async def test_idle_guest_is_pinged_then_closed(make_host):
 
 
 async def test_pong_keeps_an_idle_guest(make_host):
-    host = await make_host(idle_timeout=0.3)
+    host = await make_host(idle_timeout=0.9)
     guest = await RawGuest.connect(host.unix)
     await guest.hello("chatty", PAGES)
-    for _ in range(4):  # four pings answered over > 0.3 s: still connected
+    for _ in range(4):  # four pings answered over > 0.9 s: still connected
         ping = await guest.recv(2)
         assert ping[0] == PING
         await guest.send([PONG, ping[1]])
