@@ -66,8 +66,11 @@ class FreePageReporting:
         self.passes = 0
         # page_reporting_process_zone(): report only while the zone stays above its low
         # watermark plus one full report (PAGE_REPORTING_CAPACITY << page_reporting_order),
-        # so reporting never takes the memory the workload is about to need.
-        self.reserve_pages = low_watermark_pages(int(allocator.total_pages)) + (capacity << order)
+        # so reporting never takes the memory the workload is about to need. One report is
+        # 64 MiB by default, sized for real machines; a simulated guest below 512 MiB keeps
+        # an eighth of its memory instead, or it would never report at all.
+        total = int(allocator.total_pages)
+        self.reserve_pages = low_watermark_pages(total) + min(capacity << order, total // 8)
         self.watermark_waits = 0
 
     # -- when -------------------------------------------------------------------------
