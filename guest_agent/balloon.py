@@ -26,6 +26,7 @@ from shared.protocol import PFN32
 from shared.ranges import PFN32_MAX_PER_MESSAGE, RangeBuffer, sort_and_coalesce
 
 from .batches import Op, block_counts, payloads_for
+from .reporting import low_watermark_pages
 
 log = logging.getLogger("guest_agent.balloon")
 
@@ -50,6 +51,7 @@ class Balloon:
         self._held_pages = 0
         self._unsent_pages = 0
         self.stuck = False  # the allocator had nothing for inflate; retried next tick
+        self.min_free_pages = low_watermark_pages(int(allocator.total_pages))
 
     # -- sizes --------------------------------------------------------------------------
 
@@ -151,6 +153,9 @@ class Balloon:
     def _inflate(self, wanted: int, encoding, max_ranges, buffer) -> Op | None:
         max_blocks, max_pages = self._limits(encoding, max_ranges)
         budget = wanted if max_pages is None else min(wanted, max_pages)
+        # fill_balloon() allocates with __GFP_NORETRY | __GFP_NOMEMALLOC: it gives up at
+        # the watermark instead of taking the last free pages from the workload.
+        budget = min(budget, int(self.allocator.free_pages) - self.min_free_pages)
         blocks, pages = [], 0
         while pages < budget and len(blocks) < max_blocks:
             got = self.allocator.alloc_largest(budget - pages)

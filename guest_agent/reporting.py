@@ -72,6 +72,7 @@ class FreePageReporting:
         total = int(allocator.total_pages)
         self.reserve_pages = low_watermark_pages(total) + min(capacity << order, total // 8)
         self.watermark_waits = 0
+        self._largest_block = 1 << int(getattr(allocator, "max_order", 10))
 
     # -- when -------------------------------------------------------------------------
 
@@ -123,7 +124,8 @@ class FreePageReporting:
         """Isolate up to ``capacity`` blocks and wrap them in a REPORT operation."""
         if not self.due(now):
             return None
-        if int(self.allocator.free_pages) < self.reserve_pages:
+        room = int(self.allocator.free_pages) - self.reserve_pages
+        if room < 0:
             if self.watermark_waits == 0:
                 log.info("reporting waits: free memory is below the low watermark plus one report "
                          "(Linux page_reporting_process_zone); a smaller --capacity lowers it",
@@ -132,7 +134,9 @@ class FreePageReporting:
             if self.isolated_pages == 0:  # nothing in flight will bring pages back: stop
                 self._finish_pass(now)
             return None
-        max_blocks = max(1, min(self.capacity, max_ranges))
+        # Linux has one report in flight; with a window of them, each batch is also cut so
+        # that free memory stays within one top-order block of the reserve.
+        max_blocks = max(1, min(self.capacity, max_ranges, room // self._largest_block + 1))
         pfns, orders = self.allocator.isolate_unreported(self.order, max_blocks)
         pfns = np.asarray(pfns, dtype=np.uint64)
         orders = np.asarray(orders)

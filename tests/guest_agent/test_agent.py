@@ -258,6 +258,16 @@ def test_reconnect_reinflates_the_whole_balloon():
     assert h.host.reported == h.guest_reported()
 
 
+def test_inflate_stops_at_the_low_watermark():
+    from guest_agent.reporting import low_watermark_pages
+
+    h = Harness(pages=4096)
+    h.deliver(Target(4096))
+    h.settle()
+    assert h.balloon.pages == len(h.host.inflated) == 4096 - low_watermark_pages(4096)
+    assert h.memory.alloc(0) is not None  # the workload is not starved by the balloon
+
+
 def test_deflate_on_oom_gives_the_workload_balloon_memory():
     h = Harness(pages=4096)
     h.deliver(Target(4096 - 16))
@@ -280,12 +290,13 @@ def test_no_deflate_on_oom_unless_the_host_accepted_the_feature():
     assert "deflate-on-oom" not in h.conn.features
     h.deliver(Target(4096 - 16))
     h.settle()
+    held = h.balloon.pages
     while h.memory.alloc(0) is not None:
         pass
     h.advance(0.1)
     h.pump()
     assert not any(b.TYPE.name == "DEFLATE" for b in h.host.unacked)
-    assert h.balloon.pages == 4096 - 16
+    assert h.balloon.pages == held
 
 
 def test_stats_carry_free_and_total_memory_when_negotiated():
