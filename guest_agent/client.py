@@ -172,25 +172,28 @@ class GuestClient:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _handshake(self, reader: asyncio.StreamReader, conn: GuestConnection) -> None:
+        # Stop at WELCOME: the host may send more in the same read (a remembered TARGET
+        # right after WELCOME), and those events stay queued in ``conn`` for the reader.
         while conn.state is not State.READY:
             data = await reader.read(READ_CHUNK)
             conn.receive_data(data)
             for event in conn.events():
                 if event.TYPE.name in ("ERROR", "BYE"):
                     raise SessionEnded(f"host refused the session: {event}")
+                if conn.state is State.READY:
+                    break
             if conn.state is State.CLOSED:
                 raise EOFError("the host closed the connection during the handshake")
 
     async def _reader(self, reader: asyncio.StreamReader, conn: GuestConnection) -> None:
         while True:
-            data = await reader.read(READ_CHUNK)
-            conn.receive_data(data)
-            now = self._now()
+            now = self._now()  # first pass: what arrived with WELCOME, before any read
             for event in conn.events():
                 self.agent.receive(event, now)
             if conn.state is State.CLOSED:
                 raise EOFError("the host closed the connection")
             self._wake.set()
+            conn.receive_data(await reader.read(READ_CHUNK))
 
     async def _writer(self, writer: asyncio.StreamWriter, conn: GuestConnection) -> None:
         agent = self.agent
