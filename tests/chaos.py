@@ -308,9 +308,8 @@ class Chaos:
         """A restarted host knows no targets (the guests keep their balloons) and a
         restarted guest starts with an empty one: state the final targets once more.
 
-        (The host also sends a known target right after WELCOME; the guest agent drops a
-        TARGET that arrives in the same read as the WELCOME — reported to its owner —
-        so the admin call here is what makes a restarted guest inflate.)
+        (A host that kept running sends a restarted guest its known target right after
+        WELCOME; targets do not survive a host restart, so the admin call covers that.)
         """
         for name in names:
             wait_for(
