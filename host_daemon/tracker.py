@@ -46,17 +46,24 @@ punched again in full, which is harmless and cheaper than splitting it; pages th
 reported are included on inflate, the guest may have written them since). A repeated
 report or inflate discards nothing. Empty for REUSE, DEFLATE and HINT.
 
-The sets are pyroaring ``BitMap64`` bitmaps (``RoaringPageSet``), chosen over sorted
-numpy interval arrays (``IntervalSet``, kept as the measured alternative) by
-bench/tracker.py — figures in docs/PERFORMANCE.md ``## Tracker``. On batches of scattered
-single pages roaring applied ~10x more ranges/s with 16x less memory; on contiguous
-order-9 blocks it is faster too; on pfn32-style runs intervals are ~2x faster but both do
-millions of ranges/s. Roaring's memory is bounded near one bit per guest page whatever a
-guest sends, where intervals cost 16 bytes per interval. Validation (the verdicts above)
-is vectorized; a clean batch (valid, sorted, disjoint) takes a fast path of a dozen numpy
-passes. The per-range Python steps are single C calls into roaring (``add_range``,
-``remove_range``; ``contains_range`` only when a batch repeats pages), which pyroaring
-offers no bulk form of.
+Two implementations keep these rules, and the tests hold both to one set model:
+
+- ``BitmapTracker`` (the default: numba available, guest up to ``pageset.FLAT_LIMIT`` =
+  2**32 pages): three flat bitmaps, 1 bit per guest page each, and one compiled call per
+  batch that validates, sorts only when needed, applies, counts and writes the discard
+  ranges (host_daemon/pageset.py). ~2-3 µs per clean 32-range batch where roaring takes
+  ~20 µs; 3 bits per guest page of address space (an 8 GiB guest: 768 KiB), calloc'd,
+  so resident only where batches wrote.
+- ``GuestTracker`` over pyroaring ``BitMap64`` (``RoaringPageSet``) for bigger guests (a
+  flat bitmap cannot span 2**52 pages), without numba, or with ``BALLOON_TRACKER=roaring``.
+  Its memory is bounded near one bit per page the guest used whatever it sends. It was
+  chosen over sorted numpy interval arrays (``IntervalSet``, kept as the measured
+  alternative: 16 bytes per interval, ~10x slower on scattered pages). Validation is
+  vectorized, a clean batch takes a fast path of a dozen numpy passes, and each range is
+  one C call into roaring (``add_range``, ``remove_range``), which pyroaring offers no
+  bulk form of.
+
+Figures: bench/tracker.py, docs/PERFORMANCE.md ``## Tracker``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ import numpy as np
 from pyroaring import BitMap64
 
 from shared.ranges import PFN_BITS, coalesce_ranges, pages_to_ranges
+
+from . import pageset
 
 MAX_PAGES = 1 << PFN_BITS
 KINDS = ("report", "reuse", "inflate", "deflate", "hint")
@@ -405,10 +414,21 @@ class ApplyResult:
 
 
 class GuestTracker:
-    """The host's view of one guest's pages in this session (see the module docstring)."""
+    """The host's view of one guest's pages in this session (see the module docstring).
+
+    ``GuestTracker(pages)`` builds a ``BitmapTracker`` (compiled flat bitmaps) when numba
+    is available and the guest has at most ``pageset.FLAT_LIMIT`` pages; otherwise, and
+    for every subclass (``RoaringTracker``, the benches' variants), this class itself
+    over ``page_set``.
+    """
 
     #: The page-set class, picked by bench/tracker.py (IntervalSet is the measured alternative).
     page_set = RoaringPageSet
+
+    def __new__(cls, pages: int):
+        if cls is GuestTracker and pageset.AVAILABLE and 0 < pages <= pageset.FLAT_LIMIT:
+            cls = BitmapTracker
+        return object.__new__(cls)
 
     def __init__(self, pages: int) -> None:
         if not 0 < pages <= MAX_PAGES:
@@ -606,3 +626,126 @@ class _Verdicts:
             result.rejected[reason] = _total(self.counts[positions])
             result.rejected_ranges[reason] = int(positions.size)
         result.rejected_pages = sum(result.rejected.values())
+
+
+class RoaringTracker(GuestTracker):
+    """The pyroaring tracker whatever the guest's size (tests and benches pick it by name)."""
+
+
+class BitmapPageSet:
+    """One row of a ``BitmapTracker``'s bitmaps, with the read side of the page-set API."""
+
+    __slots__ = ("owner", "row")
+
+    def __init__(self, owner: BitmapTracker, row: int) -> None:
+        self.owner = owner
+        self.row = row
+
+    def clear(self) -> None:
+        pageset.clear_set(self.owner._bits, self.owner._state, self.row)
+
+    @property
+    def pages(self) -> int:
+        return int(self.owner._state[self.row * pageset.SET_FIELDS])
+
+    @property
+    def ranges(self) -> int:
+        return int(self.as_ranges()[0].size)
+
+    def memory_bytes(self) -> int:
+        """The span of the bitmap this set wrote since it was cleared (what can be resident)."""
+        return pageset.span_bytes(self.owner._state, self.row)
+
+    def as_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Maximal runs, found by a kernel over the written span only."""
+        state = self.owner._state
+        base = self.row * pageset.SET_FIELDS
+        if not state[base]:
+            return _EMPTY, _EMPTY
+        return pageset.set_runs(
+            self.owner._bits[self.row], int(state[base + 1]), int(state[base + 2])
+        )
+
+
+_U64_DTYPE = np.dtype(U64)
+_KIND_CODES = pageset.KIND_CODES
+_REPORT, _INFLATE, _HINT = _KIND_CODES["report"], _KIND_CODES["inflate"], _KIND_CODES["hint"]
+_NO_OUT = np.empty(0, dtype=U64)
+_warm = False
+
+
+def _as_words(values) -> np.ndarray:
+    """Any int sequence as a contiguous 1-D uint64 array (the hot path skips this)."""
+    return np.ascontiguousarray(np.asarray(values).astype(U64, copy=False).ravel())
+
+
+class BitmapTracker(GuestTracker):
+    """The tracker over flat bitmaps (host_daemon/pageset.py): one compiled call per batch.
+
+    Same rules, results and views as the roaring tracker (the tests run the set model on
+    both); only the storage and the hot path differ.
+    """
+
+    def __init__(self, pages: int) -> None:
+        global _warm
+        if not 0 < pages <= pageset.FLAT_LIMIT:
+            raise ValueError(f"a flat bitmap covers 1..{pageset.FLAT_LIMIT} pages, got {pages}")
+        if not _warm:  # load the kernels from numba's cache now, not on a guest's first batch
+            pageset.warm_up()
+            _warm = True
+        self._pages = int(pages)
+        self._limit = U64(pages)
+        self._bits, self._state = pageset.new_state(self._pages)
+        self.reported = BitmapPageSet(self, pageset.REPORTED)
+        self.inflated = BitmapPageSet(self, pageset.INFLATED)
+        self.hinted = BitmapPageSet(self, pageset.HINTED)
+        self.hint_command = None
+
+    def reset(self) -> None:
+        """A new session: fresh (calloc) bitmaps, so the old ones' pages go back to the OS."""
+        self._bits, self._state = pageset.new_state(self._pages)
+        self.hint_command = None
+
+    def apply(self, kind: str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
+        """Validate and apply one decoded batch in one kernel call; never raises on guest data."""
+        code = _KIND_CODES.get(kind)
+        if code is None:
+            raise ValueError(f"unknown batch kind {kind!r}")
+        if pfns.__class__ is not np.ndarray or pfns.dtype is not _U64_DTYPE or pfns.ndim != 1:
+            pfns = _as_words(pfns)
+        if counts.__class__ is not np.ndarray or counts.dtype is not _U64_DTYPE or counts.ndim != 1:
+            counts = _as_words(counts)
+        n = pfns.size
+        if counts.size != n:
+            raise ValueError(f"{n} pfns but {counts.size} counts")
+        if not n:
+            return ApplyResult(kind, 0)
+        if code == _HINT and (cmd_id is None or cmd_id != self.hint_command):
+            result = ApplyResult(kind, n, _total(counts))
+            verdict = _Verdicts(counts)
+            verdict.mark(np.arange(n), "stale")
+            verdict.count(result)
+            return result
+        if code == _REPORT or code == _INFLATE:
+            out = np.empty(2 * n, dtype=U64)
+            k = pageset.apply_batch(code, pfns, counts, self._bits, self._state, out)
+            discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
+        else:
+            pageset.apply_batch(code, pfns, counts, self._bits, self._state, _NO_OUT)
+            discard = (_EMPTY, _EMPTY)
+        state = self._state
+        accepted = int(state[pageset.ACCEPTED])
+        if not state[pageset.REJECTED]:
+            return ApplyResult(kind, n, accepted, accepted, 0, {}, {}, discard)
+        rejected, rejected_ranges = {}, {}
+        at = pageset.REASONS_AT
+        for reason in REASONS[:4]:
+            ranges = int(state[at])
+            if ranges:
+                rejected[reason] = (int(state[at + 2]) << 32) + int(state[at + 1])
+                rejected_ranges[reason] = ranges
+            at += 3
+        total = sum(rejected.values())
+        return ApplyResult(
+            kind, n, accepted + total, accepted, total, rejected, rejected_ranges, discard
+        )

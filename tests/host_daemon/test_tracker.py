@@ -1,13 +1,30 @@
-"""GuestTracker against a plain Python-set model of the documented rules."""
+"""GuestTracker against a plain Python-set model of the documented rules.
+
+Every model test runs on each implementation: the compiled flat bitmaps (the default for
+guests up to ``pageset.FLAT_LIMIT`` pages), pyroaring (bigger guests, numba missing or
+``BALLOON_TRACKER=roaring``) and the interval arrays kept as the measured alternative.
+"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_daemon.tracker import MAX_PAGES, GuestTracker, IntervalSet
+from host_daemon import pageset
+from host_daemon.tracker import (
+    MAX_PAGES,
+    BitmapTracker,
+    GuestTracker,
+    IntervalSet,
+    RoaringPageSet,
+    RoaringTracker,
+)
 from shared.ranges import pages_to_ranges
 
 U64_MAX = (1 << 64) - 1
@@ -114,22 +131,34 @@ step = st.tuples(
 
 
 STRUCTURES = {
-    "roaring": GuestTracker,
+    "roaring": RoaringTracker,
     "intervals": type("IntervalTracker", (GuestTracker,), {"page_set": IntervalSet}),
 }
+if pageset.AVAILABLE:
+    STRUCTURES["bitmap"] = BitmapTracker
 
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 @settings(max_examples=200, deadline=None)
 @given(steps=st.lists(step, max_size=25))
 def test_tracker_matches_the_set_model(structure, steps):
-    tracker, model = STRUCTURES[structure](PAGES), Model(PAGES)
+    run_model(STRUCTURES[structure](PAGES), Model(PAGES), steps)
+
+
+def run_model(tracker, model, steps):
     for kind, ranges, cmd in steps:
         if kind == "hint-start":
             tracker.set_hint_command(cmd)
             if cmd != model.command:
                 model.hinted.clear()
             model.command = cmd
+            continue
+        if kind == "reset":
+            tracker.reset()
+            model.reported.clear()
+            model.inflated.clear()
+            model.hinted.clear()
+            model.command = None
             continue
         if kind == "hint-stop":
             tracker.set_hint_command(None)
@@ -152,14 +181,20 @@ def test_tracker_matches_the_set_model(structure, steps):
         check_same(tracker, model)
 
 
+@pytest.fixture(params=[name for name in ("bitmap", "roaring") if name in STRUCTURES])
+def make(request):
+    """Each tracker the daemon can run (the bitmap when numba is installed, and roaring)."""
+    return STRUCTURES[request.param]
+
+
 def apply(tracker, kind, ranges, cmd_id=None):
     pfns = np.array([p for p, _ in ranges], dtype=np.uint64)
     counts = np.array([c for _, c in ranges], dtype=np.uint64)
     return tracker.apply(kind, pfns, counts, cmd_id=cmd_id)
 
 
-def test_exact_counts_by_reason():
-    tracker = GuestTracker(1000)
+def test_exact_counts_by_reason(make):
+    tracker = make(1000)
     apply(tracker, "inflate", [(900, 10)])
     result = apply(
         tracker,
@@ -189,8 +224,8 @@ def test_exact_counts_by_reason():
     assert [list(a) for a in tracker.reported_ranges()] == [[0, 15, 999], [10, 5, 1]]
 
 
-def test_counts_that_would_wrap_are_out_of_range():
-    tracker = GuestTracker(1 << 20)
+def test_counts_that_would_wrap_are_out_of_range(make):
+    tracker = make(1 << 20)
     result = apply(tracker, "report", [(U64_MAX, 2), (10, U64_MAX), (2**52 - 1, 2**12 + 1)])
     assert result.rejected_ranges == {"out-of-range": 3}
     assert result.rejected_pages == 2 + U64_MAX + 2**12 + 1  # exact, beyond uint64
@@ -198,8 +233,8 @@ def test_counts_that_would_wrap_are_out_of_range():
     assert tracker.reported_pages == 0
 
 
-def test_repeats_are_idempotent_and_discard_only_fresh_ranges():
-    tracker = GuestTracker(4096)
+def test_repeats_are_idempotent_and_discard_only_fresh_ranges(make):
+    tracker = make(4096)
     first = apply(tracker, "report", [(0, 512), (1024, 512)])
     assert pages_of(*first.discard) == set(range(512)) | set(range(1024, 1536))
     again = apply(tracker, "report", [(0, 512), (512, 512), (1024, 256), (1280, 512)])
@@ -215,8 +250,8 @@ def test_repeats_are_idempotent_and_discard_only_fresh_ranges():
     assert apply(tracker, "reuse", [(100, 10)]).discard_pages == 0
 
 
-def test_inflate_moves_reported_pages_into_the_balloon():
-    tracker = GuestTracker(4096)
+def test_inflate_moves_reported_pages_into_the_balloon(make):
+    tracker = make(4096)
     apply(tracker, "report", [(0, 1024)])
     result = apply(tracker, "inflate", [(512, 1024)])
     assert pages_of(*result.discard) == set(range(512, 1536))
@@ -230,8 +265,8 @@ def test_inflate_moves_reported_pages_into_the_balloon():
     assert apply(tracker, "report", [(600, 1)]).rejected_pages == 0
 
 
-def test_hints_follow_the_command_id():
-    tracker = GuestTracker(4096)
+def test_hints_follow_the_command_id(make):
+    tracker = make(4096)
     assert apply(tracker, "hint", [(0, 10)], cmd_id=1).rejected == {"stale": 10}
     tracker.set_hint_command(1)
     assert apply(tracker, "hint", [(0, 10)], cmd_id=1).rejected_pages == 0
@@ -247,7 +282,7 @@ def test_hints_follow_the_command_id():
     assert tracker.reported_pages == 0
 
 
-@pytest.mark.parametrize("structure", sorted(STRUCTURES))
+@pytest.mark.parametrize("structure", ["intervals", "roaring"])
 def test_pfns_beyond_32_bits(structure):
     """BitMap (32-bit) would silently drop these; the tracker must keep them exactly."""
     pages = MAX_PAGES
@@ -273,14 +308,14 @@ def test_guest_size_is_bounded():
         GuestTracker(10).apply("bogus", [], [])
 
 
-def test_reset_and_memory():
-    tracker = GuestTracker(1 << 21)
+def test_reset_and_memory(make):
+    tracker = make(1 << 21)
     pages = np.arange(0, 1 << 21, 2, dtype=np.uint64)  # every other page: worst case
     pfns, counts = pages_to_ranges(pages)
     apply_result = tracker.apply("report", pfns, counts)
     assert apply_result.accepted_pages == 1 << 20
     assert tracker.reported.ranges == 1 << 20
-    # Roaring bitset containers: about one bit per guest page, whatever the layout.
+    # Roaring bitset containers, or the flat bitmap: about one bit per guest page.
     assert (1 << 21) // 8 <= tracker.memory_bytes() <= (1 << 21) // 4
     tracker.reset()
     assert tracker.reported_pages == 0 and tracker.memory_bytes() == 0
@@ -294,20 +329,82 @@ def test_interval_set_touches_any_order():
     assert s.touches(starts, ends).tolist() == [True, False, False, True, False, True]
 
 
-def test_accepts_plain_integer_arrays():
-    tracker = GuestTracker(100)
+def test_accepts_plain_integer_arrays(make):
+    tracker = make(100)
     result = tracker.apply("report", [1, 5], [2, 3])
     assert result.accepted_pages == 5
     with pytest.raises(ValueError):
         tracker.apply("report", [1], [1, 2])
 
 
-def test_listing_a_huge_roaring_set_window_by_window():
-    """Past 2**22 pages the ranges are listed per window; runs crossing windows join."""
+def test_listing_a_huge_set_window_by_window(make):
+    """Roaring lists past 2**22 pages per window, the bitmap word by word: runs that
+    cross windows or words join."""
     window = 1 << 22
     ranges = [(0, 2 * window), (2 * window + 5, 1), (2 * window + 7, 1), (3 * window - 10, 20)]
-    tracker = GuestTracker(1 << 30)
+    tracker = make(1 << 30)
     apply(tracker, "report", ranges)
     assert tracker.reported_pages == 2 * window + 22
     starts, counts = tracker.reported_ranges()
     assert list(zip(starts.tolist(), counts.tolist(), strict=True)) == ranges
+
+
+WIDE = 300  # pages: several words, the last one partial
+wide_batch = st.lists(st.tuples(st.integers(0, WIDE + 70), st.integers(0, 200)), max_size=8)
+wide_step = st.tuples(
+    st.sampled_from(["report", "reuse", "inflate", "deflate", "hint", "hint-start", "reset"]),
+    wide_batch,
+    st.integers(0, 1),
+)
+
+
+@pytest.mark.parametrize("structure", sorted(set(STRUCTURES) - {"intervals"}))
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(wide_step, max_size=20))
+def test_ranges_across_words_match_the_set_model(structure, steps):
+    """Ranges that start, end and span inside and across 64-page words, and resets."""
+    run_model(STRUCTURES[structure](WIDE), Model(WIDE), steps)
+
+
+def test_default_tracker_by_guest_size():
+    """Flat bitmaps up to FLAT_LIMIT pages when numba is there; roaring past it."""
+    small = GuestTracker(1 << 21)
+    assert isinstance(small, BitmapTracker) == pageset.AVAILABLE
+    assert isinstance(small, GuestTracker)
+    huge = GuestTracker(pageset.FLAT_LIMIT + 1)
+    assert type(huge) is GuestTracker and huge.page_set is RoaringPageSet
+    assert type(RoaringTracker(1 << 21)) is RoaringTracker
+
+
+@pytest.mark.skipif(not pageset.AVAILABLE, reason="numba not installed")
+def test_bitmap_at_its_size_limit():
+    """The last pages of the largest flat guest (2**32 pages): no off-by-one at the top."""
+    tracker = BitmapTracker(pageset.FLAT_LIMIT)
+    top = pageset.FLAT_LIMIT
+    result = apply(tracker, "report", [(top - 70, 70), (2**31 - 1, 2), (top - 71, 1)])
+    assert result.rejected_pages == 0 and tracker.reported_pages == 73
+    assert [list(a) for a in tracker.reported_ranges()] == [[2**31 - 1, top - 71], [2, 71]]
+    assert apply(tracker, "inflate", [(top - 1, 2)]).rejected == {"out-of-range": 2}
+    assert tracker.memory_bytes() < 1 << 30  # the written span, not the 512 MiB reserved
+    with pytest.raises(ValueError):
+        BitmapTracker(pageset.FLAT_LIMIT + 1)
+
+
+def test_roaring_switch_by_environment():
+    """BALLOON_TRACKER=roaring gives every guest the pyroaring tracker (a fresh interpreter)."""
+    code = (
+        "from host_daemon.tracker import GuestTracker, BitmapTracker;"
+        "t = GuestTracker(1 << 20);"
+        "t.apply('report', [0], [5]);"
+        "print(type(t).__name__, t.reported_pages)"
+    )
+    env = dict(os.environ, BALLOON_TRACKER="roaring")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["GuestTracker", "5"]
