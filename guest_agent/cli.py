@@ -169,6 +169,9 @@ def main(argv=None) -> int:
         print(f"balloon-guest: error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    from shared import _kernels
+
+    _kernels.warm_up()  # compile the codec now, not inside the first session's handshake
     loop_factory = asyncio.new_event_loop
     if settings.connect.kind != "vsock":  # uvloop cannot carry AF_VSOCK
         try:

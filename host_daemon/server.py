@@ -134,6 +134,15 @@ class HostServer:
 
     async def start(self) -> None:
         settings = self.settings
+        # Compile (or load from numba's cache) the codec and tracker kernels before the
+        # first listener exists: done lazily, the first guest's HELLO would stall the loop
+        # for up to seconds and other guests' handshakes could time out behind it.
+        from shared import _kernels
+
+        from . import pageset
+
+        _kernels.warm_up()
+        pageset.warm_up()
         if settings.ram_dir is not None:
             from .reclaim import RamDirError, validate_ram_dir
 

@@ -75,6 +75,18 @@ def real_host(tmp_path):
         stop(process)
 
 
+def _accepts(path) -> bool:
+    """True once a Unix socket at ``path`` takes a connection."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 @pytest.fixture
 def bare_host(tmp_path):
     """Factory: the bare host of guest_agent.load.bare (can be told to misbehave)."""
@@ -85,7 +97,9 @@ def bare_host(tmp_path):
         process = subprocess.Popen([sys.executable, "-m", "guest_agent.load.bare", "serve", f"unix:{sock}", *extra],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(process)
-        wait_for(lambda: process.poll() is not None or sock.exists(), what="bare host")
+        # The socket file appears at bind(), a moment before listen(): wait until it accepts,
+        # or the first guests would be refused and counted as reconnects.
+        wait_for(lambda: process.poll() is not None or _accepts(sock), what="bare host")
         assert process.poll() is None
         return f"unix:{sock}"
 
