@@ -302,7 +302,7 @@ class Session:
                 await self._flush(out, acks)
             except RemoteProtocolError as error:  # refused HELLO, failed discard
                 try:  # what was applied before the failure is still acked
-                    out.extend([conn.send(ack) for ack in acks])
+                    out.extend([conn.send_ack(ack) for ack in acks])
                 except LocalProtocolError:
                     pass
                 if out:
@@ -318,8 +318,8 @@ class Session:
 
     async def _flush(self, out: list[bytes], acks: list[Ack]) -> None:
         if acks:
-            send = self.conn.send
-            out.extend([send(ack) for ack in acks])
+            send_ack = self.conn.send_ack
+            out.extend([send_ack(ack) for ack in acks])
             acks.clear()
         if out:
             data = b"".join(out) if len(out) > 1 else out[0]

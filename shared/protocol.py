@@ -26,10 +26,14 @@ from .framing import HEAD_BYTES, announced_size
 from .messages import (
     Ack,
     Batch,
+    Deflate,
     Error,
     Hello,
+    Inflate,
     Message,
     MessageType,
+    Report,
+    Reuse,
     Welcome,
     from_wire,
     valid_guest_id,
@@ -182,8 +186,17 @@ class Connection:
     # -- receiving ------------------------------------------------------------------
 
     @property
+    def features(self) -> tuple[str, ...]:
+        return self._features
+
+    @features.setter
+    def features(self, features) -> None:
+        self._features = tuple(features)
+        self._pfn32 = PFN32 in self._features  # read for every batch: kept, not recomputed
+
+    @property
     def encoding(self) -> str:
-        return PFN32 if PFN32 in self.features else RANGES52
+        return PFN32 if self._pfn32 else RANGES52
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
@@ -408,6 +421,47 @@ class HostConnection(Connection):
         self.hello: Hello | None = None
         self.expected_seq = 0
 
+    def next_event(self):
+        """As ``Connection.next_event``, with a short path for the common batch.
+
+        A well-formed REPORT/REUSE/INFLATE/DEFLATE with the expected seq and room in the
+        window is what a READY host sees almost every time; it is recognised with a few
+        exact type checks and built directly. Anything else — a wrong type, seq, shape or
+        a full window — takes the general path, which raises the precise error.
+        """
+        objects = self._objects
+        if objects and self._state is State.READY and self._dead is None:
+            obj = objects[0]
+            if type(obj) is list and len(obj) == 3 and type(obj[0]) is int:
+                cls = _SHORT_PATH_BATCHES.get(obj[0])
+                seq = obj[1]
+                payload = obj[2]
+                if (cls is not None and type(seq) is int and seq == self.expected_seq
+                        and type(payload) is bytes and not self.window.full):
+                    objects.popleft()
+                    batch = cls(payload, seq)
+                    try:
+                        self._decode(batch)
+                    except ProtocolError as error:
+                        self._die(as_remote(error))
+                    self.window.consume(seq)
+                    self.expected_seq = seq + 1
+                    self.messages_received += 1
+                    return batch
+        return super().next_event()
+
+    def send_ack(self, ack: Ack) -> bytes:
+        """``send(ack)`` without the generic dispatch: ACKs are the host's hot path."""
+        if self._state is not State.READY or self._dead is not None:
+            return self.send(ack)  # the general path raises the precise error
+        try:
+            self.window.release(ack.seq)
+        except UnknownSequence as error:
+            raise LocalProtocolError("bad-ack", str(error)) from None
+        data = self._packer.pack([ACK_TYPE, ack.seq, ack.rejected_pages])
+        self.bytes_sent += len(data)
+        return data
+
     def _on_receive(self, message: Message) -> None:
         if isinstance(message, Hello):
             if message.version != PROTOCOL_VERSION:
@@ -431,7 +485,7 @@ class HostConnection(Connection):
 
     def _decode(self, batch: Batch) -> None:
         payload = batch.payload
-        if self.encoding == PFN32:
+        if self._pfn32:
             batch.pfns, batch.counts = decode_pfn32(payload)
             return
         if len(payload) // 8 > 2 * self.max_ranges:  # cheap bound before decoding
@@ -455,6 +509,9 @@ class HostConnection(Connection):
             except UnknownSequence as error:
                 raise LocalProtocolError("bad-ack", str(error)) from None
 
+
+_SHORT_PATH_BATCHES = {int(cls.TYPE): cls for cls in (Report, Reuse, Inflate, Deflate)}
+ACK_TYPE = int(M.ACK)
 
 __all__ = [
     "CONNECTION_CLOSED", "DEFAULT_MAX_MESSAGE_BYTES", "GuestConnection", "HostConnection",
