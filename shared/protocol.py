@@ -29,6 +29,7 @@ from .messages import (
     Deflate,
     Error,
     Hello,
+    Hint,
     Inflate,
     Message,
     MessageType,
@@ -363,6 +364,31 @@ class GuestConnection(Connection):
     def can_send_batch(self) -> bool:
         return self.state is State.READY and not self.window.full
 
+    def send(self, message: Message) -> bytes:
+        """As ``Connection.send``, with a short path for batches once READY."""
+        if type(message) in _SHORT_PATH_SENDS and self._state is State.READY and self._dead is None:
+            self._on_send(message)  # seq, size and window checks, exactly as the general path
+            data = self._packer.pack(message.to_wire())
+            self.bytes_sent += len(data)
+            return data
+        return super().send(message)
+
+    def next_event(self):
+        """As ``Connection.next_event``, with a short path for a well-formed ACK of a batch in flight."""
+        objects = self._objects
+        if objects and self._state is State.READY and self._dead is None:
+            obj = objects[0]
+            if type(obj) is list and len(obj) == 3 and obj[0] == ACK_TYPE and type(obj[0]) is int:
+                seq = obj[1]
+                rejected = obj[2]
+                if (type(seq) is int and type(rejected) is int and 0 <= rejected <= U64_MAX
+                        and seq in self.window):
+                    objects.popleft()
+                    self.window.release(seq)
+                    self.messages_received += 1
+                    return Ack(seq, rejected)
+        return super().next_event()
+
     def _on_send(self, message: Message) -> None:
         if isinstance(message, Batch):
             if message.seq is None:
@@ -377,7 +403,7 @@ class GuestConnection(Connection):
             self.next_seq += 1
 
     def _check_batch_size(self, payload: bytes) -> None:
-        if self.encoding == PFN32:
+        if self._pfn32:
             if len(payload) // 4 > PFN32_MAX_PER_MESSAGE:
                 raise LocalProtocolError("too-many-ranges", "a legacy batch carries at most 256 PFNs")
             return
@@ -511,7 +537,9 @@ class HostConnection(Connection):
 
 
 _SHORT_PATH_BATCHES = {int(cls.TYPE): cls for cls in (Report, Reuse, Inflate, Deflate)}
+_SHORT_PATH_SENDS = frozenset({Report, Reuse, Inflate, Deflate, Hint})
 ACK_TYPE = int(M.ACK)
+U64_MAX = (1 << 64) - 1
 
 __all__ = [
     "CONNECTION_CLOSED", "DEFAULT_MAX_MESSAGE_BYTES", "GuestConnection", "HostConnection",
