@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.addresses import Address, parse_address, split_host_port
-from shared.config import describe_layers, parse_duration, parse_size, resolve_settings
+from shared.config import (
+    ConfigFileError,
+    describe_layers,
+    load_config_table,
+    parse_duration,
+    parse_size,
+    resolve_settings,
+)
 from shared.messages import valid_guest_id
 
 ENV_PREFIX = "BALLOON_GUEST"
@@ -226,19 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config_file(path: Path) -> dict:
-    import tomllib
-
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as error:
-        raise SettingsError(f"--config: cannot read {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SettingsError(f"--config: {path} is not valid TOML: {error}") from None
-    table = data.get("guest", data)
-    if not isinstance(table, dict):
-        raise SettingsError(f"--config: {path}: [guest] must be a table")
-    return table
+        return load_config_table(path, "guest")
+    except ConfigFileError as error:
+        raise SettingsError(str(error)) from None
 
 
 def parse_settings(argv, environ=None) -> GuestSettings:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.addresses import Address, parse_address, split_host_port
-from shared.config import describe_layers, parse_duration, parse_size
+from shared.config import (
+    ConfigFileError,
+    describe_layers,
+    load_config_table,
+    parse_duration,
+    parse_size,
+)
 from shared.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "BALLOON_HOST"
@@ -185,19 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config_file(path: Path) -> dict:
-    import tomllib
-
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as error:
-        raise SettingsError(f"--config: cannot read {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SettingsError(f"--config: {path} is not valid TOML: {error}") from None
-    table = data.get("host", data)
-    if not isinstance(table, dict):
-        raise SettingsError(f"--config: {path}: [host] must be a table")
-    return table
+        return load_config_table(path, "host")
+    except ConfigFileError as error:
+        raise SettingsError(str(error)) from None
 
 
 def parse_settings(argv, environ=None) -> HostSettings:

@@ -2,8 +2,9 @@
 
 Both daemons describe their options once, as an argparse parser; this module lays the
 environment (``PREFIX_FLAG_NAME``) and a config file's table over the defaults before
-the command line is applied. It reads nothing itself: callers pass ``os.environ`` and
-the parsed TOML, which keeps it testable and the protocol package free of I/O.
+the command line is applied. ``resolve_settings`` reads nothing itself (callers pass
+``os.environ`` and the parsed table), which keeps it testable; ``load_config_table`` is
+the one place that reads a config file, for both daemons.
 """
 
 from __future__ import annotations
@@ -45,6 +46,27 @@ def parse_duration(text: str | float | int) -> float:
     if not match:
         raise ValueError(f"{text!r} is not a duration (try 2s, 500ms or 5m)")
     return float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+
+
+class ConfigFileError(ValueError):
+    """The --config file cannot be read or is not the expected TOML."""
+
+
+def load_config_table(path, table: str) -> dict:
+    """The ``[table]`` of a TOML file, or its top level when it has no such table."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigFileError(f"--config: cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigFileError(f"--config: {path} is not valid TOML: {error}") from None
+    section = data.get(table, data)
+    if not isinstance(section, dict):
+        raise ConfigFileError(f"--config: {path}: [{table}] must be a table")
+    return section
 
 
 def _truthy(text: str) -> bool:
