@@ -190,6 +190,14 @@ def test_compose_stack_daemons_come_up_and_report(image):
     finally:
         down = subprocess.run([*base, "down", "-v", "-t", "5"], capture_output=True, text=True, env=env, timeout=300)
         print(down.stdout[-1000:], down.stderr[-1000:])
+        # `down` can leave containers behind that a restart policy brought back meanwhile: force.
+        label = f"label=io.podman.compose.project={project}"
+        left = podman("ps", "-a", "-q", "--filter", label, check=False).stdout.split()
+        if left:
+            podman("rm", "-f", "-t", "2", *left, check=False)
+        podman("network", "rm", "-f", f"{project}_default", check=False)
+        for volume in ("sockets", "ram"):
+            podman("volume", "rm", "-f", f"{project}_{volume}", check=False)
 
 
 def _in(container: str, script: str, check=True):
