@@ -95,6 +95,7 @@ class LoadGuest(asyncio.Protocol):
         self.sessions = 0
         self.acked = 0  # ACKs over every session of this guest
         self.interrupted = False
+        self.expired = False  # the duration's timer fired (event loops may fire it a little early)
         self.wake: asyncio.Future | None = None
         self.out: list[bytes] = []  # corked writes: one syscall per wakeup, not per batch
 
@@ -159,6 +160,7 @@ class LoadGuest(asyncio.Protocol):
 
     def _on_deadline(self) -> None:
         """Time is up: stop even if the host has gone quiet and no ACK will call _pump."""
+        self.expired = True
         if self.conn is not None and not self.stopping:
             self.due.clear()
             self._stop()
@@ -171,7 +173,7 @@ class LoadGuest(asyncio.Protocol):
         self._on_deadline()
 
     def _done_sending(self) -> bool:
-        if self.interrupted:
+        if self.interrupted or self.expired:
             return True
         if self.plan.batches is not None and self.created >= self.plan.batches:
             return True
