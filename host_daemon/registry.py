@@ -102,6 +102,8 @@ class GuestRecord:
             "last_message_at": self.last_message_at,
             "errors": self.errors,
             "apply_seconds_p99": p99,
+            # the guest's last STATS, virtio tags as strings (JSON keys): "4" is MEMFREE
+            "stats": {str(tag): value for tag, value in self.stats.items()},
         }
 
 

@@ -175,13 +175,32 @@ async def test_admin_api_guest_shape(make_host):
     expected = {"id", "connected", "since", "address", "pages", "page_size", "memory_bytes",
                 "reported_pages", "reported_bytes", "inflated_pages", "inflated_bytes", "target_pages",
                 "target_bytes", "hinted_pages", "reclaimed_bytes", "resident_bytes", "batches",
-                "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99"}
+                "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99",
+                "stats"}
     assert set(item) == expected
     assert item["id"] == "eps" and item["connected"] is True
     assert item["reported_pages"] == 1000 and item["reported_bytes"] == 1000 * 4096
     assert item["batches"]["report"] == 1 and item["window"] == {"size": 8, "in_use": 0}
     assert item["address"].startswith("tcp:127.0.0.1:")
     assert item["reclaimed_bytes"] is None and item["apply_seconds_p99"] > 0
+    assert item["stats"] == {}
+    await guest.close()
+
+
+async def test_admin_api_shows_the_guests_last_stats(make_host):
+    """STATS tags, known (4 = MEMFREE) or not (99), reach the admin API as the guest sent them."""
+    from hostkit import STATS
+
+    host = await make_host()
+    guest = await RawGuest.connect(host.tcp)
+    await guest.hello("zeta", PAGES, features=("stats",))
+    await guest.send([STATS, [[4, 123 * 4096], [99, 7]]])
+    await guest.report([(0, 8)])  # acked after the STATS before it was handled
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{host.url}/api/v1/guests/zeta") as response:
+            item = await response.json()
+    assert item["stats"] == {"4": 123 * 4096, "99": 7}
     await guest.close()
 
 
