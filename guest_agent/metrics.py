@@ -13,11 +13,20 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .batches import KINDS
+
+# One series per counter, not two: the *_created timestamps only double the scrape.
+disable_created_metrics()
 
 log = logging.getLogger("guest_agent.metrics")
 
