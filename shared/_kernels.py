@@ -17,8 +17,7 @@ import os
 import numpy as np
 
 OK = 0
-BAD_PFN = 1  # encode: PFN >= 2**52
-ZERO_COUNT = 2  # encode: a range of 0 pages; decode: an escape announcing 0 pages
+ZERO_COUNT = 2  # decode: an escape announcing 0 pages
 DANGLING_ESCAPE = 3  # decode: the payload ends in an escape
 
 try:
@@ -34,23 +33,26 @@ if AVAILABLE:
 
     @njit(cache=True, nogil=True)
     def encode_into(pfns, counts, out):  # pragma: no cover - compiled
-        """Write the canonical words of the ranges into ``out`` (len >= 2*n + 1); returns (status, words).
+        """Write the canonical words of the ranges into ``out`` (len >= 2*n + 1).
 
-        Branch-free on the escape: the count word is always written after the range word
-        and simply overwritten by the next range when the count was inline, so a batch
-        that mixes short and long ranges costs no mispredicted branches.
+        Returns ``(bad, words)``: ``bad`` is nonzero when some PFN needs more than 52 bits
+        or some count is 0, and then ``out`` is garbage (the caller finds which range).
+        Branch-free: the count word is always written after the range word and simply
+        overwritten by the next range when the count was inline, and bad input is OR-ed
+        into one accumulator instead of tested per range, so the loop has no branch on
+        the data at all.
         """
         used = 0
+        bad = np.uint64(0)
         for i in range(pfns.size):
             pfn = pfns[i]
             count = counts[i]
-            if pfn > np.uint64(0xFFFFFFFFFFFFF) or count == 0:
-                return (BAD_PFN if count != 0 else ZERO_COUNT), i
+            bad |= (pfn >> np.uint64(52)) | np.uint64(count == 0)
             escaped = count > np.uint64(4095)
             out[used] = (pfn << np.uint64(12)) | (count * np.uint64(not escaped))
             out[used + 1] = count
             used += 1 + escaped
-        return OK, used
+        return bad, used
 
     @njit(cache=True, nogil=True)
     def decode_into(words, pfns, counts):  # pragma: no cover - compiled

@@ -110,11 +110,10 @@ def _encoder_input(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
 
 def _encode_into(pfns: np.ndarray, counts: np.ndarray, out: np.ndarray) -> int:
     """Run the compiled encoder; map its status to the ValueError the API promises."""
-    status, used = _kernels.encode_into(pfns, counts, out)
-    if status == _kernels.BAD_PFN:
-        raise ValueError(f"PFN {int(pfns[used]):#x} does not fit in {PFN_BITS} bits")
-    if status == _kernels.ZERO_COUNT:
-        raise ValueError("a range must cover at least one page")
+    bad, used = _kernels.encode_into(pfns, counts, out)
+    if bad:
+        check_ranges(pfns, counts)  # finds the offending range and raises its ValueError
+        raise AssertionError("the encode kernel flagged input that check_ranges accepts")
     return used
 
 
