@@ -55,6 +55,45 @@ if AVAILABLE:
         return bad, used
 
     @njit(cache=True, nogil=True)
+    def encode_exact(pfns, counts, out):  # pragma: no cover - compiled
+        """``encode_into`` for an ``out`` of exactly the canonical size (see ``escapes``).
+
+        The unconditional count-word store is safe for every range but the last, whose
+        inline word may be the last word of ``out``; that one range takes the branch.
+        """
+        n = pfns.size
+        used = 0
+        bad = np.uint64(0)
+        for i in range(n - 1):
+            pfn = pfns[i]
+            count = counts[i]
+            bad |= (pfn >> np.uint64(52)) | np.uint64(count == 0)
+            escaped = count > np.uint64(4095)
+            out[used] = (pfn << np.uint64(12)) | (count * np.uint64(not escaped))
+            out[used + 1] = count
+            used += 1 + escaped
+        if n:
+            pfn = pfns[n - 1]
+            count = counts[n - 1]
+            bad |= (pfn >> np.uint64(52)) | np.uint64(count == 0)
+            if count > np.uint64(4095):
+                out[used] = pfn << np.uint64(12)
+                out[used + 1] = count
+                used += 2
+            else:
+                out[used] = (pfn << np.uint64(12)) | count
+                used += 1
+        return bad, used
+
+    @njit(cache=True, nogil=True)
+    def escapes(counts):  # pragma: no cover - compiled
+        """How many ranges need the escape (count >= 4096): the payload is n + this words."""
+        extra = 0
+        for i in range(counts.size):
+            extra += counts[i] > np.uint64(4095)
+        return extra
+
+    @njit(cache=True, nogil=True)
     def decode_into(words, pfns, counts):  # pragma: no cover - compiled
         """Decode ``words`` into ``pfns``/``counts`` (len >= words); returns (status, ranges)."""
         n = words.size
@@ -78,7 +117,7 @@ if AVAILABLE:
         return OK, k
 
 else:  # pragma: no cover
-    encode_into = decode_into = None
+    encode_into = encode_exact = escapes = decode_into = None
 
 
 def warm_up() -> None:
@@ -89,4 +128,6 @@ def warm_up() -> None:
     counts = np.array([1, 5000], dtype=np.uint64)
     out = np.empty(4, dtype=np.uint64)
     encode_into(pfns, counts, out)
+    encode_exact(pfns, counts, out[:3])
+    escapes(counts)
     decode_into(out[:3], np.empty(3, np.uint64), np.empty(3, np.uint64))

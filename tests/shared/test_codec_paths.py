@@ -69,3 +69,30 @@ def test_encode_errors_agree(pfns, cnts):
     assert compiled[0] is ValueError
     with numpy_codec():
         assert outcome(ranges.encode_words, pfns, cnts) == compiled
+
+
+@pytest.mark.parametrize("last_count", [1, 4095, 4096, 2**40])
+def test_large_payloads_encoded_in_place_match_the_array_path(last_count):
+    """Batches from ranges.BIG_BATCH on are written straight into their bytes object."""
+    rng = np.random.default_rng(last_count)
+    size = ranges.BIG_BATCH + 17
+    cnts = np.where(rng.random(size) < 0.05, rng.integers(4096, 2**20, size), rng.integers(1, 4096, size))
+    cnts = cnts.astype(np.uint64)
+    cnts[-1] = last_count
+    pfns = np.cumsum(cnts + 1, dtype=np.uint64)
+    payload = ranges.encode_ranges(pfns, cnts)
+    assert type(payload) is bytes
+    assert payload == ranges.encode_words(pfns, cnts).tobytes()
+    decoded = ranges.decode_ranges(payload)
+    assert decoded[0].tolist() == pfns.tolist() and decoded[1].tolist() == cnts.tolist()
+    assert hash(payload) == hash(bytes(payload))  # a normal, immutable bytes object afterwards
+
+
+@pytest.mark.parametrize("pfn, count", [(2**52, 1), (5, 0)])
+def test_large_payloads_refuse_what_the_wire_cannot_carry(pfn, count):
+    size = ranges.BIG_BATCH + 3
+    pfns = np.arange(size, dtype=np.uint64) * 8
+    cnts = np.ones(size, dtype=np.uint64)
+    pfns[size // 2], cnts[size // 2] = pfn, count
+    with pytest.raises(ValueError):
+        ranges.encode_ranges(pfns, cnts)
