@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from shared.jit import cached_njit
+
 #: Largest guest (in pages) given flat bitmaps: 2**32 pages = 16 TiB of guest RAM,
 #: 512 MiB of address space per set. Past it, pyroaring (bounded by the pages used).
 FLAT_LIMIT = 1 << 32
@@ -45,7 +47,9 @@ STATE_SIZE = REASONS_AT + 3 * 4
 try:
     if os.environ.get("BALLOON_TRACKER", "").lower() == "roaring":
         raise ImportError("roaring tracker requested")
-    from numba import njit
+    njit = cached_njit()  # None without numba
+    if njit is None:
+        raise ImportError("numba is not importable")
 except ImportError:  # pragma: no cover - exercised when numba is absent
     njit = None
 

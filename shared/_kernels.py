@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from .jit import cached_njit
+
 OK = 0
 ZERO_COUNT = 2  # decode: an escape announcing 0 pages
 DANGLING_ESCAPE = 3  # decode: the payload ends in an escape
@@ -23,7 +25,9 @@ DANGLING_ESCAPE = 3  # decode: the payload ends in an escape
 try:
     if os.environ.get("BALLOON_CODEC", "").lower() == "numpy":
         raise ImportError("numpy codec requested")
-    from numba import njit
+    njit = cached_njit()  # None without numba
+    if njit is None:
+        raise ImportError("numba is not importable")
 except ImportError:  # pragma: no cover - exercised when numba is absent
     njit = None
 
