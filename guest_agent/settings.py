@@ -18,10 +18,9 @@ from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
     describe_layers,
-    load_config_table,
+    layered_settings,
     parse_duration,
     parse_size,
-    resolve_settings,
 )
 from shared.messages import valid_guest_id
 
@@ -232,23 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: Path) -> dict:
-    try:
-        return load_config_table(path, "guest")
-    except ConfigFileError as error:
-        raise SettingsError(str(error)) from None
-
-
 def parse_settings(argv, environ=None) -> GuestSettings:
     """argv + environment + config file → GuestSettings (argparse exits 2 on bad syntax)."""
     environ = os.environ if environ is None else environ
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
-    known, _ = pre.parse_known_args(argv)
-    config = known.config or (Path(environ[f"{ENV_PREFIX}_CONFIG"]) if environ.get(f"{ENV_PREFIX}_CONFIG") else None)
-    file_settings = load_config_file(config) if config else None
-    ns = resolve_settings(parser, argv, ENV_PREFIX, environ, file_settings)
+    try:
+        ns = layered_settings(build_parser(), argv, ENV_PREFIX, environ, "guest")
+    except ConfigFileError as error:
+        raise SettingsError(str(error)) from None
     features = tuple(part.strip() for item in ns.features for part in str(item).split(",") if part.strip())
     if ns.pfn32 and features and "pfn32" not in features:
         features = features + ("pfn32",)

@@ -16,7 +16,7 @@ from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
     describe_layers,
-    load_config_table,
+    layered_settings,
     parse_duration,
     parse_size,
 )
@@ -190,28 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: Path) -> dict:
-    try:
-        return load_config_table(path, "host")
-    except ConfigFileError as error:
-        raise SettingsError(str(error)) from None
-
-
 def parse_settings(argv, environ=None) -> HostSettings:
     """argv + environment + config file → HostSettings; argparse exits 2 on bad syntax,
     SettingsError carries semantic problems (cli.main turns it into exit 2)."""
     environ = os.environ if environ is None else environ
-    parser = build_parser()
-    if any(arg in ("-h", "--help") for arg in argv):
-        parser.parse_args(["--help"])  # before resolve_settings hides the defaults; exits 0
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
-    known, _ = pre.parse_known_args(argv)
-    config = known.config or (Path(environ[f"{ENV_PREFIX}_CONFIG"]) if environ.get(f"{ENV_PREFIX}_CONFIG") else None)
-    file_settings = load_config_file(config) if config else None
-    from shared.config import resolve_settings
-
-    ns = resolve_settings(parser, argv, ENV_PREFIX, environ, file_settings)
+    try:
+        ns = layered_settings(build_parser(), argv, ENV_PREFIX, environ, "host")
+    except ConfigFileError as error:
+        raise SettingsError(str(error)) from None
     http = ns.http
     if isinstance(http, str):  # default string not run through type by resolve_settings
         http = _http(http)

@@ -139,6 +139,25 @@ def resolve_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
     return argparse.Namespace(**values)
 
 
+def layered_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
+                     environ: Mapping[str, str], table: str) -> argparse.Namespace:
+    """What a daemon's ``main`` needs: --help, the --config file (flag or environment), layers.
+
+    ``--help`` is answered before the defaults are hidden (so help texts show them); the
+    config file comes from ``--config`` or ``PREFIX_CONFIG`` and its ``[table]`` is laid
+    under the environment and the command line. Raises ConfigFileError for a bad file.
+    """
+    argv = list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        parser.parse_args(["--help"])  # exits 0
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    config = known.config or environ.get(env_name(env_prefix, "config")) or None
+    file_settings = load_config_table(config, table) if config else None
+    return resolve_settings(parser, argv, env_prefix, environ, file_settings)
+
+
 def describe_layers(prefix: str) -> str:
     """The epilog both daemons print under --help."""
     return (f"Every option can also come from the environment as {prefix}_<OPTION> (e.g. "

@@ -81,3 +81,21 @@ def test_parse_duration(text, expected):
 def test_parse_duration_rejects(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_layered_settings_reads_the_table_named_by_flag_or_environment(tmp_path):
+    from shared.config import ConfigFileError, layered_settings
+
+    config = tmp_path / "balloon.toml"
+    config.write_text('[tool]\nwindow = 4\nmemory = "256MiB"\n')
+    parser = make_parser()
+    parser.add_argument("--config")
+    from_flag = layered_settings(parser, ["--config", str(config)], "T", {"T_WINDOW": "8"}, "tool")
+    assert (from_flag.window, from_flag.memory) == (8, 256 << 20)  # env over file
+    from_env = layered_settings(parser, [], "T", {"T_CONFIG": str(config)}, "tool")
+    assert (from_env.window, from_env.memory) == (4, 256 << 20)
+    config.write_text("window = [")
+    with pytest.raises(ConfigFileError):
+        layered_settings(parser, ["--config", str(config)], "T", {}, "tool")
+    with pytest.raises(ConfigFileError):
+        layered_settings(parser, ["--config", str(tmp_path / "missing.toml")], "T", {}, "tool")
