@@ -17,6 +17,7 @@ from pathlib import Path
 from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
+    argument_type,
     describe_layers,
     layered_settings,
     parse_duration,
@@ -132,16 +133,6 @@ def check(s: GuestSettings) -> None:
         raise SettingsError(f"--log-format must be text or json, got {s.log_format!r}")
 
 
-def _wrap(function, kind: str):
-    def convert(text):
-        try:
-            return function(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    convert.__name__ = kind
-    return convert
-
-
 def _http(text: str):
     if str(text).strip().lower() in ("off", "none", ""):
         return None
@@ -171,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--connect", type=_wrap(parse_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
+    add("--connect", type=argument_type(parse_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
         help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
     add("--id", default=None, metavar="NAME",
         help="guest id (the host's label for this guest; default: the hostname)")
-    add("--memory", type=_wrap(parse_size, "size"), default=None, metavar="SIZE",
+    add("--memory", type=argument_type(parse_size, "size"), default=None, metavar="SIZE",
         help="simulated guest RAM, e.g. 512MiB or 8GiB (a multiple of 4MiB; default 512MiB); with "
              "--source procfs, the RAM size announced to the host (default: the end of the highest "
              "System RAM range in /proc/iomem)")
@@ -186,20 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workload", default="idle", metavar="NAME",
         help="idle (a small working set allocated once), churn (steady alloc/free around "
              "--utilization), burst (periodic large alloc then free) or trace:FILE (replay)")
-    add("--utilization", type=_wrap(_fraction, "fraction"), default=None, metavar="FRACTION",
+    add("--utilization", type=argument_type(_fraction, "fraction"), default=None, metavar="FRACTION",
         help="the workload's target share of guest memory (workload default when unset)")
-    add("--rate", type=_wrap(float, "number"), default=None, metavar="PER_SECOND",
+    add("--rate", type=argument_type(float, "number"), default=None, metavar="PER_SECOND",
         help="workload allocations per second (workload default when unset)")
     add("--size-mix", default=None, metavar="ORDER:WEIGHT,...",
         help="workload allocation orders and weights, e.g. 0:70,2:20,9:10 (workload default when unset)")
     add("--seed", type=int, default=None, help="seed of the workload's random choices (reproducible runs)")
     add("--report-order", type=int, default=9, metavar="ORDER",
         help="smallest block order reported (Linux: pageblock_order, 9 = 2MiB)")
-    add("--report-delay", type=_wrap(parse_duration, "duration"), default="2s", metavar="DURATION",
+    add("--report-delay", type=argument_type(parse_duration, "duration"), default="2s", metavar="DURATION",
         help="wait after a large free before a reporting pass (Linux: PAGE_REPORTING_DELAY, 2s)")
     add("--capacity", type=int, default=32, metavar="RANGES",
         help="blocks per report, the size of the fixed range buffer (Linux: PAGE_REPORTING_CAPACITY, 32)")
-    add("--http", type=_wrap(_http, "host:port"), default=DEFAULT_HTTP, metavar="HOST:PORT",
+    add("--http", type=argument_type(_http, "host:port"), default=DEFAULT_HTTP, metavar="HOST:PORT",
         help="serve /metrics and /healthz here (off to disable)")
     add("--token-file", type=Path, default=None, metavar="FILE",
         help="file holding this guest's token (the host's --token-file lists it)")
@@ -211,15 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--features", action="append", default=[], metavar="NAME",
         help=f"offer exactly these features in HELLO (repeatable or comma-separated; known: "
              f"{', '.join(KNOWN_FEATURES)}); default: implied by the other options")
-    add("--tick", type=_wrap(parse_duration, "duration"), default="50ms", metavar="DURATION",
+    add("--tick", type=argument_type(parse_duration, "duration"), default="50ms", metavar="DURATION",
         help="workload step interval")
-    add("--reconnect-max", type=_wrap(parse_duration, "duration"), default="5s", metavar="DURATION",
+    add("--reconnect-max", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
         help="longest wait between reconnect attempts (exponential backoff with jitter)")
-    add("--handshake-timeout", type=_wrap(parse_duration, "duration"), default="5s", metavar="DURATION",
+    add("--handshake-timeout", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
         help="how long to wait for the host's WELCOME")
     add("--procfs-root", type=Path, default=Path("/"), metavar="DIR",
         help="root holding proc/kpageflags, proc/kpagecount and proc/iomem (for fixtures)")
-    add("--scan-interval", type=_wrap(parse_duration, "duration"), default="10s", metavar="DURATION",
+    add("--scan-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
         help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
     add("--canary-samples", type=int, default=256, metavar="N",
         help="with --shared-ram: allocations whose canaries the sampling sweep checks every 2s")

@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
+    argument_type,
     describe_layers,
     layered_settings,
     parse_duration,
@@ -100,13 +101,6 @@ def check(s: HostSettings) -> None:
         raise SettingsError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
 
 
-def _address(text: str) -> Address:
-    try:
-        return parse_address(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _http(text: str) -> tuple[str, int] | None:
     if text.strip().lower() in ("off", "none", ""):
         return None
@@ -116,18 +110,9 @@ def _http(text: str) -> tuple[str, int] | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+_address = argument_type(parse_address, "address")
+_size = argument_type(parse_size, "size")
+_duration = argument_type(parse_duration, "duration")
 
 
 def _positive_int(text: str) -> int:

@@ -69,6 +69,22 @@ def load_config_table(path, table: str) -> dict:
     return section
 
 
+def argument_type(function, name: str):
+    """An argparse ``type=`` that keeps ``function``'s ValueError text in the usage error.
+
+    argparse turns a plain ValueError into "invalid <name> value"; the parsers here say
+    what form was expected, which is worth showing.
+    """
+    def convert(text):
+        try:
+            return function(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name
+    return convert
+
+
 def _truthy(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
