@@ -17,6 +17,7 @@ from pathlib import Path
 from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
+    add_common_options,
     argument_type,
     describe_layers,
     layered_settings,
@@ -214,11 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
     add("--canary-samples", type=int, default=256, metavar="N",
         help="with --shared-ram: allocations whose canaries the sampling sweep checks every 2s")
-    add("--config", type=Path, default=None, metavar="FILE",
-        help="TOML file of options (keys as option names, top level or a [guest] table)")
-    add("--log-format", choices=("text", "json"), default="text", help="log line format")
-    add("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-        help="least severe level logged")
+    add_common_options(parser, "guest")
     return parser
 
 

@@ -22,8 +22,6 @@ tracker uses pyroaring, which the tests hold to the same answers.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from shared.jit import cached_njit
@@ -44,14 +42,7 @@ REJECTED = 11  # ranges rejected by the last batch (any reason)
 REASONS_AT = 12  # per reason (zero-length, out-of-range, overlap, conflict): ranges, low, high
 STATE_SIZE = REASONS_AT + 3 * 4
 
-try:
-    if os.environ.get("BALLOON_TRACKER", "").lower() == "roaring":
-        raise ImportError("roaring tracker requested")
-    njit = cached_njit()  # None without numba
-    if njit is None:
-        raise ImportError("numba is not importable")
-except ImportError:  # pragma: no cover - exercised when numba is absent
-    njit = None
+njit = cached_njit("BALLOON_TRACKER", "roaring")  # None without numba or when BALLOON_TRACKER=roaring
 
 AVAILABLE = njit is not None
 

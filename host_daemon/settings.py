@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.addresses import Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
+    add_common_options,
     argument_type,
     describe_layers,
     layered_settings,
@@ -167,11 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
              "punched out of it for real")
     add("--debug-apply-delay", type=_duration, default="0", metavar="DURATION",
         help="testing only: wait this long before applying each batch, to play a slow host")
-    add("--config", type=Path, default=None, metavar="FILE",
-        help="TOML file with option names as keys (top level or in a [host] table)")
-    add("--log-format", choices=("text", "json"), default="text", help="log line format")
-    add("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-        help="least severe level logged")
+    add_common_options(parser, "host")
     return parser
 
 

@@ -12,8 +12,6 @@ maps them to the protocol's errors.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .jit import cached_njit
@@ -22,14 +20,7 @@ OK = 0
 ZERO_COUNT = 2  # decode: an escape announcing 0 pages
 DANGLING_ESCAPE = 3  # decode: the payload ends in an escape
 
-try:
-    if os.environ.get("BALLOON_CODEC", "").lower() == "numpy":
-        raise ImportError("numpy codec requested")
-    njit = cached_njit()  # None without numba
-    if njit is None:
-        raise ImportError("numba is not importable")
-except ImportError:  # pragma: no cover - exercised when numba is absent
-    njit = None
+njit = cached_njit("BALLOON_CODEC", "numpy")  # None without numba or when BALLOON_CODEC=numpy
 
 AVAILABLE = njit is not None
 

@@ -155,6 +155,15 @@ def resolve_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
     return argparse.Namespace(**values)
 
 
+def add_common_options(parser: argparse.ArgumentParser, table: str) -> None:
+    """--config, --log-format and --log-level, spelled the same for every daemon."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"TOML file with option names as keys (top level or in a [{table}] table)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="least severe level logged")
+
+
 def layered_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
                      environ: Mapping[str, str], table: str) -> argparse.Namespace:
     """What a daemon's ``main`` needs: --help, the --config file (flag or environment), layers.

@@ -32,12 +32,15 @@ def _cache_dir_ready() -> bool:
     return True
 
 
-def cached_njit():
-    """numba's ``njit``, with ``cache=`` decided here; None when numba is not importable.
+def cached_njit(switch: str, fallback: str):
+    """numba's ``njit``, with ``cache=`` decided here; None when numba is not importable or
+    the environment variable ``switch`` names the ``fallback`` implementation.
 
     Call sites keep numba's own syntax (``@njit(cache=True, nogil=True)``); the cache
     option is honoured only when a cache directory is usable.
     """
+    if os.environ.get(switch, "").lower() == fallback:
+        return None
     cache_ok = _cache_dir_ready()  # before numba reads its configuration
     try:
         from numba import njit
