@@ -431,7 +431,7 @@ class Session:
             record.ram = None
         out = [self.conn.send(Welcome(
             window=settings.window, max_ranges=settings.max_ranges, features=features,
-            max_message_bytes=settings.max_message_bytes, ram_file=ram_file))]
+            max_message_bytes=settings.max_message_bytes, ram_file=ram_file, pages=record.pages))]
         if record.target_pages is not None:
             out.append(self.conn.send(Target(record.target_pages)))
         self._welcomed.set()

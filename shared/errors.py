@@ -27,6 +27,7 @@ CODES: dict[str, str] = {
     "auth-failed": "the guest's token is missing or wrong",
     "guest-busy": "another live session already holds this guest id",
     "too-many-guests": "the host already serves its maximum number of guests",
+    "bad-size": "HELLO claims more pages than the host allows for this guest",
     "handshake-timeout": "no valid HELLO arrived in time",
     "idle-timeout": "nothing arrived from the peer within the idle timeout",
     "internal": "the sender failed internally; the session cannot go on",

@@ -162,6 +162,9 @@ class Welcome(Message):
     version: int = 1
     max_message_bytes: int | None = None
     ram_file: str | None = None
+    #: the guest's size in pages as the host counts it (its inventory, or the HELLO claim in
+    #: open mode); ranges are checked against it. Optional on the wire for older hosts.
+    pages: int | None = None
 
     def to_wire(self) -> list:
         body: dict[str, Any] = {
@@ -174,6 +177,8 @@ class Welcome(Message):
             body["max_message_bytes"] = self.max_message_bytes
         if self.ram_file is not None:
             body["ram_file"] = self.ram_file
+        if self.pages is not None:
+            body["pages"] = self.pages
         return [self.WIRE_TYPE, body]
 
     @classmethod
@@ -185,6 +190,7 @@ class Welcome(Message):
             raise _bad("window and max_ranges must be at least 1")
         mmb = body.get("max_message_bytes")
         ram_file = body.get("ram_file")
+        pages = body.get("pages")
         return cls(
             version=_uint(_require(body, "version", "WELCOME"), "version"),
             window=window,
@@ -192,6 +198,7 @@ class Welcome(Message):
             features=_features(_require(body, "features", "WELCOME")),
             max_message_bytes=None if mmb is None else _uint(mmb, "max_message_bytes"),
             ram_file=None if ram_file is None else _text(ram_file, "ram_file", 4096),
+            pages=None if pages is None else _uint(pages, "pages", 1 << 52),
         )
 
 

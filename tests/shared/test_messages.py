@@ -42,6 +42,7 @@ SAMPLES = [
     Hello(guest="vm-7.a_b", pages=1, features=(), token="s3cret"),
     Welcome(window=8, max_ranges=4096, features=("ranges52",)),
     Welcome(window=1, max_ranges=1, features=(), max_message_bytes=1 << 20, ram_file="/dev/shm/balloon/g1.ram"),
+    Welcome(window=4, max_ranges=64, features=(), pages=262144),
     Report(seq=0, payload=PAYLOAD),
     Report(seq=2**64 - 1, payload=b""),
     Ack(seq=0, rejected_pages=0),
