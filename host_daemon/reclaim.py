@@ -24,6 +24,14 @@ it is opened relative to the RAM directory's descriptor with O_NOFOLLOW, and it 
 a regular file with a single link — a symlink or a hard link planted in the directory
 cannot make the host truncate or punch another file. Reclaimed bytes are read back from
 the kernel (``st_blocks``), never computed from what was asked.
+
+Proof of reclaim: every discard counts the bytes asked (``requested``) and the bytes the
+kernel really gave back (``released``: ``st_blocks`` before minus after). Asking to free a
+range that was already a hole (never touched, or reported before) releases nothing and is
+fine; but when a discard released less than it asked, the ranges are checked again with
+``SEEK_DATA``/``SEEK_HOLE``: data still there after the punch (``unreleased``) means the
+discard did not work — as ``MADV_DONTNEED`` on a shared memfd "succeeds" and frees
+nothing — and is counted and logged. Metrics: ``balloon_discard_*`` (metrics.py).
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import mmap
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +51,11 @@ import numpy as np
 from shared.messages import valid_guest_id
 from shared.ranges import sort_and_coalesce
 
+log = logging.getLogger("balloon.host.reclaim")
+
 PAGE_SIZE = 4096
+#: At most one "discard released nothing" warning per file per this many seconds.
+WARN_EVERY_S = 10.0
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 SUFFIX = ".ram"
@@ -95,6 +109,27 @@ def punch_holes(fd: int, offsets: np.ndarray, lengths: np.ndarray) -> None:
             raise OSError(code, f"fallocate(PUNCH_HOLE) failed: {os.strerror(code)}")
 
 
+def data_bytes(fd: int, offsets: np.ndarray, lengths: np.ndarray) -> int:
+    """Bytes of the ranges that hold data (not holes), by SEEK_DATA/SEEK_HOLE (lseek(2))."""
+    total = 0
+    for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        end = offset + length
+        position = offset
+        while position < end:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # no data after position
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            total += stop - start
+            position = stop
+    return total
+
+
 def madvise_remove(mapping: mmap.mmap, offsets: np.ndarray, lengths: np.ndarray) -> None:
     """madvise(MADV_REMOVE) each byte range of a MAP_SHARED mapping (the raw baseline)."""
     advise = mapping.madvise
@@ -110,6 +145,12 @@ class RamFile:
         self.name = name
         self.fd = fd
         self.size = size
+        # proof of reclaim (module doc), cumulative for this file
+        self.requested_bytes = 0
+        self.released_bytes = 0
+        self.unreleased_bytes = 0
+        self.ineffective_discards = 0
+        self._warned_at = -WARN_EVERY_S
 
     @property
     def path(self) -> Path:
@@ -162,9 +203,24 @@ class RamFile:
         offsets, lengths = _byte_ranges(pfns, counts, self.size)
         if not offsets.size:
             return 0
+        requested = int(lengths.sum())
         before = self.allocated_bytes()
         punch_holes(self.fd, offsets, lengths)
-        return max(0, before - self.allocated_bytes())
+        released = max(0, before - self.allocated_bytes())
+        self.requested_bytes += requested
+        self.released_bytes += released
+        if released < requested:
+            left = data_bytes(self.fd, offsets, lengths)
+            if left:
+                self.unreleased_bytes += left
+                self.ineffective_discards += 1
+                now = time.monotonic()
+                if now - self._warned_at >= WARN_EVERY_S:
+                    self._warned_at = now
+                    log.warning("discard released less than it should: data still in the punched ranges",
+                                extra={"file": self.name, "requested_bytes": requested, "released_bytes": released,
+                                       "unreleased_bytes": left, "ineffective_total": self.ineffective_discards})
+        return released
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
