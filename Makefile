@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv install test test-fast bench lint demo chaos system-deps deploy-test container-test clean
+.PHONY: help venv install test test-fast bench lint demo stack rules chaos system-deps deploy-test container-test clean
 
 help:
 	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
 	@echo "make test        install what the tests need and run them"
 	@echo "make bench       run the benchmark suite and rewrite docs/PERFORMANCE.md"
+	@echo "make stack       the demo's host and guests plus a real Prometheus with deploy/'s rules (STACK_SECONDS=N)"
+	@echo "make rules       deploy/'s alert rules with your runbook base: RUNBOOK_BASE=https://... (to build/prometheus)"
 	@echo "make chaos       long crash test: host and guests killed at random, no page may be lost"
 	@echo "make lint        ruff"
 	@echo "make deploy-test slower checks of deploy/ (real Prometheus, schemas)"
@@ -50,6 +52,16 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m guest_agent.demo
+
+# The runbook base the shipped rules link to; `make rules` swaps it for RUNBOOK_BASE.
+RUNBOOK_BASE_SHIPPED := https://github.com/balloon-hints/balloon-hints/blob/main/docs/OPERATIONS.md
+rules:
+	@case "$(RUNBOOK_BASE)" in http://*|https://*) ;; \
+	  *) echo "make rules: give RUNBOOK_BASE=https://... (the absolute URL of your copy of docs/OPERATIONS.md)"; exit 2;; esac
+	@mkdir -p build/prometheus
+	@for f in balloon-rules.yml balloon-rules-test.yml; do \
+	  sed 's|$(RUNBOOK_BASE_SHIPPED)#|$(RUNBOOK_BASE)#|' deploy/prometheus/$$f > build/prometheus/$$f; done
+	@echo "wrote build/prometheus/balloon-rules.yml (runbooks at $(RUNBOOK_BASE)#...) and its promtool tests"
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}

@@ -4,7 +4,8 @@ Counters and the ack-latency histogram are updated as things happen; gauges that
 a view of the agent's state (memory, free, reported, isolated, inflated, window) are read
 at scrape time by a custom collector, so they can never drift from the allocator.
 ``balloon_guest_reported_bytes`` is "reported and not reused now": the number the host's
-``balloon_reported_bytes{guest}`` must converge to once the guest is quiet.
+``balloon_reported_bytes{guest}`` must converge to once the guest is quiet. ``DEPRECATED``
+names are exported beside their replacement through the 0.2 releases (gone in 0.3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from shared.standard_metrics import register_standard
 
 from .batches import KINDS
 
@@ -69,6 +72,7 @@ class GuestMetrics:
                                        ["code"], registry=r)
         self._state: Callable[[], dict] | None = None
         r.register(_StateCollector(self))
+        register_standard(r)
 
     def bind(self, state: Callable[[], dict]) -> None:
         """Give the collector a function returning the agent's current gauges."""
@@ -86,7 +90,7 @@ GAUGES = {
     "reported_bytes": "Free pages reported to the host and not reused since (the host must converge to this).",
     "isolated_bytes": "Pages isolated in reports awaiting their ACK.",
     "inflated_bytes": "Pages held by the balloon.",
-    "balloon_target_bytes": "Balloon size the host asked for (TARGET).",
+    "target_bytes": "Balloon size the host asked for (TARGET).",
     "possibly_reclaimable_bytes": "procfs source: free kernel pages seen by the last scan (hints, never isolated).",
     "hinted_bytes": "Pages hinted for the current hint command (possibly reclaimable, not reclaimed).",
     "inflight_batches": "Batches sent and not yet acknowledged.",
@@ -95,18 +99,31 @@ GAUGES = {
     "connected": "1 while a session is established.",
 }
 
+#: metric suffix -> the agent state key it reads, where the two differ
+STATE_KEYS = {"target_bytes": "balloon_target_bytes"}
+#: old metric suffix -> its replacement (both exported for one release)
+DEPRECATED = {"balloon_target_bytes": "target_bytes"}
+
 
 class _StateCollector:
     def __init__(self, metrics: GuestMetrics) -> None:
         self.metrics = metrics
 
     def describe(self):
-        return [GaugeMetricFamily(f"balloon_guest_{name}", doc) for name, doc in GAUGES.items()]
+        return [GaugeMetricFamily(f"balloon_guest_{name}", doc) for name, doc in self._gauges()]
 
     def collect(self):
         state = self.metrics._state() if self.metrics._state else {}
-        for name, doc in GAUGES.items():
-            yield GaugeMetricFamily(f"balloon_guest_{name}", doc, value=float(state.get(name, 0)))
+        for name, doc in self._gauges():
+            current = DEPRECATED.get(name, name)
+            key = STATE_KEYS.get(current, current)
+            yield GaugeMetricFamily(f"balloon_guest_{name}", doc, value=float(state.get(key, 0)))
+
+    @staticmethod
+    def _gauges():
+        yield from GAUGES.items()
+        for old, new in DEPRECATED.items():
+            yield old, f"DEPRECATED: use balloon_guest_{new}. {GAUGES[new]}"
 
 
 async def start_http(metrics: GuestMetrics, host: str, port: int,

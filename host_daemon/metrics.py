@@ -6,6 +6,8 @@ per-batch path only bumps plain integers. Each host has its own ``CollectorRegis
 (never the global one), so tests can run several hosts in one process.
 
 Names follow DESIGN §5: ``balloon_*``, base units, ``_total``/``_bytes``/``_seconds``.
+``DEPRECATED`` lists old names still exported for one release beside their replacement
+(same value, HELP text saying so); docs/API.md names the release that drops them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from prometheus_client.registry import Collector
 
 from shared import PAGE_SIZE
 from shared.errors import CODES
+from shared.standard_metrics import register_standard
 
 from .session import RESULTS
 from .tracker import KINDS
+
+#: old name -> its replacement; both are exported through the 0.2 releases, the old one goes in 0.3.
+DEPRECATED = {"balloon_balloon_target_bytes": "balloon_target_bytes"}
 
 
 class HostStats:
@@ -72,7 +78,7 @@ class HostCollector(Collector):
         inflated = GaugeMetricFamily("balloon_inflated_bytes", "Pages currently in the balloon, in bytes.", labels=["guest"])
         hinted = GaugeMetricFamily("balloon_hinted_bytes",
                                    "Pages hinted for the current hinting command (possibly reclaimable).", labels=["guest"])
-        target = GaugeMetricFamily("balloon_balloon_target_bytes", "Balloon size the host asked for (0: none).", labels=["guest"])
+        target = GaugeMetricFamily("balloon_target_bytes", "Balloon size the host asked for (0: none).", labels=["guest"])
         inflight = GaugeMetricFamily("balloon_inflight_batches", "Batches received and not yet acked.", labels=["guest"])
         reclaimed = GaugeMetricFamily("balloon_reclaimed_bytes",
                                       "RAM file size minus its allocated blocks, read from the kernel.", labels=["guest"])
@@ -105,6 +111,7 @@ class HostCollector(Collector):
         yield from families.values()
         yield from (rejected, received, up, memory, reported, inflated, hinted, target, inflight,
                     reclaimed, resident)
+        yield from deprecated_aliases((target,))
 
         apply = host.registry.apply_histogram()
         histogram = HistogramMetricFamily("balloon_batch_apply_seconds",
@@ -114,9 +121,21 @@ class HostCollector(Collector):
         yield histogram
 
 
+def deprecated_aliases(families):
+    """The same per-guest samples under each family's old name (``DEPRECATED``)."""
+    old_names = {new: old for old, new in DEPRECATED.items()}
+    for family in families:
+        alias = GaugeMetricFamily(old_names[family.name], f"DEPRECATED: use {family.name}. "
+                                  f"{family.documentation}", labels=["guest"])
+        for sample in family.samples:
+            alias.add_metric([sample.labels["guest"]], sample.value)
+        yield alias
+
+
 def make_registry(host) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HostCollector(host))
+    register_standard(registry)
     return registry
 
 

@@ -3,12 +3,14 @@ and every alert is unit-tested both ways and links a runbook section that exists
 
 import re
 import subprocess
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from deployfiles import (
     OPERATIONS,
     PROMETHEUS_CONFIG,
+    ROOT,
     RULE_FILES,
     RULE_TESTS,
     RULES,
@@ -95,8 +97,38 @@ def test_every_alert_has_labels_annotations_and_a_runbook_that_exists():
         notes = rule.raw["annotations"]
         assert notes.get("summary") and notes.get("description"), rule.name
         runbook = notes.get("runbook_url", "")
-        assert runbook.startswith("docs/OPERATIONS.md#"), rule.name
+        # absolute: Alertmanager and its receivers have nothing to resolve a relative link against
+        assert runbook.startswith(f"{SHIPPED_BASE}#"), f"{rule.name}: {runbook}"
         assert runbook.split("#", 1)[1] in anchors, f"{rule.name}: no heading for {runbook}"
+
+
+SHIPPED_BASE = re.search(r"^RUNBOOK_BASE_SHIPPED := (\S+)$", (ROOT / "Makefile").read_text(),
+                         flags=re.MULTILINE).group(1)
+
+
+def test_shipped_runbook_base_is_an_absolute_url_to_operations_md():
+    parts = urlsplit(SHIPPED_BASE)
+    assert parts.scheme == "https" and parts.netloc and parts.path.endswith("docs/OPERATIONS.md")
+
+
+def test_make_rules_swaps_the_runbook_base_and_the_unit_tests_still_pass(tmp_path):
+    base = "https://wiki.example.org/ops/balloon"
+    build = ROOT / "build" / "prometheus"
+    result = subprocess.run(["make", "-s", "rules", f"RUNBOOK_BASE={base}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = load_rules(build / RULES.name)
+    urls = [rule.raw["annotations"]["runbook_url"] for rule in rules if rule.kind == "alert"]
+    assert urls and all(url.startswith(f"{base}#") for url in urls), urls
+    assert SHIPPED_BASE not in (build / RULE_TESTS.name).read_text()
+    out = promtool("test", "rules", str(build / RULE_TESTS.name))
+    assert "SUCCESS" in out
+
+
+def test_make_rules_refuses_a_relative_base():
+    result = subprocess.run(["make", "-s", "rules", "RUNBOOK_BASE=docs/OPERATIONS.md"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "RUNBOOK_BASE=https://" in result.stdout + result.stderr
 
 
 def test_recording_rules_follow_the_naming_convention_and_are_defined_before_use():

@@ -228,7 +228,7 @@ def test_inflate_to_target_then_deflate_frees_pages_only_after_the_ack():
     h.settle()
     assert len(h.host.inflated) == 3000 == h.balloon.pages
     assert h.metrics.value("balloon_guest_inflated_bytes") == 3000 * 4096
-    assert h.metrics.value("balloon_guest_balloon_target_bytes") == 3000 * 4096
+    assert h.metrics.value("balloon_guest_target_bytes") == 3000 * 4096
     assert (h.allocator.state[sorted(h.host.inflated)] == ALLOCATED).all()
     assert not (h.host.inflated & h.host.reported)
     h.deliver(Target(1000))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 from guest_fakes import FakeBuddy
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from guest_agent.agent import Agent
@@ -17,7 +18,7 @@ REQUIRED = {
     "balloon_guest_window_stall_seconds_total", "balloon_guest_inflight_batches",
     "balloon_guest_reconnects_total", "balloon_guest_connected", "balloon_guest_canary_failures_total",
     "balloon_guest_canary_pages_checked_total", "balloon_guest_inflated_bytes",
-    "balloon_guest_balloon_target_bytes",
+    "balloon_guest_target_bytes",
 }
 
 
@@ -72,3 +73,18 @@ def test_promtool_accepts_the_guest_metrics():
     result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(metrics.registry),
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_process_metrics_build_info_and_the_deprecated_target_name():
+    from guest_agent.metrics import DEPRECATED
+    from shared.standard_metrics import version
+
+    metrics = GuestMetrics()
+    metrics.bind(lambda: {"balloon_target_bytes": 12 << 20})
+    assert metrics.value("balloon_build_info", {"version": version()}) == 1
+    assert metrics.value("process_resident_memory_bytes") > 0
+    assert metrics.value("balloon_guest_target_bytes") == 12 << 20
+    for old, new in DEPRECATED.items():
+        assert metrics.value(f"balloon_guest_{old}") == metrics.value(f"balloon_guest_{new}")
+    text = generate_latest(metrics.registry).decode()
+    assert "# HELP balloon_guest_balloon_target_bytes DEPRECATED: use balloon_guest_target_bytes." in text

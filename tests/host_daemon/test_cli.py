@@ -200,7 +200,7 @@ async def test_promtool_accepts_live_metrics(make_host, tmp_path):
                  "balloon_ranges_total", "balloon_pages_total", "balloon_rejected_pages_total",
                  "balloon_protocol_errors_total", "balloon_received_bytes_total", "balloon_guest_memory_bytes",
                  "balloon_reported_bytes", "balloon_inflated_bytes", "balloon_inflight_batches",
-                 "balloon_batch_apply_seconds_bucket", "balloon_balloon_target_bytes", "balloon_hinted_bytes"):
+                 "balloon_batch_apply_seconds_bucket", "balloon_target_bytes", "balloon_hinted_bytes"):
         assert f"\n{name}" in text, name
     assert 'le="1e-05"' in text and 'le="1.0"' in text
 

@@ -153,7 +153,7 @@ async def test_target_via_post_reaches_the_guest(make_host, tmp_path):
             body = await response.json()
     assert body["target_pages"] == 16384 and body["target_bytes"] == 64 << 20
     text = await scrape(host.url)
-    assert sample(text, "balloon_balloon_target_bytes", guest="delta") == 64 << 20
+    assert sample(text, "balloon_target_bytes", guest="delta") == 64 << 20
     await guest.close()
 
 
