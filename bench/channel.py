@@ -37,6 +37,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from shared.vocabulary import RANGES52
+
 REPORT, REUSE, ACK, HELLO, WELCOME, ERROR, BYE = 3, 5, 4, 1, 2, 15, 17
 BLOCK = 512  # order-9 block, in pages
 GUEST_PAGES = 2 * 1024 * 1024  # 8 GiB
@@ -115,7 +117,7 @@ async def drive(path: str, guest: str, window: int, cycle, duration: float) -> t
     packb = msgpack.packb
     unpacker = msgpack.Unpacker(raw=False)
     writer.write(packb([HELLO, {"version": 1, "guest": guest, "page_size": 4096, "pages": GUEST_PAGES,
-                                "features": ["ranges52"]}]))
+                                "features": [RANGES52]}]))
     welcome = None
     while welcome is None:
         unpacker.feed(await reader.read(65536))
@@ -176,7 +178,7 @@ async def drive_protocol(path: str, guest: str, window: int, cycle, duration: fl
     from shared.ranges import decode_ranges, encode_ranges
 
     arrays = [(Report if kind == REPORT else Reuse, *decode_ranges(payload)) for kind, payload in cycle]
-    conn = GuestConnection(guest, GUEST_PAGES, features=("ranges52",))
+    conn = GuestConnection(guest, GUEST_PAGES, features=(RANGES52,))
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(conn.hello())
     while conn.welcome is None:

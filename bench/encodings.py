@@ -38,12 +38,13 @@ import numpy as np
 from bench.common import best_of, machine_line
 from guest_agent.load.layout import free_bitmap, free_layout
 from shared.ranges import RangeBuffer, decode_pfn32, decode_ranges, expand_pages, pages_to_ranges
+from shared.vocabulary import PFN32, RANGES52
 
 BUFFER_BYTES = 32 * 1024
 PFN32_PER_MESSAGE = 256
 BITMAP_PAGES = BUFFER_BYTES * 8  # pages one bitmap message covers
 PAIRS_PER_MESSAGE = BUFFER_BYTES // 16
-ENCODINGS = ("pfn32", "bitmap", "ranges52", "pairs16")
+ENCODINGS = (PFN32, "bitmap", RANGES52, "pairs16")
 FRAGMENTATION = (0.0, 0.01, 0.1, 0.5, 1.0)
 
 
@@ -113,9 +114,9 @@ def decode_pairs16_stream(messages):
 
 
 CODECS = {
-    "pfn32": (encode_pfn32, decode_pfn32_stream),
+    PFN32: (encode_pfn32, decode_pfn32_stream),
     "bitmap": (encode_bitmap, decode_bitmap_stream),
-    "ranges52": (encode_ranges52, decode_ranges52_stream),
+    RANGES52: (encode_ranges52, decode_ranges52_stream),
     "pairs16": (encode_pairs16, decode_pairs16_stream),
 }
 
@@ -215,7 +216,7 @@ def winners(rows: list[dict]) -> list[str]:
         group = [row for row in rows if row["layout"] == layout]
         small = min(group, key=lambda row: row["wire_bytes"])
         fast = min(group, key=_total)
-        ranges52 = next(row for row in group if row["encoding"] == "ranges52")
+        ranges52 = next(row for row in group if row["encoding"] == RANGES52)
         lines.append(
             f"- **{layout}** ({group[0]['ranges']:,} free runs): smallest **{small['encoding']}** "
             f"({small['wire_bytes'] / max(1, small['free_pages']):.3g} B per free page, ranges52 "
@@ -233,7 +234,7 @@ def render(result: dict, markdown: bool, command: str) -> str:
               "decode ms", "apply ms", "total ms"]
     lines = []
     for row in result["rows"]:
-        base = next(r for r in result["rows"] if r["layout"] == row["layout"] and r["encoding"] == "ranges52")
+        base = next(r for r in result["rows"] if r["layout"] == row["layout"] and r["encoding"] == RANGES52)
         lines.append([row["layout"], row["encoding"], f"{row['messages']:,}", f"{row['wire_bytes'] / 1024:,.1f}",
                       f"{row['wire_bytes'] / max(1, row['free_pages']):.3g}",
                       f"{row['wire_bytes'] / base['wire_bytes']:.2f}x",

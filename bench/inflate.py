@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host_daemon.reclaim import PAGE_SIZE, madvise_remove, punch_holes
+from host_daemon.reclaim import madvise_remove, punch_holes
 from shared.messages import Ack, Bye, Deflate, Error, Inflate
 from shared.protocol import CONNECTION_CLOSED, NEED_DATA, GuestConnection
 from shared.ranges import (
@@ -47,6 +47,7 @@ from shared.ranges import (
     expand_pages,
     sort_and_coalesce,
 )
+from shared.vocabulary import PAGE_SIZE, PFN32, RANGES52
 
 GIB = 1 << 30
 ORDER10 = 1024  # pages in a MAX_ORDER-1 block, what a fresh guest's allocator hands out first
@@ -160,7 +161,7 @@ class Guest:
 
 
 def payloads_for(encoding: str, pfns, counts, max_ranges: int) -> list[bytes]:
-    if encoding == "pfn32":
+    if encoding == PFN32:
         pages = expand_pages(pfns, counts)
         return [
             encode_pfn32(pages[i : i + PFN32_MAX_PER_MESSAGE])
@@ -210,10 +211,10 @@ def run_case(host: Host, encoding: str, ram: bool, pages: int, pfns, counts, tag
             populate(ram_file, size)
         payloads = payloads_for(encoding, pfns, counts, guest.conn.max_ranges)
         row["batches"] = len(payloads)
-        row["inflate_s"] = guest.run(Inflate, payloads, lockstep=encoding == "pfn32")
+        row["inflate_s"] = guest.run(Inflate, payloads, lockstep=encoding == PFN32)
         if ram:
             row["freed_bytes"] = size - allocated(ram_file)
-        row["deflate_s"] = guest.run(Deflate, payloads, lockstep=encoding == "pfn32")
+        row["deflate_s"] = guest.run(Deflate, payloads, lockstep=encoding == PFN32)
         row["rejected_pages"] = guest.rejected
         if ram:
             free_file(ram_file, size)
@@ -296,7 +297,7 @@ def measure(pages: int, inflate_pages: int, repeats: int) -> dict:
     try:
         hosts = [Host(folder, None), Host(folder, ram_dir)]
         for host, ram in ((hosts[0], False), (hosts[1], True)):
-            for encoding in ("ranges52", "pfn32"):
+            for encoding in (RANGES52, PFN32):
                 best = None
                 for attempt in range(repeats):
                     row = run_case(host, encoding, ram, pages, pfns, counts, str(attempt))
@@ -339,15 +340,15 @@ def table(results: dict) -> str:
         f" {raw['madvise_s'] * 1e3:,.1f} | — | {raw['freed_bytes'] / GIB:.2f} GiB |"
     )
     speedup = (
-        case(results, "pfn32", False)["inflate_s"] / case(results, "ranges52", False)["inflate_s"]
+        case(results, PFN32, False)["inflate_s"] / case(results, RANGES52, False)["inflate_s"]
     )
     speedup_ram = (
-        case(results, "pfn32", True)["inflate_s"] / case(results, "ranges52", True)["inflate_s"]
+        case(results, PFN32, True)["inflate_s"] / case(results, RANGES52, True)["inflate_s"]
     )
     deflate = (
-        case(results, "pfn32", False)["deflate_s"] / case(results, "ranges52", False)["deflate_s"]
+        case(results, PFN32, False)["deflate_s"] / case(results, RANGES52, False)["deflate_s"]
     )
-    overhead = case(results, "ranges52", True)["inflate_s"] / raw["madvise_s"]
+    overhead = case(results, RANGES52, True)["inflate_s"] / raw["madvise_s"]
     lines += [
         "",
         f"- ranges vs pfn32, tracking only: **{speedup:,.0f}x** faster inflate (target >= 20x;"

@@ -26,13 +26,13 @@ import numpy as np
 from shared.messages import Ack, Bye, Error, HintStart, HintStop, Message, Ping, Pong, Stats, Target
 from shared.protocol import GuestConnection, State
 from shared.ranges import RangeBuffer, sort_and_coalesce
+from shared.vocabulary import HINT, PAGE_SIZE, REPORT, REUSE, STATS
 
 from .batches import Op, payloads_for
 from .metrics import GuestMetrics
 
 log = logging.getLogger("guest_agent.agent")
 
-PAGE_SIZE = 4096
 # virtio-balloon stat tags (virtio spec 5.5.6.3)
 STAT_FREE_MEMORY = 4
 STAT_TOTAL_MEMORY = 5
@@ -126,7 +126,7 @@ class Agent:
         for op in list(self._queue):
             if not op.done and not op.aborted and op.on_abort is not None:
                 op.aborted = True
-                if op.kind == "report" and op.sent:
+                if op.kind == REPORT and op.sent:
                     self._deferred_aborts.append(op)
                 else:
                     op.on_abort(op)
@@ -156,7 +156,7 @@ class Agent:
         if self.hinting is not None:
             self.hinting.tick(now)
         if self.connected:
-            if self.stats_interval and "stats" in self.conn.features and now >= self._next_stats:
+            if self.stats_interval and STATS in self.conn.features and now >= self._next_stats:
                 self._next_stats = now + self.stats_interval
                 self._control.append(self._stats())
             if self.ping_interval and now >= self._next_ping:
@@ -260,7 +260,7 @@ class Agent:
         if not pfns.size:
             return
         pfns, counts = sort_and_coalesce(pfns, counts)
-        op = Op("reuse", int(np.asarray(counts).sum()), payloads_for(pfns, counts, self.conn.encoding, self._buffer))
+        op = Op(REUSE, int(np.asarray(counts).sum()), payloads_for(pfns, counts, self.conn.encoding, self._buffer))
         # Ahead of every op that has not started; an op half sent (pfn32) does not hold
         # these pages (they were allocated after it was built) and may finish later.
         index = 0
@@ -291,7 +291,7 @@ class Agent:
             if self.hinting is not None:
                 self.hinting.stop(message.cmd_id)
                 for op in self._queue:
-                    if op.kind == "hint" and op.cmd_id == message.cmd_id:
+                    if op.kind == HINT and op.cmd_id == message.cmd_id:
                         op.drop_unsent()
         elif isinstance(message, Ping):
             if type(message) is Ping:

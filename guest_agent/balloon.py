@@ -22,8 +22,8 @@ import logging
 
 import numpy as np
 
-from shared.protocol import PFN32
-from shared.ranges import PFN32_MAX_PER_MESSAGE, RangeBuffer, sort_and_coalesce
+from shared.ranges import RangeBuffer, sort_and_coalesce
+from shared.vocabulary import DEFLATE, INFLATE, PFN32, PFN32_MAX_PER_MESSAGE
 
 from .batches import Op, block_counts, payloads_for
 from .reporting import low_watermark_pages
@@ -146,7 +146,7 @@ class Balloon:
         blocks, pages = self._take(self._unsent, max_blocks, max_pages)
         self._unsent_pages -= pages
         self.inflating_pages += pages
-        return self._op("inflate", blocks, encoding, buffer,
+        return self._op(INFLATE, blocks, encoding, buffer,
                         lambda op: self._inflate_acked(blocks, pages),
                         lambda op: self._inflate_aborted(blocks, pages))
 
@@ -168,7 +168,7 @@ class Balloon:
             self.stuck = True
             return None
         self.inflating_pages += pages
-        return self._op("inflate", blocks, encoding, buffer,
+        return self._op(INFLATE, blocks, encoding, buffer,
                         lambda op: self._inflate_acked(blocks, pages),
                         lambda op: self._inflate_aborted(blocks, pages))
 
@@ -208,4 +208,4 @@ class Balloon:
             self._unsent.extend(blocks)
             self._unsent_pages += pages
 
-        return self._op("deflate", blocks, encoding, buffer, acked, aborted)
+        return self._op(DEFLATE, blocks, encoding, buffer, acked, aborted)

@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shared.messages import Deflate, Hint, Inflate, Report, Reuse
-from shared.protocol import PFN32
-from shared.ranges import PFN32_MAX_PER_MESSAGE, RangeBuffer, encode_pfn32, expand_pages
+from shared.messages import BATCH_CLASSES, Hint
+from shared.ranges import RangeBuffer, encode_pfn32, expand_pages
+from shared.vocabulary import BATCH_KINDS, HINT, PFN32, PFN32_MAX_PER_MESSAGE
 
-KINDS = ("report", "reuse", "inflate", "deflate", "hint")
-MESSAGE_CLASS = {"report": Report, "reuse": Reuse, "inflate": Inflate, "deflate": Deflate, "hint": Hint}
+KINDS = BATCH_KINDS
 
 #: Pages expanded at a time for the legacy encoding (a bound on the temporary arrays).
 _PFN32_CHUNK_PAGES = 64 * PFN32_MAX_PER_MESSAGE
@@ -91,7 +90,7 @@ class Op:
     def __init__(self, kind: str, pages: int, payloads: Iterator[bytes],
                  on_ack: Callable[[Op], None] | None = None,
                  on_abort: Callable[[Op], None] | None = None, cmd_id: int | None = None) -> None:
-        if kind not in MESSAGE_CLASS:
+        if kind not in BATCH_CLASSES:
             raise ValueError(f"unknown batch kind {kind!r}")
         self.kind = kind
         self.pages = pages
@@ -121,9 +120,9 @@ class Op:
         self._next = next(self._payloads, None)
         self.outstanding += 1
         self.sent += 1
-        if self.kind == "hint":
+        if self.kind == HINT:
             return Hint(payload=payload, cmd_id=self.cmd_id or 0)
-        return MESSAGE_CLASS[self.kind](payload=payload)
+        return BATCH_CLASSES[self.kind](payload=payload)
 
     def acked(self, rejected_pages: int) -> bool:
         """Count one ack; True when the whole op is now complete."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from shared.messages import HintDone
 from shared.ranges import RangeBuffer
+from shared.vocabulary import HINT
 
 from .batches import Op, payloads_for
 
@@ -131,4 +132,4 @@ class Hinting:
                 self.hinted_pages += pages
                 control.append(HintDone(cmd_id))
 
-        return Op("hint", pages, payloads_for(pfns, counts, encoding, buffer), on_ack=acked, cmd_id=cmd_id)
+        return Op(HINT, pages, payloads_for(pfns, counts, encoding, buffer), on_ack=acked, cmd_id=cmd_id)

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from shared.ranges import RangeBuffer, sort_and_coalesce
+from shared.vocabulary import PAGE_SIZE, REPORT
 
 from .batches import Op, block_counts, payloads_for
 
@@ -129,7 +130,7 @@ class FreePageReporting:
             if self.watermark_waits == 0:
                 log.info("reporting waits: free memory is below the low watermark plus one report "
                          "(Linux page_reporting_process_zone); a smaller --capacity lowers it",
-                         extra={"reserve_mib": self.reserve_pages * 4096 >> 20})
+                         extra={"reserve_mib": self.reserve_pages * PAGE_SIZE >> 20})
             self.watermark_waits += 1
             if self.isolated_pages == 0:  # nothing in flight will bring pages back: stop
                 self._finish_pass(now)
@@ -158,4 +159,4 @@ class FreePageReporting:
             self.isolated_pages -= pages
             self.allocator.return_isolated(pfns, orders, reported=False)
 
-        return Op("report", pages, payloads_for(*ranges, encoding, buffer), on_ack=acked, on_abort=aborted)
+        return Op(REPORT, pages, payloads_for(*ranges, encoding, buffer), on_ack=acked, on_abort=aborted)

@@ -25,15 +25,23 @@ from shared.config import (
     parse_size,
 )
 from shared.messages import valid_guest_id
+from shared.vocabulary import (
+    DEFLATE_ON_OOM,
+    HINTING,
+    KNOWN_FEATURES,
+    PAGE_SIZE,
+    PFN32,
+    RANGES52,
+    SHARED_RAM,
+    STATS,
+)
 
 ENV_PREFIX = "BALLOON_GUEST"
 DEFAULT_HTTP = "127.0.0.1:9471"
 DEFAULT_CONNECT = "unix:/run/balloon-hints/host.sock"
-PAGE_SIZE = 4096
 DEFAULT_MEMORY = 512 << 20
 MAX_ORDER = 10
 SOURCES = ("sim", "procfs")
-KNOWN_FEATURES = ("ranges52", "pfn32", "shared-ram", "deflate-on-oom", "hinting", "stats")
 
 
 class SettingsError(ValueError):
@@ -79,13 +87,13 @@ class GuestSettings:
         """What HELLO offers: --features when given, else what the options imply."""
         if self.features:
             return self.features
-        offered = ["pfn32" if self.pfn32 else "ranges52", "stats"]
+        offered = [PFN32 if self.pfn32 else RANGES52, STATS]
         if self.source == "sim":
-            offered.append("deflate-on-oom")
+            offered.append(DEFLATE_ON_OOM)
             if self.shared_ram:
-                offered.append("shared-ram")
+                offered.append(SHARED_RAM)
         else:
-            offered.append("hinting")
+            offered.append(HINTING)
         return tuple(offered)
 
     def token(self) -> str | None:
@@ -227,8 +235,8 @@ def parse_settings(argv, environ=None) -> GuestSettings:
     except ConfigFileError as error:
         raise SettingsError(str(error)) from None
     features = tuple(part.strip() for item in ns.features for part in str(item).split(",") if part.strip())
-    if ns.pfn32 and features and "pfn32" not in features:
-        features = features + ("pfn32",)
+    if ns.pfn32 and features and PFN32 not in features:
+        features = features + (PFN32,)
     return GuestSettings(
         connect=ns.connect, id=ns.id or default_guest_id(), source=ns.source,
         memory=ns.memory if ns.memory is not None else (DEFAULT_MEMORY if ns.source == "sim" else 0),

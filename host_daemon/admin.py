@@ -13,10 +13,10 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shared import PAGE_SIZE
 from shared.config import parse_size
 from shared.errors import LocalProtocolError
 from shared.messages import HintStart, Target, valid_guest_id
+from shared.vocabulary import HINTING, PAGE_SIZE
 
 from .auth import same_secret
 from .metrics import render
@@ -133,7 +133,7 @@ class AdminApp:
         if record is None:
             return _error(404, f"no guest {guest!r}")
         session = record.session
-        if session is None or "hinting" not in record.features:
+        if session is None or HINTING not in record.features:
             return _error(409, f"guest {guest!r} is not connected with the hinting feature")
         cmd_id = record.next_cmd_id
         record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1

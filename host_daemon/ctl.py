@@ -27,8 +27,8 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 
-from shared import PAGE_SIZE
 from shared.config import parse_size
+from shared.vocabulary import BATCH_KINDS, INFLATE, PAGE_SIZE
 
 DEFAULT_HOST = "http://127.0.0.1:9470"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -173,7 +173,7 @@ class RateTracker:
             gid = guest.get("id")
             counters = {"batches": sum((guest.get("batches") or {}).values()),
                         **{kind: (guest.get("pages_total") or {}).get(kind, 0)
-                           for kind in ("report", "reuse", "inflate", "deflate", "hint")}}
+                           for kind in BATCH_KINDS}}
             seen[gid] = (now, counters)
             before = self.previous.get(gid)
             if before is None or now <= before[0]:
@@ -184,7 +184,7 @@ class RateTracker:
             delta = {key: max(0, counters[key] - before[1].get(key, 0)) for key in counters}
             rates[gid] = {"batches_per_s": delta["batches"] / elapsed,
                           "report_bytes_per_s": delta["report"] * PAGE_SIZE / elapsed,
-                          "inflate_bytes_per_s": delta["inflate"] * PAGE_SIZE / elapsed}
+                          "inflate_bytes_per_s": delta[INFLATE] * PAGE_SIZE / elapsed}
         self.previous = seen
         return rates
 

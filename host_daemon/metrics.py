@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from shared import PAGE_SIZE
 from shared.errors import CODES
 from shared.standard_metrics import register_standard
+from shared.vocabulary import PAGE_SIZE
 
 from .session import RESULTS
 from .tracker import KINDS

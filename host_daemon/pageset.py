@@ -25,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 
 from shared.jit import cached_njit
+from shared.vocabulary import BATCH_KINDS
 
 #: Largest guest (in pages) given flat bitmaps: 2**32 pages = 16 TiB of guest RAM,
 #: 512 MiB of address space per set. Past it, pyroaring (bounded by the pages used).
 FLAT_LIMIT = 1 << 32
 
-KIND_CODES = {"report": 0, "reuse": 1, "inflate": 2, "deflate": 3, "hint": 4}
+KIND_CODES = {kind: code for code, kind in enumerate(BATCH_KINDS)}
 REPORTED, INFLATED, HINTED = 0, 1, 2
 
 # ``state`` (uint64): per set [pages, first word written, last word written + 1], then the

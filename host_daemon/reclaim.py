@@ -50,10 +50,10 @@ import numpy as np
 
 from shared.messages import valid_guest_id
 from shared.ranges import sort_and_coalesce
+from shared.vocabulary import PAGE_SIZE
 
 log = logging.getLogger("balloon.host.reclaim")
 
-PAGE_SIZE = 4096
 #: At most one "discard released nothing" warning per file per this many seconds.
 WARN_EVERY_S = 10.0
 FALLOC_FL_KEEP_SIZE = 0x01

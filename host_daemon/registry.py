@@ -25,8 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-from shared import PAGE_SIZE
 from shared.errors import RemoteProtocolError
+from shared.vocabulary import PAGE_SIZE
 
 from .histogram import LatencyHistogram
 from .tracker import KINDS, REASONS, GuestTracker

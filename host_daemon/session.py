@@ -26,26 +26,30 @@ import logging
 import time
 from time import perf_counter
 
-from shared import PAGE_SIZE
 from shared.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from shared.messages import (
     Ack,
     Bye,
-    Deflate,
     Error,
     Hello,
-    Hint,
     HintDone,
-    Inflate,
     Ping,
     Pong,
-    Report,
-    Reuse,
     Stats,
     Target,
     Welcome,
 )
 from shared.protocol import CONNECTION_CLOSED, NEED_DATA, HostConnection, State, negotiate_features
+from shared.vocabulary import (
+    DEFLATE_ON_OOM,
+    HINTING,
+    PAGE_SIZE,
+    PFN32,
+    RANGES52,
+    SHARED_RAM,
+    STATS,
+    U64_MAX,
+)
 
 log = logging.getLogger("balloon.host.session")
 
@@ -54,11 +58,9 @@ READ_CHUNK = 65536
 #: tmpfs frees ~1 GiB/s of filled pages, so 32 order-9 blocks (64 MiB) would stall the loop,
 #: i.e. every other guest's ACKs, for ~10 ms. fallocate releases the GIL (ctypes call).
 OFFLOAD_PAGES = 1024
-U64_MAX = (1 << 64) - 1
 QUEUE_ITEMS = 16  # byte strings; each is at most one chunk's replies (<= ~64 KiB)
 _CLOSE = object()
 ENDINGS = (Bye, Error)
-KIND = {Report: "report", Reuse: "reuse", Inflate: "inflate", Deflate: "deflate", Hint: "hint"}
 
 #: Codes that refuse a well-formed HELLO (counted as sessions_total{result="rejected"}).
 REFUSALS = frozenset({"auth-failed", "guest-busy", "too-many-guests"})
@@ -66,7 +68,7 @@ REFUSALS = frozenset({"auth-failed", "guest-busy", "too-many-guests"})
 RESULTS = ("bye", "closed", "reset", "error", "rejected", "timeout", "shutdown", "guest-error", "internal")
 
 #: Features this host implements; "shared-ram" only with --ram-dir.
-BASE_FEATURES = ("ranges52", "pfn32", "hinting", "stats", "deflate-on-oom")
+BASE_FEATURES = (RANGES52, PFN32, HINTING, STATS, DEFLATE_ON_OOM)
 
 
 class Session:
@@ -284,7 +286,7 @@ class Session:
             acks: list[Ack] = []  # packed at the end of the chunk (one write)
             try:
                 for event in events:
-                    kind = KIND.get(type(event))
+                    kind = getattr(event, "KIND", None)
                     if kind is not None:
                         if delay:  # a slow host: each ACK leaves as soon as its batch is done
                             await self._flush(out, acks)
@@ -412,7 +414,7 @@ class Session:
         settings = self.settings
         if not host.auth.admits(hello.guest, hello.token, self.transport):
             raise RemoteProtocolError("auth-failed", f"guest {hello.guest!r} did not prove its id")
-        supported = BASE_FEATURES + (("shared-ram",) if settings.ram_dir is not None else ())
+        supported = BASE_FEATURES + ((SHARED_RAM,) if settings.ram_dir is not None else ())
         features = negotiate_features(hello.features, supported)
         record = host.registry.claim(hello.guest, hello.pages, self, self.address)
         self.record = record
@@ -420,7 +422,7 @@ class Session:
         record.received_bytes += self.conn.bytes_received
         record.last_message_at = time.time()
         ram_file = None
-        if "shared-ram" in features:
+        if SHARED_RAM in features:
             try:
                 ram_file = host.registry.open_ram(record)
             except Exception as error:  # OSError, RamDirError: refuse this guest, not the host

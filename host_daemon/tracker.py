@@ -73,12 +73,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from pyroaring import BitMap64
 
-from shared.ranges import PFN_BITS, coalesce_ranges, pages_to_ranges
+from shared.ranges import coalesce_ranges, pages_to_ranges
+from shared.vocabulary import BATCH_KINDS, HINT, INFLATE, MAX_GUEST_PAGES, PFN_BITS, REPORT, REUSE
 
 from . import pageset
 
-MAX_PAGES = 1 << PFN_BITS
-KINDS = ("report", "reuse", "inflate", "deflate", "hint")
+MAX_PAGES = MAX_GUEST_PAGES
+KINDS = BATCH_KINDS
 REASONS = ("zero-length", "out-of-range", "overlap", "conflict", "stale")
 U64 = np.uint64
 _EMPTY = np.empty(0, dtype=U64)
@@ -528,7 +529,7 @@ class GuestTracker:
             and not np.count_nonzero(ends[:-1] > pfns[1:])
             and ends[-1] <= self._limit
         ):
-            if kind in ("report", "reuse") and self.inflated.pages:
+            if kind in (REPORT, REUSE) and self.inflated.pages:
                 conflict = self.inflated.touches(pfns, ends)
                 if np.count_nonzero(conflict):
                     return self._general(result, kind, pfns, counts)
@@ -565,7 +566,7 @@ class GuestTracker:
             np.less(starts[1:], reach[:-1], out=overlap[1:])
             if overlap.any():
                 index, starts, ends = self._drop(verdict, "overlap", overlap, index, starts, ends)
-        if kind in ("report", "reuse") and starts.size and self.inflated.pages:
+        if kind in (REPORT, REUSE) and starts.size and self.inflated.pages:
             conflict = self.inflated.touches(starts, ends)
             if conflict.any():
                 index, starts, ends = self._drop(verdict, "conflict", conflict, index, starts, ends)
@@ -589,7 +590,7 @@ class GuestTracker:
             result.discard = _given_back(self.reported.add(starts, ends), starts, ends)
         elif kind == "reuse":
             self.reported.difference_update(starts, ends)
-        elif kind == "inflate":
+        elif kind == INFLATE:
             result.discard = _given_back(self.inflated.add(starts, ends), starts, ends)
             if self.reported.pages:
                 self.reported.difference_update(starts, ends)
@@ -669,7 +670,7 @@ class BitmapPageSet:
 
 _U64_DTYPE = np.dtype(U64)
 _KIND_CODES = pageset.KIND_CODES
-_REPORT, _INFLATE, _HINT = _KIND_CODES["report"], _KIND_CODES["inflate"], _KIND_CODES["hint"]
+_REPORT, _INFLATE, _HINT = _KIND_CODES[REPORT], _KIND_CODES[INFLATE], _KIND_CODES[HINT]
 _NO_OUT = np.empty(0, dtype=U64)
 _warm = False
 

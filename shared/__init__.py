@@ -2,7 +2,9 @@
 
 Nothing in this package touches sockets, event loops or clocks: callers feed bytes
 in and take events out, or hand messages in and take bytes out, in the style of h11.
+The protocol's names and limits are in :mod:`shared.vocabulary`.
 """
 
-PROTOCOL_VERSION = 1
-PAGE_SIZE = 4096
+from .vocabulary import PAGE_SIZE, PROTOCOL_VERSION
+
+__all__ = ["PAGE_SIZE", "PROTOCOL_VERSION"]

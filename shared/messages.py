@@ -16,14 +16,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import vocabulary as v
 from .errors import RemoteProtocolError
+from .vocabulary import MAX_FEATURES, MAX_NAME_LEN, MAX_STATS, MAX_TEXT_LEN, U64_MAX
 
-U64_MAX = (1 << 64) - 1
 GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-MAX_FEATURES = 32
-MAX_NAME_LEN = 64
-MAX_TEXT_LEN = 1024
-MAX_STATS = 64
 
 
 class MessageType(IntEnum):
@@ -120,8 +117,8 @@ class Hello(Message):
     guest: str
     pages: int
     features: tuple[str, ...] = ()
-    version: int = 1
-    page_size: int = 4096
+    version: int = v.PROTOCOL_VERSION
+    page_size: int = v.PAGE_SIZE
     token: str | None = None
 
     def to_wire(self) -> list:
@@ -144,9 +141,9 @@ class Hello(Message):
             version=_uint(_require(body, "version", "HELLO"), "version"),
             guest=_text(_require(body, "guest", "HELLO"), "guest", MAX_NAME_LEN),
             page_size=_uint(_require(body, "page_size", "HELLO"), "page_size"),
-            pages=_uint(_require(body, "pages", "HELLO"), "pages", 1 << 52),
+            pages=_uint(_require(body, "pages", "HELLO"), "pages", v.MAX_GUEST_PAGES),
             features=_features(_require(body, "features", "HELLO")),
-            token=None if token is None else _text(token, "token", 256),
+            token=None if token is None else _text(token, "token", v.MAX_TOKEN_LEN),
         )
 
 
@@ -159,7 +156,7 @@ class Welcome(Message):
     window: int
     max_ranges: int
     features: tuple[str, ...] = ()
-    version: int = 1
+    version: int = v.PROTOCOL_VERSION
     max_message_bytes: int | None = None
     ram_file: str | None = None
     #: the guest's size in pages as the host counts it (its inventory, or the HELLO claim in
@@ -184,8 +181,8 @@ class Welcome(Message):
     @classmethod
     def parse(cls, fields: list) -> Welcome:
         body = _map(fields[1], "WELCOME body")
-        window = _uint(_require(body, "window", "WELCOME"), "window", 1 << 16)
-        max_ranges = _uint(_require(body, "max_ranges", "WELCOME"), "max_ranges", 1 << 24)
+        window = _uint(_require(body, "window", "WELCOME"), "window", v.MAX_WINDOW)
+        max_ranges = _uint(_require(body, "max_ranges", "WELCOME"), "max_ranges", v.MAX_RANGES_LIMIT)
         if window < 1 or max_ranges < 1:
             raise _bad("window and max_ranges must be at least 1")
         mmb = body.get("max_message_bytes")
@@ -197,8 +194,8 @@ class Welcome(Message):
             max_ranges=max_ranges,
             features=_features(_require(body, "features", "WELCOME")),
             max_message_bytes=None if mmb is None else _uint(mmb, "max_message_bytes"),
-            ram_file=None if ram_file is None else _text(ram_file, "ram_file", 4096),
-            pages=None if pages is None else _uint(pages, "pages", 1 << 52),
+            ram_file=None if ram_file is None else _text(ram_file, "ram_file", v.MAX_PATH_LEN),
+            pages=None if pages is None else _uint(pages, "pages", v.MAX_GUEST_PAGES),
         )
 
 
@@ -211,6 +208,7 @@ class Batch(Message):
     """
 
     ARITY: ClassVar = 3
+    KIND: ClassVar[str]  # one of vocabulary.BATCH_KINDS: the name in metrics, the tracker and logs
     payload: bytes
     seq: int | None = None
     pfns: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -229,6 +227,7 @@ class Report(Batch):
     """Free page report; the guest keeps the pages isolated until the ACK."""
 
     TYPE: ClassVar = MessageType.REPORT
+    KIND: ClassVar = v.REPORT
 
 
 @dataclass(slots=True)
@@ -236,6 +235,7 @@ class Reuse(Batch):
     """The guest takes back pages it reported earlier (before it touches them)."""
 
     TYPE: ClassVar = MessageType.REUSE
+    KIND: ClassVar = v.REUSE
 
 
 @dataclass(slots=True)
@@ -243,6 +243,7 @@ class Inflate(Batch):
     """Pages the guest put into the balloon: the host may discard them."""
 
     TYPE: ClassVar = MessageType.INFLATE
+    KIND: ClassVar = v.INFLATE
 
 
 @dataclass(slots=True)
@@ -250,6 +251,7 @@ class Deflate(Batch):
     """Pages the guest takes out of the balloon; it frees them only after the ACK."""
 
     TYPE: ClassVar = MessageType.DEFLATE
+    KIND: ClassVar = v.DEFLATE
 
 
 @dataclass(slots=True)
@@ -257,6 +259,7 @@ class Hint(Batch):
     """Free page hints for migration command ``cmd_id``: ``[10, seq, cmd_id, payload]``."""
 
     TYPE: ClassVar = MessageType.HINT
+    KIND: ClassVar = v.HINT
     ARITY: ClassVar = 4
     cmd_id: int = 0
 
@@ -267,7 +270,7 @@ class Hint(Batch):
     def parse(cls, fields: list) -> Hint:
         return cls(
             seq=_uint(fields[1], "seq"),
-            cmd_id=_uint(fields[2], "cmd_id", 0xFFFFFFFF),
+            cmd_id=_uint(fields[2], "cmd_id", v.MAX_CMD_ID),
             payload=_payload(fields[3]),
         )
 
@@ -302,7 +305,7 @@ class Target(Message):
 
     @classmethod
     def parse(cls, fields: list) -> Target:
-        return cls(pages=_uint(fields[1], "pages", 1 << 52))
+        return cls(pages=_uint(fields[1], "pages", v.MAX_GUEST_PAGES))
 
 
 @dataclass(slots=True)
@@ -315,7 +318,7 @@ class _Command(Message):
 
     @classmethod
     def parse(cls, fields: list) -> _Command:
-        return cls(cmd_id=_uint(fields[1], "cmd_id", 0xFFFFFFFF))
+        return cls(cmd_id=_uint(fields[1], "cmd_id", v.MAX_CMD_ID))
 
 
 @dataclass(slots=True)
@@ -363,7 +366,7 @@ class Stats(Message):
         for pair in pairs:
             if type(pair) is not list or len(pair) != 2:
                 raise _bad("each STATS entry must be a [tag, value] pair")
-            values[_uint(pair[0], "stat tag", 0xFFFF)] = _uint(pair[1], "stat value")
+            values[_uint(pair[0], "stat tag", v.MAX_STAT_TAG)] = _uint(pair[1], "stat value")
         return cls(values=values)
 
 
@@ -422,6 +425,8 @@ class Error(Message):
 
 
 BATCH_TYPES = (Report, Reuse, Inflate, Deflate, Hint)
+#: Batch kind name (vocabulary.BATCH_KINDS) -> message class.
+BATCH_CLASSES: dict[str, type[Batch]] = {cls.KIND: cls for cls in BATCH_TYPES}
 MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Welcome, Report, Ack, Reuse, Inflate, Deflate, Target, HintStart, Hint,

@@ -20,7 +20,6 @@ from typing import Any
 
 import msgpack
 
-from . import PAGE_SIZE, PROTOCOL_VERSION
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, as_remote
 from .framing import HEAD_BYTES, announced_size
 from .messages import (
@@ -40,16 +39,8 @@ from .messages import (
     valid_guest_id,
 )
 from .ranges import MAX_INLINE_COUNT, PFN32_MAX_PER_MESSAGE, decode_pfn32, decode_ranges
+from .vocabulary import DEFAULT_MAX_MESSAGE_BYTES, PAGE_SIZE, PFN32, PROTOCOL_VERSION, RANGES52
 from .window import FlowWindow, UnknownSequence, WindowFull
-
-#: Largest message either side accepts unless told otherwise. A batch of 4096 words
-#: is 32 KiB; 1 MiB leaves room for large max_ranges while keeping a hostile peer's
-#: cost per connection small (nginx's default client_max_body_size is also 1 MiB).
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
-
-#: Range encodings, named as features in HELLO/WELCOME. With none named: ranges52.
-RANGES52 = "ranges52"
-PFN32 = "pfn32"
 
 M = MessageType
 BATCH_KINDS = frozenset({M.REPORT, M.REUSE, M.INFLATE, M.DEFLATE, M.HINT})

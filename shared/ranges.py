@@ -20,18 +20,21 @@ import numpy as np
 
 from . import _kernels
 from .errors import RemoteProtocolError
+from .vocabulary import (
+    COUNT_BITS,
+    MAX_INLINE_COUNT,
+    MAX_PFN,
+    PFN32_MAX_PER_MESSAGE,
+    PFN_BITS,
+    SEED_BUFFER_WORDS,
+)
 
 WORD = np.dtype("<u8")
-PFN_BITS = 52
-COUNT_BITS = 12
-MAX_PFN = (1 << PFN_BITS) - 1
-MAX_INLINE_COUNT = (1 << COUNT_BITS) - 1  # 4095
 COUNT_MASK = np.uint64(MAX_INLINE_COUNT)
 SHIFT = np.uint64(COUNT_BITS)
 
 #: Legacy balloon: one 32-bit PFN per 4 KiB page, at most 256 per message.
 PFN32 = np.dtype("<u4")
-PFN32_MAX_PER_MESSAGE = 256
 
 #: From this many words on, the codec trades extra numpy calls for fewer bytes moved;
 #: below it (every batch the daemons send) per-call overhead dominates.
@@ -332,7 +335,7 @@ class RangeBuffer:
 
     __slots__ = ("_words", "_used", "_ranges", "_pages", "max_ranges")
 
-    def __init__(self, capacity_words: int = 4096, max_ranges: int | None = None) -> None:
+    def __init__(self, capacity_words: int = SEED_BUFFER_WORDS, max_ranges: int | None = None) -> None:
         if capacity_words < 2:
             raise ValueError("a range buffer needs room for at least one escaped range (2 words)")
         self._words = np.zeros(capacity_words, dtype=WORD)

@@ -25,11 +25,12 @@ import time
 import msgpack
 
 from shared.addresses import parse_address
+from shared.vocabulary import HINTING, PFN32, RANGES52, STATS
 
 from .payloads import build_pool
 
 BATCH_TYPES = frozenset({3, 5, 6, 7, 10})
-KNOWN_FEATURES = ("ranges52", "pfn32", "hinting", "stats")
+KNOWN_FEATURES = (RANGES52, PFN32, HINTING, STATS)
 
 
 class BareHost(asyncio.Protocol):
@@ -107,7 +108,7 @@ class _BareClient(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.write(msgpack.packb([1, {"version": 1, "guest": "bare", "page_size": 4096,
-                                           "pages": 262144, "features": ["ranges52"]}]))
+                                           "pages": 262144, "features": [RANGES52]}]))
 
     def _fill(self, room: int) -> None:
         payloads = self.payloads
@@ -146,7 +147,7 @@ class _BareClient(asyncio.Protocol):
 async def bare_client(address: str, batches: int = 100_000, batch_ranges: int = 32,
                       fragmentation: float = 0.1) -> dict:
     """Closed loop, one connection, the host's window: batches/s of the bare channel."""
-    pool = build_pool(262144, batch_ranges, fragmentation, "ranges52", 256, 1)
+    pool = build_pool(262144, batch_ranges, fragmentation, RANGES52, 256, 1)
     parsed = parse_address(address)
     loop = asyncio.get_running_loop()
     done = loop.create_future()

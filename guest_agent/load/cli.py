@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from shared.addresses import parse_address
+from shared.vocabulary import HINT, INFLATE, RANGES52, REPORT
 
 from .payloads import ENCODINGS
 from .report import plot, render_text, summary
@@ -108,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--ramp", type=duration, default=0.0, metavar="S",
                        help="start the guests evenly over S instead of all at once (rates cover the whole run, ramp included)")
     batch = parser.add_argument_group("batches")
-    batch.add_argument("--kind", choices=("report", "inflate", "hint"), default="report",
+    batch.add_argument("--kind", choices=(REPORT, INFLATE, HINT), default=REPORT,
                        help="REPORT, INFLATE or HINT batches (default report)")
     batch.add_argument("--reuse", action="store_true",
                        help="report kind: follow every REPORT with a REUSE of the same ranges, so the "
                             "host's tracker churns instead of saturating")
-    batch.add_argument("--encoding", choices=ENCODINGS, default="ranges52",
+    batch.add_argument("--encoding", choices=ENCODINGS, default=RANGES52,
                        help="ranges52 (the seed's 64-bit words, default) or pfn32 (legacy, <=256 PFNs)")
     batch.add_argument("--batch-ranges", type=positive_int, default=32, metavar="K",
                        help="ranges per batch (pfn32: PFNs per batch, at most 256); default 32")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_ranges=args.batch_ranges, fragmentation=args.fragmentation, kind=args.kind,
                         reuse=args.reuse, encoding=args.encoding, ramp=args.ramp, id_prefix=args.id_prefix,
                         tokens=tokens, guest_pages=args.guest_pages)
-    if args.reuse and args.kind != "report":
+    if args.reuse and args.kind != REPORT:
         parser.error("--reuse goes with --kind report")
     try:
         _check_id(f"{args.id_prefix}-{args.guests - 1}")

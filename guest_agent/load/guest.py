@@ -22,24 +22,23 @@ from dataclasses import dataclass
 
 from shared.errors import ProtocolError
 from shared.messages import (
+    BATCH_CLASSES,
     Ack,
     Bye,
     Error,
     Hint,
     HintStart,
-    Inflate,
     Ping,
     Pong,
-    Report,
     Reuse,
     Welcome,
 )
 from shared.protocol import GuestConnection
+from shared.vocabulary import HINT, HINTING, RANGES52, REPORT
 
 from .payloads import PayloadPool
 from .stats import Recorder
 
-KINDS = {"report": Report, "inflate": Inflate, "hint": Hint}
 DRAIN_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 0.05
@@ -55,9 +54,9 @@ class Plan:
     """What every guest of a run does (shared by the guests of a worker)."""
 
     address: object  # shared.addresses.Address
-    kind: str = "report"
+    kind: str = REPORT
     reuse: bool = False
-    encoding: str = "ranges52"
+    encoding: str = RANGES52
     guest_pages: int = 262144
     rate: float | None = None  # batches/s per guest; None = closed loop
     batches: int | None = None  # per guest; None = until the deadline
@@ -205,7 +204,7 @@ class LoadGuest(asyncio.Protocol):
         self.transport = transport
         self.sessions += 1
         self.out = []
-        features = [self.plan.encoding] + (["hinting"] if self.plan.kind == "hint" else [])
+        features = [self.plan.encoding] + ([HINTING] if self.plan.kind == HINT else [])
         self.conn = GuestConnection(self.guest_id, self.plan.guest_pages, features, self.token)
         self.stopping = False
         data = self.conn.hello()
@@ -308,13 +307,13 @@ class LoadGuest(asyncio.Protocol):
         index = self.next_payload
         payload = pool.payloads[index]
         kind = self.plan.kind
-        if kind == "hint":
+        if kind == HINT:
             message = Hint(payload=payload, cmd_id=self.cmd_id)
-        elif kind == "report" and self.plan.reuse and self.reuse_next:
+        elif kind == REPORT and self.plan.reuse and self.reuse_next:
             message = Reuse(payload=payload)  # take back what the previous batch reported
         else:
-            message = KINDS[kind](payload=payload)
-        if not (kind == "report" and self.plan.reuse and not self.reuse_next):
+            message = BATCH_CLASSES[kind](payload=payload)
+        if not (kind == REPORT and self.plan.reuse and not self.reuse_next):
             self.next_payload = index + 1 if index + 1 < len(pool) else 0
         self.reuse_next = self.plan.reuse and not self.reuse_next
         data = self.conn.send(message)

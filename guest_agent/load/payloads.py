@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.ranges import PFN32_MAX_PER_MESSAGE, encode_ranges, expand_pages
+from shared.ranges import encode_ranges, expand_pages
+from shared.vocabulary import ENCODINGS, PFN32, PFN32_MAX_PER_MESSAGE, RANGES52
 
 from .layout import MAX_ORDER_PAGES, free_layout, split_runs
-
-ENCODINGS = ("ranges52", "pfn32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +39,7 @@ class PayloadPool:
         return float(np.mean(self.ranges)) if self.ranges else 0.0
 
 
-def build_pool(guest_pages: int, batch_ranges: int, fragmentation: float, encoding: str = "ranges52",
+def build_pool(guest_pages: int, batch_ranges: int, fragmentation: float, encoding: str = RANGES52,
                pool_size: int = 256, seed: int = 0) -> PayloadPool:
     """``pool_size`` payloads of ``batch_ranges`` ranges (pfn32: PFNs, at most 256) each."""
     if encoding not in ENCODINGS:
@@ -49,7 +48,7 @@ def build_pool(guest_pages: int, batch_ranges: int, fragmentation: float, encodi
         raise ValueError("batch_ranges and pool_size must be at least 1")
     pfns, counts = free_layout(guest_pages, 0.5, fragmentation, seed)
     free = int(counts.sum())
-    if encoding == "pfn32":
+    if encoding == PFN32:
         per_batch = min(batch_ranges, PFN32_MAX_PER_MESSAGE)
         # one PFN per page; only the pages of as many batches as the pool needs
         pages = expand_pages(*_limit_pages(pfns, counts, per_batch * pool_size))

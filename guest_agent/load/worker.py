@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from shared.addresses import parse_address
+from shared.vocabulary import RANGES52
 
 from .guest import LoadGuest, Plan
 from .payloads import build_pool
@@ -41,7 +42,7 @@ class LoadConfig:
     fragmentation: float = 0.1
     kind: str = "report"
     reuse: bool = False
-    encoding: str = "ranges52"
+    encoding: str = RANGES52
     ramp: float = 0.0
     id_prefix: str = "load"
     tokens: dict[str, str] = field(default_factory=dict)  # guest id -> token ("*" = every guest)

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.ranges import coalesce_ranges
+from shared.vocabulary import PAGE_SIZE
 
-PAGE_SIZE = 4096
 KPF_BUDDY = 10
 MAX_ORDER = 10
 #: Pages read per pread (512 KiB of flags); a multiple of 2**MAX_ORDER.

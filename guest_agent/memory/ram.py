@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.ranges import expand_pages
+from shared.vocabulary import PAGE_SIZE
 
-PAGE_SIZE = 4096
 WORDS_PER_PAGE = PAGE_SIZE // 8
 CANARY_TAG = 0xCA11_AB1E_5EED_0001
 #: Up to this many ranges per call are written with slices instead of a gather/scatter.

@@ -1,0 +1,65 @@
+"""The protocol's words and numbers, defined once (docs/PROTOCOL.md §3, §6, §10).
+
+Feature names, batch kinds, the page size and every wire limit live here and nowhere
+else: the guest agent, the host daemon and the benchmarks import them, so a name or a
+bound can't drift between two copies. Plain constants only — importing this module costs
+nothing and pulls in nothing.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+#: The guest page size the protocol speaks in (x86-64 and the virtio balloon's 4 KiB pages).
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+# --- feature names (HELLO/WELCOME, §6) ------------------------------------------------
+RANGES52 = "ranges52"  # 52-bit PFN + 12-bit count words (§3.1); the default encoding
+PFN32 = "pfn32"  # the legacy balloon's 32-bit PFN arrays (§3.2)
+HINTING = "hinting"  # free page hinting (HINT_START / HINT / HINT_DONE / HINT_STOP)
+STATS = "stats"  # STATS messages
+SHARED_RAM = "shared-ram"  # guest RAM is a host file mapped MAP_SHARED
+DEFLATE_ON_OOM = "deflate-on-oom"  # VIRTIO_BALLOON_F_DEFLATE_ON_OOM
+#: Range encodings; exactly one is in force per session (pfn32 wins when both are accepted).
+ENCODINGS = (RANGES52, PFN32)
+KNOWN_FEATURES = (RANGES52, PFN32, HINTING, STATS, SHARED_RAM, DEFLATE_ON_OOM)
+
+# --- batch kinds: the five messages the host acknowledges (§4, §7) ---------------------
+REPORT = "report"
+REUSE = "reuse"
+INFLATE = "inflate"
+DEFLATE = "deflate"
+HINT = "hint"
+#: In wire-type order (REPORT 3, REUSE 5, INFLATE 6, DEFLATE 7, HINT 10).
+BATCH_KINDS = (REPORT, REUSE, INFLATE, DEFLATE, HINT)
+
+# --- limits (§10) -----------------------------------------------------------------------
+U64_MAX = (1 << 64) - 1
+PFN_BITS = 52
+COUNT_BITS = 12
+MAX_PFN = (1 << PFN_BITS) - 1
+MAX_INLINE_COUNT = (1 << COUNT_BITS) - 1  # 4095: count 4096 needs the escape
+#: Largest guest a HELLO may announce, in pages (every PFN fits in 52 bits).
+MAX_GUEST_PAGES = 1 << PFN_BITS
+#: The legacy balloon's array: 256 PFNs per message.
+PFN32_MAX_PER_MESSAGE = 256
+#: The seed's fixed batch buffer (v6 of the 2016 series): 4096 words = 32 KiB.
+SEED_BUFFER_WORDS = 4096
+#: Largest message either side accepts unless told otherwise (WELCOME max_message_bytes).
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+MAX_WINDOW = 1 << 16
+MAX_RANGES_LIMIT = 1 << 24
+MAX_CMD_ID = (1 << 32) - 1
+MAX_STAT_TAG = 0xFFFF
+MAX_FEATURES = 32
+MAX_NAME_LEN = 64  # guest ids, feature names, error codes
+MAX_TEXT_LEN = 1024  # BYE reasons, ERROR details
+MAX_TOKEN_LEN = 256
+MAX_PATH_LEN = 4096  # WELCOME ram_file
+MAX_STATS = 64
+# Structural limits of the msgpack decoder (§2.1).
+MAX_STR_BYTES = 64 * 1024
+MAX_ARRAY_LEN = 1024
+MAX_MAP_LEN = 64
+#: Deepest nesting a v1 message uses: STATS is ``[13, [[tag, value], ...]]`` (depth 3).
+MAX_DEPTH = 3
