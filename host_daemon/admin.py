@@ -19,7 +19,9 @@ from shared.messages import HintStart, Target, valid_guest_id
 from shared.vocabulary import HINTING, PAGE_SIZE
 
 from .auth import same_secret
+from .inventory import InventoryError, parse_entry
 from .metrics import render
+from .registry import Conflict
 
 log = logging.getLogger("balloon.host.admin")
 MAX_BODY = 4096
@@ -38,6 +40,8 @@ class AdminApp:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/api/v1/guests", self.guests)
         app.router.add_get("/api/v1/guests/{id}", self.guest)
+        app.router.add_put("/api/v1/guests/{id}", self.provision)
+        app.router.add_delete("/api/v1/guests/{id}", self.delete)
         app.router.add_post("/api/v1/guests/{id}/target", self.target)
         app.router.add_post("/api/v1/guests/{id}/hint", self.hint)
         self.app = app
@@ -82,6 +86,9 @@ class AdminApp:
             body = json.loads(await request.read() or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise web.HTTPBadRequest(text=json.dumps({"error": "the body is not JSON"}),
+                                     content_type="application/json") from None
+        except RecursionError:  # "[" x 3000 fits in MAX_BODY and nests past the parser's stack
+            raise web.HTTPBadRequest(text=json.dumps({"error": "the body nests too deeply"}),
                                      content_type="application/json") from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}),
@@ -145,3 +152,59 @@ class AdminApp:
         if not queued:
             return _error(409, f"guest {guest!r} is disconnecting or not reading")
         return web.json_response({"cmd_id": cmd_id}, status=202)
+
+    async def provision(self, request: web.Request) -> web.Response:
+        """Add or replace an inventory entry: body as a ``[guest.ID]`` table of ``--guests``.
+
+        201 (new) or 200 with the entry; 400 for a bad entry; 409 when the id is connected
+        as an open-mode guest, or its size/listener/RAM file would change under its session.
+        """
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        from .server import ListenError  # server imports this module
+
+        guest = request.match_info["id"]
+        body = await self._json_body(request)
+        registry = self.host.registry
+        try:
+            entry = parse_entry(guest, body)
+        except InventoryError as error:
+            return _error(400, str(error))
+        old = registry.inventory.get(guest)
+        moved = old is not None and old.listen != entry.listen
+        try:
+            registry.inventory.check(entry)
+            if entry.listen is not None and (old is None or moved):
+                await self.host.open_guest_listener(entry.listen, guest)
+        except InventoryError as error:
+            return _error(400, str(error))
+        except ListenError as error:
+            return _error(409, str(error))
+        try:
+            created = registry.provision(entry)
+        except (Conflict, InventoryError) as error:
+            if entry.listen is not None and (old is None or moved):
+                await self.host.close_guest_listener(entry.listen)
+            return _error(409 if isinstance(error, Conflict) else 400, str(error))
+        if moved and old.listen is not None:
+            await self.host.close_guest_listener(old.listen)
+        log.info("guest provisioned", extra={"guest": guest, "created": created, "pages": entry.pages})
+        return web.json_response(entry.to_json(), status=201 if created else 200)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """Forget a guest now (inventory entry, record, series, open-mode RAM file): 204; 409 if connected."""
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        guest = request.match_info["id"]
+        registry = self.host.registry
+        entry = registry.inventory.get(guest)
+        try:
+            registry.unprovision(guest)
+        except KeyError:
+            return _error(404, f"no guest {guest!r:.80}")
+        except Conflict as error:
+            return _error(409, str(error))
+        if entry is not None and entry.listen is not None:
+            await self.host.close_guest_listener(entry.listen)
+        log.info("guest deleted", extra={"guest": guest, "provisioned": entry is not None})
+        return web.Response(status=204)

@@ -1,16 +1,25 @@
-"""Guest and admin secrets.
+"""Who a connection is: the host's side decides (DESIGN §4 invariant 5), never HELLO alone.
 
-Identity policy (DESIGN §4 invariant 5): a guest's id is the label used for its metrics,
-its tracker and its RAM file, so a guest must not be able to take another's id.
+A guest's id labels its metrics, its tracker and its RAM file, so a guest must not be able
+to take another's id. In this order (``GuestAuth.identify``):
 
-- ``--token-file``: one ``guest-id token`` per line, ``#`` comments. A guest listed there
-  must send the token in HELLO, whatever the transport; on TCP (reachable from anywhere
-  the port is) every guest must be listed. Unix and vsock guests that are not listed are
-  admitted: for them the socket file's mode (0660) or the VM boundary is the gate.
-- Tokens are compared with ``hmac.compare_digest`` so the time taken says nothing about
-  how much of a guess was right.
-- ``--admin-token-file``: the first non-comment line is the bearer token that mutating
-  admin calls (POST) must carry.
+1. **A per-guest listener** (inventory ``listen``): whoever connects there IS that guest,
+   as a VM's virtio device belongs to that VM. HELLO must name it (else ``auth-failed``).
+2. **A provisioned id on a shared listener** (``--listen``) must prove itself with its
+   inventory ``token`` (any transport) or its ``uid`` (Unix peer credentials,
+   SO_PEERCRED); otherwise ``auth-failed``. An entry with neither is reachable only on its
+   own listener, so nobody else can ever take it over, even while it is disconnected.
+3. **A Unix peer whose uid the inventory maps to a guest** is that guest only: its HELLO
+   for any other id is ``auth-failed``.
+4. **Open mode**, any other id: Unix and vsock listeners admit it (the socket file's 0660
+   mode or the VM boundary is the gate); TCP only with a ``--token-file`` token or with
+   ``--allow-open-tcp``. A ``--token-file`` guest must send its token on any transport.
+   What an open guest may cost is capped elsewhere (``--max-guest-memory``,
+   ``--max-guests``, ``--retention``); it can never touch a provisioned guest.
+
+Tokens are compared with ``hmac.compare_digest`` so the time taken says nothing about how
+much of a guess was right. ``--admin-token-file``: the first non-comment line is the bearer
+token that mutating admin calls (POST, PUT, DELETE) must carry.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
+from shared.errors import RemoteProtocolError
 from shared.messages import valid_guest_id
 
 
@@ -72,15 +82,63 @@ def same_secret(given: str | None, expected: str) -> bool:
 
 
 class GuestAuth:
-    """Decides whether a HELLO may claim its guest id (see the module docstring)."""
+    """Decides which guest a HELLO on a given connection is (see the module docstring)."""
 
-    def __init__(self, tokens: dict[str, str] | None) -> None:
+    def __init__(self, tokens: dict[str, str] | None, inventory=None, allow_open_tcp: bool = False,
+                 open_mode: bool = True) -> None:
+        from .inventory import Inventory
+
         self.tokens = tokens
+        self.inventory = Inventory() if inventory is None else inventory
+        self.allow_open_tcp = allow_open_tcp
+        self.open_mode = open_mode
+
+    def identify(self, guest: str, token: str | None, transport: str,
+                 listener_guest: str | None = None, uid: int | None = None):
+        """The inventory entry this connection proves, None for an open-mode guest.
+
+        Raises RemoteProtocolError ``auth-failed`` (the detail never echoes a token)."""
+        inventory = self.inventory
+        if listener_guest is not None:
+            entry = inventory.get(listener_guest)
+            if guest != listener_guest:
+                raise _refuse(f"this listener belongs to guest {listener_guest!r}; HELLO named {guest!r}")
+            if entry is None:
+                raise _refuse(f"guest {guest!r} is no longer provisioned")
+            return entry
+        peer_uid = uid if transport == "unix" else None
+        entry = inventory.get(guest)
+        if entry is not None:
+            by_token = entry.token is not None and same_secret(token, entry.token)
+            by_uid = entry.uid is not None and peer_uid == entry.uid
+            if by_token or by_uid:
+                return entry
+            ways = [way for way, present in (("its token", entry.token), ("its uid", entry.uid is not None),
+                                             ("its own listener", entry.listen)) if present]
+            raise _refuse(f"guest {guest!r} is provisioned: it must connect with {' or '.join(ways) or 'its own listener'}")
+        mapped = inventory.by_uid(peer_uid)
+        if mapped is not None:
+            raise _refuse(f"unix uid {peer_uid} is guest {mapped.id!r}; it cannot claim {guest!r}")
+        if not self.open_mode:
+            raise _refuse(f"guest {guest!r} is not provisioned and this host admits provisioned guests only")
+        expected = None if self.tokens is None else self.tokens.get(guest)
+        if expected is not None:
+            if not same_secret(token, expected):
+                raise _refuse(f"guest {guest!r} did not prove its id")
+            return None
+        if transport == "tcp" and not self.allow_open_tcp:
+            raise _refuse(f"guest {guest!r} is not provisioned; TCP guests need a token "
+                          "(--guests or --token-file) unless the host runs with --allow-open-tcp")
+        return None
 
     def admits(self, guest: str, token: str | None, transport: str) -> bool:
-        if self.tokens is None:
-            return True
-        expected = self.tokens.get(guest)
-        if expected is None:
-            return transport != "tcp"
-        return same_secret(token, expected)
+        """Compatibility wrapper: may this HELLO claim ``guest`` on a shared listener?"""
+        try:
+            self.identify(guest, token, transport)
+        except RemoteProtocolError:
+            return False
+        return True
+
+
+def _refuse(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError("auth-failed", detail)

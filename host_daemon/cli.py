@@ -11,6 +11,7 @@ from shared.logfmt import configure_logging
 
 from . import loops
 from .auth import TokenFileError
+from .inventory import InventoryError
 from .server import HostServer, ListenError
 from .settings import SettingsError, parse_settings
 
@@ -39,14 +40,15 @@ def main(argv=None) -> int:
     except SettingsError as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
         return 2
-    try:  # token files are read before anything listens, so a typo fails fast
+    try:  # token files and the inventory are read before anything listens: a typo fails fast
         from .auth import load_admin_token, load_guest_tokens
+        from .server import load_inventory
 
-        if settings.token_file:
-            load_guest_tokens(settings.token_file)
+        tokens = load_guest_tokens(settings.token_file) if settings.token_file else None
         if settings.admin_token_file:
             load_admin_token(settings.admin_token_file)
-    except TokenFileError as error:
+        load_inventory(settings, tokens)
+    except (TokenFileError, InventoryError) as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)

@@ -138,9 +138,14 @@ def madvise_remove(mapping: mmap.mmap, offsets: np.ndarray, lengths: np.ndarray)
 
 
 class RamFile:
-    """One guest's sparse RAM file, held open by the host for hole punching."""
+    """One guest's sparse RAM file, held open by the host for hole punching.
 
-    def __init__(self, directory: Path, name: str, fd: int, size: int) -> None:
+    ``owned``: the host created it (open mode, ``--ram-dir``) and removes it when it
+    forgets the guest; a provisioned file (the inventory's ``ram_file``, e.g. QEMU's
+    mem-path) is the VM's and is never created, resized or removed by the host.
+    """
+
+    def __init__(self, directory: Path, name: str, fd: int, size: int, owned: bool = True) -> None:
         self.directory = directory
         self.name = name
         self.fd = fd
@@ -151,6 +156,7 @@ class RamFile:
         self.unreleased_bytes = 0
         self.ineffective_discards = 0
         self._warned_at = -WARN_EVERY_S
+        self.owned = owned
 
     @property
     def path(self) -> Path:
@@ -158,10 +164,15 @@ class RamFile:
 
     @classmethod
     def open(cls, ram_dir: Path | str, guest: str, pages: int) -> RamFile:
-        """Create ``ram_dir/<guest>.ram`` sparse, or reopen it (recreated if the size differs).
+        """Create ``ram_dir/<guest>.ram`` sparse, or reopen it — never shrinking it.
 
         The file outlives host restarts and sessions: a guest's memory is its own until
-        the host forgets the guest (``remove``).
+        the host forgets the guest (``remove``). Someone may map it at any time (the
+        guest of an earlier session, across a host restart), and truncating a mapped
+        file makes that process die of SIGBUS on its next access — so a smaller claim
+        keeps the file as it is, and a larger one only extends it (pages past the old
+        end read as zeros, as fresh RAM does). The caller bounds ``pages``
+        (``--max-guest-memory``); this only refuses what no file could hold.
         """
         name = ram_file_name(guest)
         if not 0 < pages <= (1 << 52):
@@ -190,13 +201,41 @@ class RamFile:
                 raise RamDirError(f"{directory / name} is not a regular file")
             if info.st_nlink != 1:
                 raise RamDirError(f"{directory / name} has {info.st_nlink} links; refusing it")
-            if info.st_size != size:
-                os.ftruncate(fd, 0)  # a different size is a different guest: start from zeros
-                os.ftruncate(fd, size)
+            if info.st_size < size:
+                os.ftruncate(fd, size)  # grow only: existing pages and mappings stay valid
         except BaseException:
             os.close(fd)
             raise
         return cls(directory, name, fd, size)
+
+    @classmethod
+    def open_provisioned(cls, path: Path | str, pages: int) -> RamFile:
+        """Open a provisioned guest's own RAM file for punching: never create or resize it.
+
+        The VMM made it (QEMU ``memory-backend-file,mem-path=...,share=on``) and maps it;
+        the host only punches holes in the first ``pages`` pages. O_NOFOLLOW: in a shared
+        tmpfs like /dev/shm anyone could plant a symlink at the path before the VMM runs.
+        """
+        path = Path(path)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise RamDirError(f"ram_file {path} is a symlink; refusing it") from None
+            raise RamDirError(f"cannot open ram_file {path}: {error.strerror or error}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RamDirError(f"ram_file {path} is not a regular file")
+            size = pages * PAGE_SIZE
+            if info.st_size < size:
+                raise RamDirError(f"ram_file {path} holds {info.st_size} bytes, less than the "
+                                  f"guest's provisioned {size}; is it this guest's RAM?")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path.parent, path.name, fd, size, owned=False)
 
     def discard(self, pfns, counts) -> int:
         """Give the pages back to the kernel; returns the bytes it actually freed."""
@@ -238,7 +277,12 @@ class RamFile:
             self.fd = -1
 
     def remove(self) -> None:
-        """Delete the file (the host forgot the guest), if it is still the one we opened."""
+        """Delete the file (the host forgot the guest), if it is still the one we opened.
+
+        A provisioned file is only closed: it is the VM's, not the host's."""
+        if not self.owned:
+            self.close()
+            return
         ours = os.fstat(self.fd) if self.fd >= 0 else None
         self.close()
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

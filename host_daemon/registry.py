@@ -1,21 +1,26 @@
-"""The guests this host knows: connected ones and, for ``--retention``, disconnected ones.
+"""The guests this host knows: the provisioned ones (the inventory) and, briefly, open-mode ones.
 
-Policy (documented in docs/OPERATIONS.md and ``--help``):
+Policy (documented in docs/OPERATIONS.md "Security model" and ``--help``):
 
 - **One live session per guest id.** A HELLO naming a guest that already has a live
   session is refused with ERROR ``guest-busy``; the existing session is not disturbed
   (a guest cannot be kicked off by someone who merely knows its name). A guest whose
   old connection is half-open reconnects once the host's idle timeout closes it.
-- **A cap on guests.** At most ``--max-guests`` ids are known at once, counting
-  disconnected guests still retained, so memory and metric series stay bounded; a *new*
-  id beyond the cap gets ERROR ``too-many-guests``. A known id may always come back.
+- **Provisioned guests** (``--guests FILE``, ``PUT /api/v1/guests/{id}``) have a record
+  from the moment they are provisioned until they are deleted; they never count
+  against ``--max-guests`` and are never refused for it. Their size and RAM file are
+  the inventory's.
+- **Open-mode guests** (ids not in the inventory) are capped by ``--max-guests``
+  (connected plus retained), so throwaway ids can fill only their own cap. A
+  disconnected one is forgotten ``--retention`` later, or ``--forget-after`` later if its
+  session ended with BYE or applied no batch (load tests, probes): its record, every
+  metric series labelled with it, and its RAM file in ``--ram-dir`` disappear.
 - **A new session starts from an empty tracker** (the guest re-reports its free blocks
   and re-inflates its balloon, contract §Protocol usage); counters and the RAM file
   survive across sessions.
-- **Retention.** A disconnected guest is forgotten ``--retention`` seconds later: its
-  record, hence every metric series labelled with it, disappears, and its RAM file is
-  removed. RAM files found in ``--ram-dir`` at start-up (a previous host's) get the same
-  grace period, so a guest that never returns leaves nothing behind.
+- RAM files found in ``--ram-dir`` at start-up (a previous host's) get the retention
+  grace period, so a guest that never returns leaves nothing behind; a provisioned
+  guest's ``ram_file`` is never removed (it is the VM's).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from shared.errors import RemoteProtocolError
 from shared.vocabulary import PAGE_SIZE
 
 from .histogram import LatencyHistogram
+from .inventory import Inventory
 from .tracker import KINDS, REASONS, GuestTracker
 
 log = logging.getLogger("balloon.host.registry")
@@ -37,8 +43,10 @@ log = logging.getLogger("balloon.host.registry")
 class GuestRecord:
     """Everything the host keeps about one guest id, across its sessions."""
 
-    def __init__(self, guest: str, pages: int) -> None:
+    def __init__(self, guest: str, pages: int, provisioned=None) -> None:
         self.id = guest
+        #: the inventory entry (inventory.ProvisionedGuest) when the host provisioned this id
+        self.provisioned = provisioned
         self.pages = pages
         self.tracker = GuestTracker(pages)
         self.session = None  # the live Session, or None
@@ -60,6 +68,7 @@ class GuestRecord:
         self.ram = None  # reclaim.RamFile when the guest uses shared RAM
         self.apply = LatencyHistogram()
         self._forget: asyncio.TimerHandle | None = None
+        self._batches_at_claim = 0
 
     @property
     def connected(self) -> bool:
@@ -104,19 +113,30 @@ class GuestRecord:
             "apply_seconds_p99": p99,
             # the guest's last STATS, virtio tags as strings (JSON keys): "4" is MEMFREE
             "stats": {str(tag): value for tag, value in self.stats.items()},
+            # the inventory entry (token redacted), or null for an open-mode guest
+            "provisioned": None if self.provisioned is None else self.provisioned.to_json(),
         }
 
 
+class Conflict(Exception):
+    """An inventory change that the current state forbids (admin API: 409)."""
+
+
 class Registry:
-    def __init__(self, max_guests: int, retention: float, ram_dir: Path | None = None) -> None:
-        self.max_guests = max_guests
+    def __init__(self, max_guests: int, retention: float, ram_dir: Path | None = None,
+                 inventory: Inventory | None = None, forget_after: float | None = None) -> None:
+        self.max_guests = max_guests  # open-mode guests only
         self.retention = retention
+        self.forget_after = retention if forget_after is None else min(forget_after, retention)
         self.ram_dir = ram_dir
+        self.inventory = Inventory(ram_dir=ram_dir) if inventory is None else inventory
         self.guests: dict[str, GuestRecord] = {}
         self._orphans: dict[str, asyncio.TimerHandle] = {}
         self.forgotten = 0
         #: apply-time samples of forgotten guests, so the host-wide histogram stays monotonic
         self.retired_apply = LatencyHistogram()
+        for entry in self.inventory:
+            self.guests[entry.id] = GuestRecord(entry.id, entry.pages, entry)
 
     def __len__(self) -> int:
         return len(self.guests)
@@ -136,14 +156,26 @@ class Registry:
     def connected(self) -> int:
         return sum(1 for record in self.guests.values() if record.session is not None)
 
-    def claim(self, guest: str, pages: int, session, address: str) -> GuestRecord:
-        """Bind ``guest`` to ``session`` for a new session, or raise the ERROR to send."""
+    @property
+    def open_guests(self) -> int:
+        """Open-mode records (connected or retained): what ``--max-guests`` caps."""
+        return sum(1 for record in self.guests.values() if record.provisioned is None)
+
+    def claim(self, guest: str, pages: int, session, address: str, provisioned=None) -> GuestRecord:
+        """Bind ``guest`` to ``session`` for a new session, or raise the ERROR to send.
+
+        ``provisioned`` is the inventory entry the connection proved (auth.GuestAuth), None
+        for an open-mode guest; ``pages`` is the size that counts (the host's)."""
         record = self.guests.get(guest)
         if record is not None and record.session is not None:
             raise RemoteProtocolError("guest-busy", f"guest {guest!r} already has a live session")
+        if (record.provisioned if record is not None else None) is not provisioned:
+            # the entry changed (PUT/DELETE) between the identity check and now
+            raise RemoteProtocolError("auth-failed", f"guest {guest!r} is not what this connection proved")
         if record is None:
-            if len(self.guests) >= self.max_guests:
-                raise RemoteProtocolError("too-many-guests", f"this host serves at most {self.max_guests} guests")
+            if self.open_guests >= self.max_guests:
+                raise RemoteProtocolError(
+                    "too-many-guests", f"this host serves at most {self.max_guests} open-mode guests")
             record = GuestRecord(guest, pages)
             self.guests[guest] = record
         else:
@@ -159,41 +191,111 @@ class Registry:
         record.address = address
         record.since = time.time()
         record.sessions += 1
+        record._batches_at_claim = sum(record.batches.values())
         return record
 
     def open_ram(self, record: GuestRecord) -> str:
-        """Create or reopen the guest's RAM file (shared-ram feature); returns its path."""
+        """Open the guest's RAM file; returns its path.
+
+        Provisioned: its ``ram_file``, reopened each session (the VMM may have made a new
+        one), never created or resized. Open mode: ``--ram-dir/<id>.ram``, created at the
+        claimed size, grown for a larger claim, never shrunk (reclaim.RamFile.open)."""
         from .reclaim import RamFile
 
-        if record.ram is not None and record.ram.size != record.pages * PAGE_SIZE:
+        entry = record.provisioned
+        if record.ram is not None:
             record.ram.close()
             record.ram = None
-        if record.ram is None:
+        if entry is not None:
+            if entry.ram_file is None:
+                raise ValueError(f"guest {record.id} has no ram_file")
+            record.ram = RamFile.open_provisioned(entry.ram_file, record.pages)
+        else:
             record.ram = RamFile.open(self.ram_dir, record.id, record.pages)
         return str(record.ram.path)
 
-    def release(self, record: GuestRecord, session) -> None:
-        """The session ended: keep the guest for ``retention``, then forget it."""
+    def provision(self, entry) -> bool:
+        """Add or replace an inventory entry (admin API PUT); True if the id is new to it.
+
+        Raises Conflict when the id is connected as an open-mode guest, or when a connected
+        provisioned guest's size, listener or RAM file would change under its session;
+        InventoryError when the entry clashes with another (listener, file, uid)."""
+        record = self.guests.get(entry.id)
+        old = self.inventory.get(entry.id)
+        if record is not None and record.session is not None:
+            if record.provisioned is None:
+                raise Conflict(f"guest {entry.id!r} is connected as an open-mode guest; "
+                               "provision it once that session has ended")
+            if (old.pages, old.listen, old.ram_file) != (entry.pages, entry.listen, entry.ram_file):
+                raise Conflict(f"guest {entry.id!r} is connected: memory, listen and ram_file "
+                               "change only while it is disconnected")
+        self.inventory.check(entry)
+        if record is not None and record.provisioned is None:
+            self.forget(entry.id)  # a retained open-mode guest of that name: gone with its file
+            record = None
+        created = self.inventory.put(entry)
+        if record is None:
+            self.guests[entry.id] = GuestRecord(entry.id, entry.pages, entry)
+        else:
+            record.provisioned = entry
+            if record.session is None:
+                record.pages = entry.pages
+        return created
+
+    def unprovision(self, guest: str) -> None:
+        """Forget a guest now (admin API DELETE): its inventory entry, record and series.
+
+        Raises KeyError for an unknown id and Conflict while it is connected."""
+        record = self.guests.get(guest)
+        if record is None and guest not in self.inventory:
+            raise KeyError(guest)
+        if record is not None and record.session is not None:
+            raise Conflict(f"guest {guest!r} is connected; it can be deleted once its session ends")
+        entry = self.inventory.remove(guest)
+        if record is not None:
+            # a provisioned guest's file is the VM's: closed, never removed
+            self._drop(record, remove_file=entry is None)
+
+    def release(self, record: GuestRecord, session, result: str = "closed") -> None:
+        """The session ended: a provisioned guest stays; an open one is forgotten later."""
         if record.session is not session:
             return
         record.session = None
         record.since = time.time()
         record.tracker.set_hint_command(None)
-        if self.retention <= 0:
+        if record.ram is not None and record.provisioned is not None:
+            record.ram.close()  # reopened at the next session: the VMM may make a new file
+            record.ram = None
+        if record.provisioned is not None:
+            return
+        idle = sum(record.batches.values()) == record._batches_at_claim
+        delay = self.forget_after if result == "bye" or idle else self.retention
+        if delay <= 0:
             self.forget(record.id)
             return
         loop = asyncio.get_running_loop()
-        record._forget = loop.call_later(self.retention, self.forget, record.id)
+        record._forget = loop.call_later(delay, self.forget, record.id)
 
     def forget(self, guest: str) -> None:
+        """Retention is over for an open-mode guest: drop it and its RAM file."""
         record = self.guests.get(guest)
-        if record is None or record.session is not None:
+        if record is None or record.session is not None or record.provisioned is not None:
             return
+        self._drop(record, remove_file=True)
+
+    def _drop(self, record: GuestRecord, remove_file: bool) -> None:
+        guest = record.id
         del self.guests[guest]
+        if record._forget is not None:
+            record._forget.cancel()
+            record._forget = None
         self.forgotten += 1
         self.retired_apply.merge(record.apply)
         try:
-            if record.ram is not None:
+            if not remove_file:
+                if record.ram is not None:
+                    record.ram.close()
+            elif record.ram is not None:
                 record.ram.remove()
             elif self.ram_dir is not None:  # a file from an earlier session or host
                 from .reclaim import remove_ram_file
@@ -201,7 +303,8 @@ class Registry:
                 remove_ram_file(self.ram_dir, guest)
         except OSError as error:
             log.warning("cannot remove RAM file", extra={"guest": guest, "error": str(error)})
-        log.info("guest forgotten", extra={"guest": guest, "retention_s": self.retention})
+        record.ram = None
+        log.info("guest forgotten", extra={"guest": guest, "provisioned": not remove_file})
 
     def adopt_orphan_files(self) -> None:
         """Give RAM files left by a previous host the retention grace period."""
@@ -211,14 +314,15 @@ class Registry:
 
         loop = asyncio.get_running_loop()
         for guest in ram_files(self.ram_dir):
-            if guest not in self.guests and guest not in self._orphans:
+            # a provisioned id's file there is the VM's own ram_file: never removed
+            if guest not in self.guests and guest not in self._orphans and guest not in self.inventory:
                 self._orphans[guest] = loop.call_later(self.retention, self._remove_orphan, guest)
 
     def _remove_orphan(self, guest: str) -> None:
         from .reclaim import remove_ram_file
 
         self._orphans.pop(guest, None)
-        if guest in self.guests:
+        if guest in self.guests or guest in self.inventory:
             return
         try:
             if remove_ram_file(self.ram_dir, guest):

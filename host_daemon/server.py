@@ -15,13 +15,16 @@ import socket
 import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from aiohttp import web
 
 from shared.addresses import Address
 
 from .admin import AdminApp
+from .admission import Admitter, Peer
 from .auth import GuestAuth, load_admin_token, load_guest_tokens
+from .inventory import Inventory, InventoryError
 from .metrics import HostStats, make_registry
 from .registry import Registry
 from .session import Session
@@ -91,33 +94,52 @@ def vsock_socket(cid: int, port: int) -> socket.socket:
     return sock
 
 
-def peer_address(writer: asyncio.StreamWriter, listener: Address) -> str:
+def peer_of(writer: asyncio.StreamWriter, listener: Address, guest_id: str | None = None) -> Peer:
     """The host's own view of who connected (never what the guest claims)."""
     sock = writer.get_extra_info("socket")
     if listener.kind == "unix":
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            return f"unix:{listener.path}#pid={pid},uid={uid}"
+            pid, uid, gid = struct.unpack("3i", creds)
+            return Peer(listener, "unix", f"unix:{listener.path}#pid={pid},uid={uid}", guest_id, pid, uid, gid)
         except (OSError, AttributeError):
-            return f"unix:{listener.path}"
+            return Peer(listener, "unix", f"unix:{listener.path}", guest_id)
     peer = writer.get_extra_info("peername")
     if listener.kind == "vsock" and peer:
-        return f"vsock:{peer[0]}:{peer[1]}"
-    if peer:
+        address = f"vsock:{peer[0]}:{peer[1]}"
+    elif peer:
         host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
-        return f"tcp:{host}:{peer[1]}"
-    return str(listener)
+        address = f"tcp:{host}:{peer[1]}"
+    else:
+        address = str(listener)
+    return Peer(listener, listener.kind, address, guest_id)
+
+
+def load_inventory(settings: HostSettings, tokens: dict[str, str] | None) -> Inventory:
+    """``--guests`` (empty without it); InventoryError for a bad file or a clash with --token-file."""
+    ram_dir = None if settings.ram_dir is None else Path(os.path.realpath(settings.ram_dir))
+    inventory = Inventory.load(settings.guests, ram_dir) if settings.guests else Inventory(ram_dir=ram_dir)
+    for entry in inventory:
+        if tokens and entry.id in tokens:
+            raise InventoryError(f"guest {entry.id} is in both --guests and --token-file; "
+                                 "give its token in the inventory only")
+        if entry.listen is not None and entry.listen in settings.listen:
+            raise InventoryError(f"guest {entry.id}: listen {entry.listen} is also a shared --listen")
+    return inventory
 
 
 class HostServer:
     def __init__(self, settings: HostSettings) -> None:
         self.settings = settings
-        self.registry = Registry(settings.max_guests, settings.retention, settings.ram_dir)
+        tokens = load_guest_tokens(settings.token_file) if settings.token_file else None
+        self.inventory = load_inventory(settings, tokens)
+        self.registry = Registry(settings.max_guests, settings.retention, settings.ram_dir,
+                                 self.inventory, settings.forget_after)
         self.stats = HostStats()
         self.metrics_registry = make_registry(self)
-        tokens = load_guest_tokens(settings.token_file) if settings.token_file else None
-        self.auth = GuestAuth(tokens)
+        self.auth = GuestAuth(tokens, self.inventory, settings.allow_open_tcp, settings.max_guests > 0)
+        self.admitter = Admitter(settings, self.registry, self.auth)
+        self._guest_servers: dict[Address, tuple[asyncio.AbstractServer, Address]] = {}
         self.admin_token = load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []  # as bound (TCP port 0 resolved)
@@ -155,6 +177,9 @@ class HostServer:
         try:
             for address in settings.listen:
                 await self._listen(address)
+            for entry in self.inventory:
+                if entry.listen is not None:
+                    await self.open_guest_listener(entry.listen, entry.id)
             if settings.http is not None:
                 await self._start_http(*settings.http)
         except BaseException:
@@ -163,15 +188,20 @@ class HostServer:
                 await self._runner.cleanup()
             raise
         self.ready = True
+        if settings.allow_open_tcp and any(a.kind == "tcp" for a in settings.listen):
+            log.warning("--allow-open-tcp: anyone who reaches the TCP port may claim any unprovisioned "
+                        "guest id; use the inventory's tokens outside demos and load tests")
         log.info("host ready", extra={
+            "guests": len(self.inventory),
             "listen": ",".join(map(str, self.addresses)),
             "http": "off" if self.http_address is None else f"{self.http_address[0]}:{self.http_address[1]}",
             "window": settings.window, "max_ranges": settings.max_ranges,
             "ram_dir": str(settings.ram_dir) if settings.ram_dir else None})
 
-    async def _listen(self, address: Address) -> None:
+    async def _listen(self, address: Address, guest_id: str | None = None) -> Address:
+        """Open one listener; a ``guest_id`` binds it to that guest (whoever connects IS it)."""
         def handler(reader, writer, listener=address):
-            return self._serve(reader, writer, listener)
+            return self._serve(reader, writer, listener, guest_id)
 
         limit = 2 * 65536
         if address.kind == "unix":
@@ -191,8 +221,37 @@ class HostServer:
             sock = vsock_socket(address.cid, address.port)
             server = await asyncio.start_server(handler, sock=sock, limit=limit)
             bound = address
-        self._servers.append(server)
-        self.addresses.append(bound)
+        if guest_id is None:
+            self._servers.append(server)
+            self.addresses.append(bound)
+        else:
+            self._guest_servers[address] = (server, bound)
+        return bound
+
+    async def open_guest_listener(self, address: Address, guest_id: str) -> Address:
+        """A provisioned guest's own listener (at start, or after PUT /api/v1/guests/{id})."""
+        if any(address == shared for shared in self.settings.listen):
+            raise ListenError(f"{address} is a shared --listen address; a guest's listen must be its own")
+        if address in self._guest_servers:
+            raise ListenError(f"{address} is already a guest's listener")
+        return await self._listen(address, guest_id)
+
+    async def close_guest_listener(self, address: Address) -> None:
+        """Stop accepting on a guest's own listener (DELETE, or a PUT that moved it)."""
+        entry = self._guest_servers.pop(address, None)
+        if entry is None:
+            return
+        server, _bound = entry
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 0.1)
+        if address.kind == "unix":
+            for path, inode in list(self._unix_paths):
+                if path == address.path:
+                    self._unix_paths.remove((path, inode))
+                    with contextlib.suppress(OSError):
+                        if os.stat(path).st_ino == inode:
+                            os.unlink(path)
 
     async def _start_http(self, host: str, port: int) -> None:
         runner = web.AppRunner(AdminApp(self).app, access_log=None, handle_signals=False)
@@ -206,11 +265,13 @@ class HostServer:
         sockname = site._server.sockets[0].getsockname()
         self.http_address = (sockname[0], sockname[1])
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: Address) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: Address,
+                     guest_id: str | None = None) -> None:
         if self._stopping:
             writer.transport.abort()
             return
-        session = Session(self, reader, writer, peer_address(writer, listener), listener.kind)
+        peer = peer_of(writer, listener, guest_id)
+        session = Session(self, reader, writer, peer.address, listener.kind, peer)
         self.sessions.add(session)
         try:
             await session.run()
@@ -218,6 +279,8 @@ class HostServer:
             self.sessions.discard(session)
 
     async def _close_listeners(self) -> None:
+        for address in list(self._guest_servers):
+            await self.close_guest_listener(address)
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -245,6 +308,8 @@ class HostServer:
         log.info("host stopping", extra={"sessions": len(self.sessions)})
         # Stop accepting first (server.close() only closes the listening sockets in 3.11),
         for server in self._servers:
+            server.close()
+        for server, _bound in self._guest_servers.values():
             server.close()
         sessions = list(self.sessions)
         for session in sessions:

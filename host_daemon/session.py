@@ -39,17 +39,10 @@ from shared.messages import (
     Target,
     Welcome,
 )
-from shared.protocol import CONNECTION_CLOSED, NEED_DATA, HostConnection, State, negotiate_features
-from shared.vocabulary import (
-    DEFLATE_ON_OOM,
-    HINTING,
-    PAGE_SIZE,
-    PFN32,
-    RANGES52,
-    SHARED_RAM,
-    STATS,
-    U64_MAX,
-)
+from shared.protocol import CONNECTION_CLOSED, NEED_DATA, HostConnection, State
+from shared.vocabulary import PAGE_SIZE, U64_MAX
+
+from .admission import REFUSALS
 
 log = logging.getLogger("balloon.host.session")
 
@@ -62,21 +55,17 @@ QUEUE_ITEMS = 16  # byte strings; each is at most one chunk's replies (<= ~64 Ki
 _CLOSE = object()
 ENDINGS = (Bye, Error)
 
-#: Codes that refuse a well-formed HELLO (counted as sessions_total{result="rejected"}).
-REFUSALS = frozenset({"auth-failed", "guest-busy", "too-many-guests"})
 #: Every value of balloon_sessions_total{result}, exported from the start so rates work.
 RESULTS = ("bye", "closed", "reset", "error", "rejected", "timeout", "shutdown", "guest-error", "internal")
-
-#: Features this host implements; "shared-ram" only with --ram-dir.
-BASE_FEATURES = (RANGES52, PFN32, HINTING, STATS, DEFLATE_ON_OOM)
 
 
 class Session:
     """Serves one connection from accept to close; ``run()`` returns when it is over."""
 
     def __init__(self, host, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 address: str, transport: str) -> None:
+                 address: str, transport: str, peer=None) -> None:
         self.host = host
+        self.peer = peer
         self.settings = host.settings
         self.reader = reader
         self.writer = writer
@@ -85,6 +74,7 @@ class Session:
         self.conn = HostConnection(self.settings.max_message_bytes)
         self.queue: asyncio.Queue = asyncio.Queue(QUEUE_ITEMS)
         self.record = None
+        self._admission = None
         self.started = time.monotonic()
         self.last_rx = self.started
         self.reason = "closed"
@@ -121,8 +111,8 @@ class Session:
             if self.result == "shutdown" and self.conn.state is State.READY:
                 self._put_nowait(self.conn.send(Bye("host shutting down")))
             await self._finish_writer()
-            if self.record is not None:
-                host.registry.release(self.record, self)
+            if self._admission is not None:
+                host.admitter.release(self._admission, self, self.result)
             host.stats.sessions[self.result] = host.stats.sessions.get(self.result, 0) + 1
             log.info("session end", extra={
                 "guest": self.guest, "address": self.address,
@@ -412,25 +402,13 @@ class Session:
     def _welcome(self, hello: Hello) -> list[bytes]:
         host = self.host
         settings = self.settings
-        if not host.auth.admits(hello.guest, hello.token, self.transport):
-            raise RemoteProtocolError("auth-failed", f"guest {hello.guest!r} did not prove its id")
-        supported = BASE_FEATURES + ((SHARED_RAM,) if settings.ram_dir is not None else ())
-        features = negotiate_features(hello.features, supported)
-        record = host.registry.claim(hello.guest, hello.pages, self, self.address)
-        self.record = record
-        record.features = features
+        admission = host.admitter.admit(hello, self.peer, self)
+        self._admission = admission
+        record = self.record = admission.record
+        features = admission.features
+        ram_file = admission.ram_file
         record.received_bytes += self.conn.bytes_received
         record.last_message_at = time.time()
-        ram_file = None
-        if SHARED_RAM in features:
-            try:
-                ram_file = host.registry.open_ram(record)
-            except Exception as error:  # OSError, RamDirError: refuse this guest, not the host
-                log.error("cannot open RAM file", extra={"guest": record.id, "error": str(error)})
-                raise RemoteProtocolError("internal", "the host cannot provide the RAM file") from None
-        elif record.ram is not None:  # this session does not use the shared file
-            record.ram.close()
-            record.ram = None
         out = [self.conn.send(Welcome(
             window=settings.window, max_ranges=settings.max_ranges, features=features,
             max_message_bytes=settings.max_message_bytes, ram_file=ram_file, pages=record.pages))]
@@ -438,8 +416,9 @@ class Session:
             out.append(self.conn.send(Target(record.target_pages)))
         self._welcomed.set()
         log.info("session start", extra={
-            "guest": record.id, "address": self.address, "pages": hello.pages,
-            "memory_bytes": hello.pages * PAGE_SIZE, "features": ",".join(features)})
+            "guest": record.id, "address": self.address, "pages": admission.pages,
+            "claimed_pages": hello.pages, "memory_bytes": admission.pages * PAGE_SIZE,
+            "provisioned": record.provisioned is not None, "features": ",".join(features)})
         return out
 
     # -- timers -------------------------------------------------------------------------

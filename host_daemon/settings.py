@@ -23,14 +23,19 @@ from shared.config import (
     parse_size,
 )
 from shared.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from shared.vocabulary import PAGE_SIZE
 
 ENV_PREFIX = "BALLOON_HOST"
 DEFAULT_HTTP = "127.0.0.1:9470"
 MAX_WINDOW = 1 << 16  # what WELCOME may carry (shared/messages.py)
 MAX_RANGES = 1 << 24
+MAX_GUEST_PAGES = 1 << 52
 #: Bytes of a batch message beyond its payload: array header, type, seq (up to 9 bytes),
 #: cmd_id for HINT, bin header. Used to check max_ranges fits in max_message_bytes.
 BATCH_OVERHEAD = 32
+#: The most RAM an open-mode (not provisioned) guest may claim: it sizes its tracker and
+#: its RAM file, so it bounds what one unauthenticated HELLO may cost the host.
+DEFAULT_MAX_GUEST_MEMORY = 16 << 30
 
 
 class SettingsError(ValueError):
@@ -47,7 +52,11 @@ class HostSettings:
     max_guests: int = 1024
     handshake_timeout: float = 5.0
     idle_timeout: float = 60.0
-    retention: float = 300.0
+    retention: float = 60.0
+    forget_after: float = 10.0
+    guests: Path | None = None
+    max_guest_memory: int = DEFAULT_MAX_GUEST_MEMORY
+    allow_open_tcp: bool = False
     token_file: Path | None = None
     admin_token_file: Path | None = None
     ram_dir: Path | None = None
@@ -78,16 +87,22 @@ def check(s: HostSettings) -> None:
         raise SettingsError(
             f"--max-ranges {s.max_ranges} needs --max-message-bytes >= {need} "
             f"(two 8-byte words per escaped range), got {s.max_message_bytes}")
-    if s.max_guests < 1:
-        raise SettingsError(f"--max-guests must be at least 1, got {s.max_guests}")
+    if s.max_guests < 0:
+        raise SettingsError(f"--max-guests cannot be negative, got {s.max_guests}")
+    if not PAGE_SIZE <= s.max_guest_memory <= MAX_GUEST_PAGES * PAGE_SIZE:
+        raise SettingsError(f"--max-guest-memory must be 4KiB..{MAX_GUEST_PAGES * PAGE_SIZE} bytes, "
+                            f"got {s.max_guest_memory}")
     for name, value in (("--handshake-timeout", s.handshake_timeout), ("--idle-timeout", s.idle_timeout)):
         if value <= 0:
             raise SettingsError(f"{name} must be positive, got {value}")
     if s.retention < 0:
         raise SettingsError(f"--retention cannot be negative, got {s.retention}")
+    if s.forget_after < 0:
+        raise SettingsError(f"--forget-after cannot be negative, got {s.forget_after}")
     if s.debug_apply_delay < 0 or s.debug_apply_delay > 60:
         raise SettingsError(f"--debug-apply-delay must be 0..60 seconds, got {s.debug_apply_delay}")
-    for name, path in (("--token-file", s.token_file), ("--admin-token-file", s.admin_token_file)):
+    for name, path in (("--token-file", s.token_file), ("--admin-token-file", s.admin_token_file),
+                       ("--guests", s.guests)):
         if path is not None and not Path(path).is_file():
             raise SettingsError(f"{name}: {path} is not a readable file")
     if s.ram_dir is not None:
@@ -147,16 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="most ranges in one batch, sent in WELCOME; a bigger batch is a protocol error")
     add("--max-message-bytes", type=_size, default="1MiB", metavar="SIZE",
         help="largest message accepted; checked from the msgpack header before anything is buffered")
+    add("--guests", type=Path, default=None, metavar="FILE",
+        help="the inventory (TOML, [guest.ID] tables with memory, listen, ram_file, token, uid, "
+             "min_memory, max_memory): provisioned guests whose id, size and RAM file are the host's. "
+             "A provisioned id is admitted only on its own listener, with its token or its uid; "
+             "a HELLO claiming more pages than provisioned gets ERROR bad-size. See docs/OPERATIONS.md")
     add("--max-guests", type=_positive_int, default=1024,
-        help="most guests known at once (connected, or disconnected and retained); "
-             "a new guest beyond it gets ERROR too-many-guests")
+        help="most open-mode guests (ids not in --guests) known at once, connected or retained; a new one "
+             "beyond it gets ERROR too-many-guests. Provisioned guests never count. 0: provisioned guests only")
+    add("--max-guest-memory", type=_size, default="16GiB", metavar="SIZE",
+        help="most RAM an open-mode guest may claim in HELLO (ERROR bad-size beyond); sizes its tracker "
+             "and its RAM file")
+    add("--allow-open-tcp", action="store_true", default=False,
+        help="admit open-mode guests on TCP listeners without a token (anyone who reaches the port may "
+             "then claim any unprovisioned id: demos and load tests only; a warning is logged at start)")
     add("--handshake-timeout", type=_duration, default="5s", metavar="DURATION",
         help="a connection that has not sent a valid HELLO by then gets ERROR handshake-timeout")
     add("--idle-timeout", type=_duration, default="60s", metavar="DURATION",
         help="the host PINGs a silent guest after a third of this and closes it "
              "(ERROR idle-timeout) when nothing at all arrived for this long")
-    add("--retention", type=_duration, default="300s", metavar="DURATION",
-        help="how long a disconnected guest is remembered (metrics, RAM file) before it is forgotten")
+    add("--retention", type=_duration, default="60s", metavar="DURATION",
+        help="how long a disconnected open-mode guest is remembered (metrics, RAM file) before it is "
+             "forgotten; provisioned guests are remembered while provisioned")
+    add("--forget-after", type=_duration, default="10s", metavar="DURATION",
+        help="an open-mode guest whose session ended with BYE, or applied no batch, is forgotten this "
+             "soon (at most --retention), so throwaway ids do not hold --max-guests")
     add("--token-file", type=Path, default=None, metavar="FILE",
         help="per-guest secrets, one 'guest-id token' per line; a listed guest must send its token in "
              "HELLO, and every TCP guest must be listed (ERROR auth-failed otherwise)")
@@ -193,6 +223,10 @@ def parse_settings(argv, environ=None) -> HostSettings:
         handshake_timeout=ns.handshake_timeout,
         idle_timeout=ns.idle_timeout,
         retention=ns.retention,
+        forget_after=ns.forget_after,
+        guests=ns.guests,
+        max_guest_memory=ns.max_guest_memory,
+        allow_open_tcp=ns.allow_open_tcp,
         token_file=ns.token_file,
         admin_token_file=ns.admin_token_file,
         ram_dir=ns.ram_dir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?|pages?)?\s*", re.IGNORECASE)
@@ -19,6 +20,8 @@ _SIZE_FACTORS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 <
                  "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
                  "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
                  "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40}
+#: Sizes are byte counts of memory: anything beyond 2**64 is a typo or an attack.
+MAX_SIZE = (1 << 64) - 1
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_FACTORS = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -28,12 +31,18 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise ValueError("a size cannot be negative")
+        if text > MAX_SIZE:
+            raise ValueError(f"a {len(str(text))}-digit byte count is too large (at most 2**64-1 bytes)")
         return text
     match = _SIZE.fullmatch(str(text))
     if not match or (match.group(2) or "").lower().startswith("page"):
         raise ValueError(f"{text!r} is not a size (try 512MiB, 8GiB or a byte count)")
     unit = (match.group(2) or "").lower()
-    return int(float(match.group(1)) * _SIZE_FACTORS[unit])
+    # Exact decimal arithmetic: a float would round 8.1GiB and overflow on 400 digits.
+    size = int(Fraction(match.group(1)) * _SIZE_FACTORS[unit])
+    if size > MAX_SIZE:
+        raise ValueError(f"{str(text)[:40]!r} is too large (at most 2**64-1 bytes)")
+    return size
 
 
 def parse_duration(text: str | float | int) -> float:

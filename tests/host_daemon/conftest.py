@@ -19,7 +19,7 @@ async def make_host(tmp_path: Path):
     async def start(**overrides) -> HostServer:
         sock = tmp_path / f"host{len(hosts)}.sock"
         options = dict(listen=(Address("unix", path=str(sock)), Address("tcp", host="127.0.0.1", port=0)),
-                       http=("127.0.0.1", 0))
+                       http=("127.0.0.1", 0), allow_open_tcp=True)  # loopback tests speak TCP unprovisioned
         options.update(overrides)
         server = HostServer(HostSettings(**options))
         await server.start()

@@ -12,7 +12,7 @@ PAGES = 4096
 async def test_token_auth_accepts_the_right_token_and_refuses_a_wrong_one(make_host, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# guest tokens\ng1 correct-horse-battery\nlocal1 local-secret-123\n")
-    host = await make_host(token_file=tokens)
+    host = await make_host(token_file=tokens, allow_open_tcp=False)
     good = await RawGuest.connect(host.tcp)
     assert (await good.hello("g1", PAGES, token="correct-horse-battery"))[0] == WELCOME
     await good.report([(0, 8)])

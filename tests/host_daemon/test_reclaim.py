@@ -83,21 +83,54 @@ def test_discard_zeroes_exactly_the_ranges(ram_dir):
     ram.close()
 
 
-def test_reopen_keeps_data_and_resize_starts_from_zeros(ram_dir):
+def test_reopen_keeps_data_and_a_new_claim_never_shrinks_or_wipes_the_file(ram_dir):
+    """Issue 9 items 2 and 5: whoever claims the id next must not truncate a file someone maps."""
     ram = RamFile.open(ram_dir, "g2", 64)
     mapping = fill(ram, 64)
-    mapping.close()
     ram.close()
     again = RamFile.open(ram_dir, "g2", 64)  # host restart: the guest's memory survives
-    mapping = mmap.mmap(again.fd, 64 * PAGE_SIZE, mmap.MAP_SHARED)
+    assert np.array_equal(first_words(mapping, 64), np.arange(64, dtype=np.uint64) + 1)
+    again.close()
+    smaller = RamFile.open(ram_dir, "g2", 1)  # the old code truncated here: the mapper got SIGBUS
+    assert smaller.size == PAGE_SIZE and os.path.getsize(smaller.path) == 64 * PAGE_SIZE
+    assert np.array_equal(first_words(mapping, 64), np.arange(64, dtype=np.uint64) + 1)
+    smaller.close()
+    larger = RamFile.open(ram_dir, "g2", 128)  # grows; the first 64 pages keep their data
+    assert larger.size == 128 * PAGE_SIZE == os.path.getsize(larger.path)
     assert np.array_equal(first_words(mapping, 64), np.arange(64, dtype=np.uint64) + 1)
     mapping.close()
-    again.close()
-    resized = RamFile.open(ram_dir, "g2", 128)
-    assert resized.size == 128 * PAGE_SIZE == os.path.getsize(resized.path)
-    assert resized.allocated_bytes() == 0
-    resized.remove()
+    larger.remove()
     assert not (ram_dir / "g2.ram").exists()
+
+
+def test_a_provisioned_file_is_opened_never_created_resized_or_removed(ram_dir, tmp_path):
+    path = ram_dir / "vm1.ram"
+    with pytest.raises(RamDirError, match="cannot open"):
+        RamFile.open_provisioned(path, 16)
+    assert not path.exists()
+    with open(path, "wb") as handle:
+        handle.truncate(8 * PAGE_SIZE)
+    with pytest.raises(RamDirError, match="less than"):
+        RamFile.open_provisioned(path, 16)
+    assert os.path.getsize(path) == 8 * PAGE_SIZE
+    ram = RamFile.open_provisioned(path, 4)  # bigger than provisioned is fine: only 4 pages are punched
+    mapping = fill(ram, 8)
+    ram.discard(np.array([0], dtype=np.uint64), np.array([100], dtype=np.uint64))
+    words = first_words(mapping, 8)
+    assert list(words[:4]) == [0] * 4 and list(words[4:]) == [5, 6, 7, 8]
+    mapping.close()
+    ram.remove()  # the VM's file: closed, not deleted
+    assert os.path.getsize(path) == 8 * PAGE_SIZE
+    link = ram_dir / "vm2.ram"
+    link.symlink_to(path)
+    with pytest.raises(RamDirError, match="symlink"):
+        RamFile.open_provisioned(link, 4)
+    link.unlink()
+    fifo = ram_dir / "vm3.ram"
+    os.mkfifo(fifo)
+    with pytest.raises(RamDirError, match="regular"):
+        RamFile.open_provisioned(fifo, 4)
+    fifo.unlink()
 
 
 def test_discard_ignores_ranges_past_the_file(ram_dir):

@@ -176,7 +176,7 @@ async def test_admin_api_guest_shape(make_host):
                 "reported_pages", "reported_bytes", "inflated_pages", "inflated_bytes", "target_pages",
                 "target_bytes", "hinted_pages", "reclaimed_bytes", "resident_bytes", "batches",
                 "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99",
-                "stats"}
+                "stats", "provisioned"}
     assert set(item) == expected
     assert item["id"] == "eps" and item["connected"] is True
     assert item["reported_pages"] == 1000 and item["reported_bytes"] == 1000 * 4096
