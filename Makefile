@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv install test test-fast bench lint demo stack rules chaos system-deps deploy-test container-test clean
+.PHONY: help venv install test test-fast bench lint demo stack rules chaos system-deps deploy-test container-test vm-deps vm-test vm-demo clean
 
 help:
 	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
@@ -16,6 +16,8 @@ help:
 	@echo "make lint        ruff"
 	@echo "make deploy-test slower checks of deploy/ (real Prometheus, schemas)"
 	@echo "make container-test build and run the image with podman"
+	@echo "make vm-test     the real-VM suite: QEMU (TCG) guests running the agent, RAM files punched (root)"
+	@echo "make vm-demo     boot a real guest, run the agent in it, inflate and deflate it live (root)"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -87,6 +89,17 @@ container-test: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[container]'
 	CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf BALLOON_CONTAINER_TEST=1 BALLOON_DEPLOY_STRICT=1 \
 	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/deploy/test_container.py $(PYTEST_ARGS)
+
+# Real Linux guests under QEMU (docs/OPERATIONS.md "Real VMs"): QEMU + busybox from apt and
+# Debian's kernel from its .deb, cached in $${BALLOON_VM_CACHE:-/var/cache/balloon-vm}.
+vm-deps: $(STAMP)
+	$(BIN)/python -m tests.vm.harness
+
+vm-test: vm-deps
+	BALLOON_VM_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/vm $(PYTEST_ARGS)
+
+vm-demo: vm-deps
+	$(BIN)/python -m tests.vm.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

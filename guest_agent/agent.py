@@ -47,7 +47,7 @@ class Agent:
     """Sans-IO guest agent core. One instance lives across sessions; see the module doc."""
 
     def __init__(self, *, allocator=None, workload=None, memory=None, reporting=None, balloon=None,
-                 hinting=None, metrics: GuestMetrics | None = None, total_pages: int,
+                 hinting=None, metrics: GuestMetrics | None = None, total_pages: int, stats=None,
                  stats_interval: float = 10.0, ping_interval: float = 15.0,
                  sweep_interval: float = 2.0, sweep_samples: int = 256) -> None:
         self.allocator = allocator
@@ -56,6 +56,7 @@ class Agent:
         self.reporting = reporting
         self.balloon = balloon
         self.hinting = hinting
+        self.stats_source = stats  # () -> {tag: value}: a real machine's STATS (memory/linux.py)
         self.metrics = metrics or GuestMetrics()
         self.total_pages = total_pages
         self.conn: GuestConnection | None = None
@@ -180,6 +181,8 @@ class Agent:
             self.metrics.alloc_failures.inc(alloc_failed)
 
     def _stats(self) -> Stats:
+        if self.stats_source is not None:
+            return Stats(self.stats_source())
         free = int(self.allocator.free_pages) * PAGE_SIZE if self.allocator is not None else 0
         total = self.total_pages * PAGE_SIZE
         return Stats({STAT_FREE_MEMORY: free, STAT_TOTAL_MEMORY: total, STAT_AVAILABLE_MEMORY: free})

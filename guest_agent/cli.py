@@ -74,6 +74,9 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
         return Agent(hinting=hinting, metrics=metrics, total_pages=pages), None
 
+    if settings.source == "linux":
+        return _linux_agent(settings, metrics), None
+
     from .memory import BuddyAllocator
     from .memory.workloads import make_workload
 
@@ -84,11 +87,39 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     workload = _call_with_supported(
         make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
         rate=settings.rate, size_mix=_parse_size_mix(settings.size_mix))
-    reporting = FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)
+    reporting = (FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)
+                 if settings.reporting else None)
     balloon = Balloon(allocator, deflate_on_oom="deflate-on-oom" in settings.offered_features())
     agent = Agent(allocator=allocator, workload=workload, memory=memory, reporting=reporting, balloon=balloon,
                   metrics=metrics, total_pages=settings.pages, sweep_samples=settings.canary_samples)
     return agent, memory
+
+
+def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
+    """The real machine's memory (guest_agent/memory/linux.py); root only."""
+    from .memory import linux, procfs
+
+    root = settings.procfs_root
+    if settings.pages == 0:
+        try:
+            pages = procfs.system_ram_pages(root)
+        except (OSError, ValueError) as error:
+            raise SettingsError(f"--source linux: cannot read System RAM from {root}/proc/iomem "
+                                f"({error}); give --memory (a VM's exact RAM size)") from None
+    else:
+        pages = settings.pages
+    memory = linux.LinuxPages(root)
+    try:
+        memory.prepare()
+    except OSError as error:
+        raise SettingsError(f"--source linux: {error}") from None
+    hinting = Hinting(lambda: procfs.scan_free_runs(root), interval=settings.scan_interval, background=True)
+    reporting = linux.LinuxReporting(memory, pages, root, delay=settings.report_delay) if settings.reporting else None
+    balloon = linux.LinuxBalloon(memory, pages, root)
+    log.info("linux source: balloon and reports are pages this agent holds (mlock + pagemap); "
+             "hints from kpageflags are only 'possibly reclaimable'", extra={"pages": pages})
+    return Agent(reporting=reporting, balloon=balloon, hinting=hinting, metrics=metrics, total_pages=pages,
+                 stats=lambda: linux.read_stats(root))
 
 
 class SharedRamBinder:
@@ -173,7 +204,7 @@ def main(argv=None) -> int:
 
     _kernels.warm_up()  # compile the codec now, not inside the first session's handshake
     loop_factory = asyncio.new_event_loop
-    if settings.connect.kind != "vsock":  # uvloop cannot carry AF_VSOCK
+    if settings.connect.kind not in ("vsock", "serial"):  # uvloop: no AF_VSOCK; a char device: stock loop
         try:
             import uvloop
 

@@ -9,6 +9,10 @@
 * A lost connection is retried with exponential backoff and full jitter (capped by
   ``--reconnect-max``); the new session starts from an empty host tracker, so the agent
   re-reports everything and re-inflates its balloon (``Agent.start_session``).
+* On a virtio-serial port (``serial:``) the stream outlives the agent: the descriptor is
+  opened once, each session waits for the host end to be connected, and a session that
+  did not end with EOF — the first one of every agent, above all — is preceded by a
+  resync (``transport.resync``, docs/PROTOCOL.md §1.1).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 
 from shared.addresses import Address
 from shared.errors import ProtocolError, RemoteProtocolError
@@ -25,10 +28,10 @@ from shared.messages import Bye
 from shared.protocol import GuestConnection, State
 
 from .agent import Agent, SessionEnded
+from .transport import READ_CHUNK, SerialPort, open_stream, resync
 
 log = logging.getLogger("guest_agent.client")
 
-READ_CHUNK = 256 * 1024
 BACKOFF_BASE = 0.1
 
 
@@ -39,22 +42,6 @@ def backoff_delay(attempt: int, cap: float, rng: random.Random | None = None) ->
     spreading guests out when a restarted host is reconnected by all of them at once."""
     ceiling = min(cap, BACKOFF_BASE * (2 ** min(attempt, 30)))
     return ceiling * (0.5 + 0.5 * (rng or random).random())
-
-
-async def open_stream(address: Address):
-    """(reader, writer) for a unix:, tcp: or vsock: address."""
-    if address.kind == "unix":
-        return await asyncio.open_unix_connection(address.path, limit=READ_CHUNK)
-    if address.kind == "tcp":
-        return await asyncio.open_connection(address.host, address.port, limit=READ_CHUNK)
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (address.cid, address.port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
 
 
 class GuestClient:
@@ -77,6 +64,9 @@ class GuestClient:
         self._wake = asyncio.Event()
         self._rng = random.Random()
         self.last_error: str | None = None
+        self.port = SerialPort(address.path) if address.kind == "serial" else None
+        self.resync_needed = self.port is not None  # a new agent on a stream that outlives it
+        self.resyncs: list[str] = []  # how each resync ended ("settled", "bye", "fill")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -112,6 +102,8 @@ class GuestClient:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            if self.port is not None:
+                self.port.close()
 
     async def _tick_loop(self) -> None:
         hinting = self.agent.hinting
@@ -129,9 +121,26 @@ class GuestClient:
             self._wake.set()
             await asyncio.sleep(self.tick)
 
+    async def _open(self):
+        """(reader, writer) of a fresh session's stream."""
+        if self.port is None:
+            return await asyncio.wait_for(open_stream(self.address), self.handshake_timeout)
+        # QEMU's end may be down for as long as the host is: waiting is not a failure.
+        stream = await self.port.connect(self.stop_event)
+        if self.resync_needed:
+            bye = GuestConnection(self.guest, self.agent.total_pages, self.features).send(Bye("resync"))
+            # A fresh agent gains nothing by waiting; later, the host may be closing already.
+            fresh = not self.resyncs and self.agent.sessions == 0
+            how = await resync(stream, bye, settle=0.0 if fresh else 1.0)
+            self.resyncs.append(how)
+            log.info("serial stream resynchronised", extra={"guest": self.guest, "how": how})
+            self.resync_needed = False
+            stream = await self.port.connect(self.stop_event)
+        return stream, stream
+
     async def _session(self) -> bool:
         """One connection; returns True if it got past the handshake (raises on failure)."""
-        reader, writer = await asyncio.wait_for(open_stream(self.address), self.handshake_timeout)
+        reader, writer = await self._open()
         conn = GuestConnection(self.guest, self.agent.total_pages, self.features, self.token)
         started = False
         try:
@@ -167,6 +176,8 @@ class GuestClient:
             if started:
                 self.agent.end_session(self._now())
                 log.info("session ended", extra={"guest": self.guest})
+            if self.port is not None and not writer.at_eof:
+                self.resync_needed = True  # the host may still be in this session
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)

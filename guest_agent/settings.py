@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.addresses import Address, parse_address, split_host_port
+from shared.addresses import GUEST_KINDS, Address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
     add_common_options,
@@ -41,7 +41,7 @@ DEFAULT_HTTP = "127.0.0.1:9471"
 DEFAULT_CONNECT = "unix:/run/balloon-hints/host.sock"
 DEFAULT_MEMORY = 512 << 20
 MAX_ORDER = 10
-SOURCES = ("sim", "procfs")
+SOURCES = ("sim", "procfs", "linux")
 
 
 class SettingsError(ValueError):
@@ -61,6 +61,7 @@ class GuestSettings:
     seed: int | None = None
     report_order: int = 9
     report_delay: float = 2.0
+    reporting: bool = True
     capacity: int = 32
     http: tuple[str, int] | None = ("127.0.0.1", 9471)
     token_file: Path | None = None
@@ -92,6 +93,10 @@ class GuestSettings:
             offered.append(DEFLATE_ON_OOM)
             if self.shared_ram:
                 offered.append(SHARED_RAM)
+        elif self.source == "linux":
+            # The host's RAM file *is* this machine's RAM (a VM's memory-backend-file):
+            # shared-ram asks it to punch what is inflated or reported; nothing is mapped here.
+            offered += [SHARED_RAM, HINTING]
         else:
             offered.append(HINTING)
         return tuple(offered)
@@ -106,7 +111,7 @@ def check(s: GuestSettings) -> None:
     if not valid_guest_id(s.id):
         raise SettingsError(f"--id: {s.id!r} must be 1-63 characters of [A-Za-z0-9_.-], starting alphanumeric")
     if s.source not in SOURCES:
-        raise SettingsError(f"--source must be sim or procfs, got {s.source!r}")
+        raise SettingsError(f"--source must be sim, procfs or linux, got {s.source!r}")
     if s.source == "sim":
         if s.memory < (1 << MAX_ORDER) * PAGE_SIZE or s.memory % ((1 << MAX_ORDER) * PAGE_SIZE):
             raise SettingsError(f"--memory must be a positive multiple of 4MiB (one order-{MAX_ORDER} block), "
@@ -137,9 +142,13 @@ def check(s: GuestSettings) -> None:
     if s.token_file is not None and not Path(s.token_file).is_file():
         raise SettingsError(f"--token-file: {s.token_file} is not a readable file")
     if s.shared_ram and s.source != "sim":
-        raise SettingsError("--shared-ram needs --source sim (the procfs source has no simulated RAM)")
+        raise SettingsError("--shared-ram needs --source sim (procfs and linux have no simulated RAM to map)")
     if s.log_format not in ("text", "json"):
         raise SettingsError(f"--log-format must be text or json, got {s.log_format!r}")
+
+
+def _guest_address(text: str) -> Address:
+    return parse_address(text, GUEST_KINDS)
 
 
 def _http(text: str):
@@ -171,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--connect", type=argument_type(parse_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
-        help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
+    add("--connect", type=argument_type(_guest_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
+        help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT; inside a QEMU VM, "
+             "serial:/dev/virtio-ports/NAME (a virtio-serial port whose host end QEMU connects to the "
+             "daemon's unix listener)")
     add("--id", default=None, metavar="NAME",
         help="guest id (the host's label for this guest; default: the hostname)")
     add("--memory", type=argument_type(parse_size, "size"), default=None, metavar="SIZE",
@@ -182,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--source", choices=SOURCES, default="sim",
         help="sim: a simulated buddy allocator driven by --workload, reported and isolated like "
              "Linux; procfs: this machine's free pages from /proc/kpageflags (root), sent only as "
-             "hints ('possibly reclaimable') when the host starts a hint command")
+             "hints ('possibly reclaimable') when the host starts a hint command; linux: this "
+             "machine's real memory (root, inside a VM whose RAM file the host punches): a balloon "
+             "of mlocked pages, free page reports of memory the agent holds until the ACK, "
+             "kpageflags hints, /proc/meminfo stats")
     add("--workload", default="idle", metavar="NAME",
         help="idle (a small working set allocated once), churn (steady alloc/free around "
              "--utilization), burst (periodic large alloc then free) or trace:FILE (replay)")
@@ -197,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest block order reported (Linux: pageblock_order, 9 = 2MiB)")
     add("--report-delay", type=argument_type(parse_duration, "duration"), default="2s", metavar="DURATION",
         help="wait after a large free before a reporting pass (Linux: PAGE_REPORTING_DELAY, 2s)")
+    add("--no-reporting", dest="reporting", action="store_false", default=True,
+        help="send no free page reports (a balloon alone, e.g. to measure what it returns)")
     add("--capacity", type=int, default=32, metavar="RANGES",
         help="blocks per report, the size of the fixed range buffer (Linux: PAGE_REPORTING_CAPACITY, 32)")
     add("--http", type=argument_type(_http, "host:port"), default=DEFAULT_HTTP, metavar="HOST:PORT",
@@ -241,7 +257,8 @@ def parse_settings(argv, environ=None) -> GuestSettings:
         connect=ns.connect, id=ns.id or default_guest_id(), source=ns.source,
         memory=ns.memory if ns.memory is not None else (DEFAULT_MEMORY if ns.source == "sim" else 0),
         workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix,
-        seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, capacity=ns.capacity,
+        seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, reporting=ns.reporting,
+        capacity=ns.capacity,
         http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,
         features=features, tick=ns.tick, reconnect_max=ns.reconnect_max,
         handshake_timeout=ns.handshake_timeout, procfs_root=ns.procfs_root,

@@ -1,6 +1,10 @@
-"""Channel addresses: ``unix:/path``, ``tcp:HOST:PORT``, ``vsock:CID:PORT`` (DESIGN §3).
+"""Channel addresses: ``unix:/path``, ``tcp:HOST:PORT``, ``vsock:CID:PORT`` (DESIGN §3),
+and, for a guest agent inside a VM only, ``serial:/dev/virtio-ports/NAME``.
 
-Parsing only — opening the socket is the daemons' business.
+Parsing only — opening the socket (or the virtio-serial character device) is the daemons'
+business. ``serial:`` is a guest-side address: a virtio-serial port is the guest's end of a
+channel whose host end QEMU connects to the daemon's Unix listener, so nothing listens on
+it; :func:`parse_address` accepts it only when the caller says so (``kinds=GUEST_KINDS``).
 """
 
 from __future__ import annotations
@@ -10,15 +14,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    kind: str  # "unix" | "tcp" | "vsock"
+    kind: str  # "unix" | "tcp" | "vsock" | "serial"
     path: str | None = None
     host: str | None = None
     port: int | None = None
     cid: int | None = None
 
     def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
+        if self.kind in ("unix", "serial"):
+            return f"{self.kind}:{self.path}"
         if self.kind == "tcp":
             host = f"[{self.host}]" if ":" in (self.host or "") else self.host
             return f"tcp:{host}:{self.port}"
@@ -45,11 +49,27 @@ def split_host_port(text: str, whole: str | None = None) -> tuple[str, int]:
     return host, _port(port, whole)
 
 
-def parse_address(text: str) -> Address:
-    """Parse a channel address; raise ValueError saying what form was expected."""
+#: What a host listens on and a load generator dials.
+SOCKET_KINDS = ("unix", "tcp", "vsock")
+#: What a guest agent may connect through: the sockets, or a virtio-serial port in a VM.
+GUEST_KINDS = SOCKET_KINDS + ("serial",)
+_FORMS = {"unix": "unix:/path", "tcp": "tcp:HOST:PORT", "vsock": "vsock:CID:PORT",
+          "serial": "serial:/dev/virtio-ports/NAME"}
+
+
+def parse_address(text: str, kinds: tuple[str, ...] = SOCKET_KINDS) -> Address:
+    """Parse a channel address of one of ``kinds``; raise ValueError saying what form was expected."""
     kind, sep, rest = text.partition(":")
+    forms = ", ".join(_FORMS[k] for k in kinds[:-1]) + f" or {_FORMS[kinds[-1]]}"
     if not sep:
-        raise ValueError(f"{text!r}: expected unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
+        raise ValueError(f"{text!r}: expected {forms}")
+    if kind not in kinds:
+        raise ValueError(f"{text!r}: unknown transport {kind!r} (expected {forms})")
+    if kind == "serial":
+        if not rest.startswith("/"):
+            raise ValueError(f"{text!r}: serial: needs the absolute path of a virtio-serial port, "
+                             "e.g. serial:/dev/virtio-ports/org.balloon.0")
+        return Address("serial", path=rest)
     if kind == "unix":
         if not rest:
             raise ValueError(f"{text!r}: unix: needs a socket path")
@@ -62,4 +82,4 @@ def parse_address(text: str) -> Address:
         if not sep or not cid.isdigit():
             raise ValueError(f"{text!r}: expected vsock:CID:PORT with a numeric CID")
         return Address("vsock", cid=int(cid), port=_port(port, text))
-    raise ValueError(f"{text!r}: unknown transport {kind!r} (unix, tcp or vsock)")
+    raise AssertionError(kind)  # every kind in _FORMS is handled above

@@ -1,0 +1,172 @@
+"""A host daemon and one real guest wired together, as an operator would run them.
+
+Today's host (open mode, docs/OPERATIONS.md "Real VMs"): ``balloon-host --listen
+unix:DIR/vm1.sock --ram-dir DIR --retention 1h``; QEMU's guest RAM is ``DIR/vm1.ram`` and its
+virtio-serial chardev dials ``DIR/vm1.sock``. The agent announces the guest's exact RAM size
+(``--memory``), so the host reopens QEMU's file instead of resizing it, and the long
+retention keeps the host from deleting a file QEMU has mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from . import harness
+from .machine import Machine, short_folder
+
+AGENT_LOG = "/tmp/agent.log"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll(condition, timeout: float, what, interval: float = 0.1):
+    """``condition()`` until truthy, or AssertionError naming ``what`` (a str or a callable)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
+            last = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what} "
+                         f"(last error: {last})")
+
+
+class Stack:
+    def __init__(self, *, memory_mib: int = 1024, prealloc: bool = True, name: str = "vm1",
+                 host_args: tuple[str, ...] = (), lifetime: float = 900, **machine) -> None:
+        self.artifacts = harness.ensure()
+        self.folder = short_folder()
+        self.name = name
+        self.socket = self.folder / f"{name}.sock"
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.host_args = host_args
+        self.host: subprocess.Popen | None = None
+        self.host_log = self.folder / "host.log"
+        self.vm = Machine(self.artifacts, self.folder, memory_mib=memory_mib, socket_path=self.socket,
+                          prealloc=prealloc, lifetime=lifetime, name=name, **machine)
+
+    # -- the host daemon -----------------------------------------------------------------
+
+    def start_host(self) -> None:
+        argv = [sys.executable, "-m", "host_daemon", "--listen", f"unix:{self.socket}",
+                "--http", f"127.0.0.1:{self.http_port}", "--ram-dir", str(self.folder),
+                "--retention", "1h", *self.host_args]
+        with open(self.host_log, "ab") as out:
+            self.host = subprocess.Popen(["timeout", "-s", "KILL", "1200", *argv], stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        poll(self._ready, 30, lambda: f"host ready\n{self.host_tail()}")
+
+    def _ready(self) -> bool:
+        if self.host.poll() is not None:
+            raise AssertionError(f"host exited with {self.host.returncode}:\n{self.host_tail()}")
+        with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+            return response.status == 200
+
+    def kill_host(self) -> None:
+        if self.host is not None and self.host.poll() is None:
+            os.killpg(self.host.pid, signal.SIGKILL)
+            self.host.wait(10)
+
+    def host_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.host_log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def guest(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/guests/{self.name}", timeout=2) as response:
+            return json.load(response)
+
+    def metric(self, name: str) -> float | None:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name) and f'guest="{self.name}"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def target(self, mib: int) -> None:
+        body = json.dumps({"bytes": mib << 20}).encode()
+        request = urllib.request.Request(f"{self.url}/api/v1/guests/{self.name}/target", data=body,
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 202, response.status
+
+    def wait_connected(self, timeout: float = 60, sessions_above: int = 0) -> dict:
+        def connected():
+            record = self.guest()
+            return record if record["connected"] and self._sessions() > sessions_above else None
+        return poll(connected, timeout, lambda: f"{self.name} connected\n{self.agent_log()}\n{self.host_tail()}")
+
+    def _sessions(self) -> int:
+        value = self.metric("balloon_sessions_total") or self.metric("balloon_guest_sessions_total")
+        return int(value) if value is not None else 1
+
+    def wait_inflated(self, mib: int, timeout: float = 120) -> dict:
+        pages = mib << 8
+
+        def settled():
+            record = self.guest()
+            return record if record["connected"] and record["inflated_pages"] == pages else None
+        return poll(settled, timeout, lambda: f"{mib} MiB inflated: {self.guest()}\n{self.agent_log()}")
+
+    # -- the agent in the guest ------------------------------------------------------------
+
+    def start_agent(self, *options: str, log: str = AGENT_LOG) -> None:
+        self.vm.spawn(self.vm.agent_command(*options), log)
+
+    def agent_pids(self) -> list[int]:
+        return self.vm.pid_of("bin/balloon-guest")
+
+    def kill_agent(self, sig: int = signal.SIGKILL) -> None:
+        for pid in self.agent_pids():
+            self.vm.run(f"kill -{int(sig)} {pid}", check=False)
+        poll(lambda: not self.agent_pids(), 30, "the agent to exit")
+
+    def agent_log(self, log: str = AGENT_LOG) -> str:
+        if not self.vm.alive():
+            return "(guest not running)"
+        try:
+            return self.vm.run(f"tail -n 25 /mnt/tmp/{Path(log).name} 2>/dev/null || tail -n 25 {log}",
+                               timeout=10, check=False)
+        except AssertionError as error:
+            return f"(no agent log: {error})"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start_host()
+            self.vm.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.vm.close()
+        self.kill_host()
+        shutil.rmtree(self.folder, ignore_errors=True)
