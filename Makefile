@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv install test test-fast bench lint demo stack rules chaos system-deps deploy-test container-test vm-deps vm-test vm-demo clean
+.PHONY: help venv install test test-fast bench lint demo stack rules ui-vendor chaos system-deps deploy-test container-test vm-deps vm-test vm-demo clean
 
 help:
 	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
@@ -30,14 +30,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv install: $(STAMP)
 
-# Debian packages the tests use (promtool). Installed only when missing and only where
-# apt-get can run as root (CI, fresh machines); elsewhere the dependent tests skip loudly.
+# Debian packages the tests use (promtool/prometheus; chromium for the /ui browser test).
+# Installed only when missing and only where apt-get can run as root (CI, fresh machines);
+# elsewhere the dependent tests skip loudly.
+SYSTEM_DEPS := prometheus:promtool prometheus:prometheus chromium:chromium
 system-deps:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@missing=""; for pair in $(SYSTEM_DEPS); do command -v $${pair#*:} >/dev/null 2>&1 || \
+	  case " $$missing " in *" $${pair%%:*} "*) ;; *) missing="$$missing $${pair%%:*}";; esac; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's prometheus for promtool"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool missing and cannot apt-get install it: promtool tests will skip"; fi; \
+	    echo "installing Debian's$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing$$missing and cannot apt-get install it: the tests that need it will skip"; fi; \
 	fi
 
 test: $(STAMP) system-deps
@@ -47,13 +51,22 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared guest_agent host_daemon tests bench
+	$(BIN)/ruff check shared guest_agent host_daemon tests bench deploy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 demo: $(STAMP)
 	$(BIN)/python -m guest_agent.demo
+
+# The /ui dashboard's chart library, vendored from npm (host_daemon/ui/static/vendor/VENDOR.md).
+UPLOT_VERSION ?= 1.6.32
+UI_VENDOR := host_daemon/ui/static/vendor
+ui-vendor:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null && \
+	  tar xzf uplot-$(UPLOT_VERSION).tgz && cd - >/dev/null && \
+	  cp "$$tmp/package/dist/uPlot.iife.min.js" "$$tmp/package/dist/uPlot.min.css" $(UI_VENDOR)/ && \
+	  cp "$$tmp/package/LICENSE" $(UI_VENDOR)/uPlot.LICENSE && cd $(UI_VENDOR) && sha256sum uPlot.*
 
 # The runbook base the shipped rules link to; `make rules` swaps it for RUNBOOK_BASE.
 RUNBOOK_BASE_SHIPPED := https://github.com/balloon-hints/balloon-hints/blob/main/docs/OPERATIONS.md
@@ -64,6 +77,12 @@ rules:
 	@for f in balloon-rules.yml balloon-rules-test.yml; do \
 	  sed 's|$(RUNBOOK_BASE_SHIPPED)#|$(RUNBOOK_BASE)#|' deploy/prometheus/$$f > build/prometheus/$$f; done
 	@echo "wrote build/prometheus/balloon-rules.yml (runbooks at $(RUNBOOK_BASE)#...) and its promtool tests"
+
+# The demo plus a real Prometheus (Debian's package, installed when missing) with deploy/'s
+# config and rules; no containers. STACK_SECONDS=N stops it by itself. See docs/OPERATIONS.md.
+stack: $(STAMP)
+	@$(MAKE) -s system-deps SYSTEM_DEPS=prometheus:prometheus
+	$(BIN)/python deploy/stack.py
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}

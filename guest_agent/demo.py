@@ -135,6 +135,7 @@ class Demo:
         p = lambda *a: print(*a, file=self.out, flush=True)  # noqa: E731
         p(f"balloon-hints demo in {self.folder}")
         p(f"  host    metrics {self.host_url}/metrics   admin API {self.host_url}/api/v1/guests")
+        p(f"  host    dashboard {self.host_url}/ui/")
         for name, port in self.guest_ports.items():
             p(f"  guest {name:<6} metrics http://127.0.0.1:{port}/metrics")
         p(f"  shared RAM with canaries: {'on' if self.shared_ram else 'off'}")
@@ -223,20 +224,20 @@ class ChildDied(RuntimeError):
         self.tail = tail
 
 
-def _seconds_from_env() -> float | None:
-    text = os.environ.get("DEMO_SECONDS", "").strip()
+def _seconds_from_env(name: str = "DEMO_SECONDS") -> float | None:
+    text = os.environ.get(name, "").strip()
     if not text:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise SystemExit(f"DEMO_SECONDS must be a number of seconds, not {text!r}") from None
+        raise SystemExit(f"{name} must be a number of seconds, not {text!r}") from None
     return value if value > 0 else None
 
 
-def main() -> int:
-    seconds = _seconds_from_env()
-    demo = Demo(seconds)
+def run(demo: Demo, name: str = "demo") -> int:
+    """Start, show until the time is up or Ctrl-C, always stop; 1 if anything failed (also
+    ``make stack``, whose Stack is a Demo with a Prometheus)."""
     # SIGTERM (e.g. from CI) ends the demo like Ctrl-C, through the same cleanup.
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     status = 0
@@ -247,16 +248,20 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
     except ChildDied as error:
-        print(f"demo: {error}\n{error.tail}", file=sys.stderr)
+        print(f"{name}: {error}\n{error.tail}", file=sys.stderr)
         status = 1
     except RuntimeError as error:
-        print(f"demo: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         status = 1
     finally:
         with contextlib.suppress(KeyboardInterrupt):
             demo.stop()
-    print("demo stopped; every process and file it made is gone", file=sys.stderr)
+    print(f"{name} stopped; every process and file it made is gone", file=sys.stderr)
     return status
+
+
+def main() -> int:
+    return run(Demo(_seconds_from_env()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .auth import same_secret
 from .inventory import InventoryError, parse_entry
 from .metrics import render
 from .registry import Conflict
+from .ui import add_ui_routes
 
 log = logging.getLogger("balloon.host.admin")
 MAX_BODY = 4096
@@ -44,6 +45,7 @@ class AdminApp:
         app.router.add_delete("/api/v1/guests/{id}", self.delete)
         app.router.add_post("/api/v1/guests/{id}/target", self.target)
         app.router.add_post("/api/v1/guests/{id}/hint", self.hint)
+        add_ui_routes(app)  # GET /ui: the live dashboard (static page over the two GETs above)
         self.app = app
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -32,6 +32,17 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 
 STRICT = os.environ.get("BALLOON_DEPLOY_STRICT") == "1"
+STACK = DEPLOY / "stack.py"
+
+
+def load_stack():
+    """deploy/stack.py as a module (deploy/ is not a package: it is run as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("balloon_deploy_stack", STACK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def unavailable(reason: str):

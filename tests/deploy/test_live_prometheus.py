@@ -31,8 +31,6 @@ import numpy as np
 import pytest
 import yaml
 from deployfiles import (
-    PROMETHEUS_CONFIG,
-    RULE_FILES,
     VENV_BIN,
     daemons_available,
     dashboard_queries,
@@ -40,6 +38,7 @@ from deployfiles import (
     http_get,
     label_values_as_promql,
     load_rules,
+    load_stack,
     referenced_balloon_metrics,
     scrape,
     threshold_operands,
@@ -179,16 +178,11 @@ def _rogue_garbage(socket_path: Path) -> str:
 
 
 def _prometheus_config(tmp: Path, host_port: int, guest_ports: dict[str, int]) -> Path:
-    """The shipped scrape config with this test's targets, 1 s intervals, and the shipped rules."""
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    config["global"]["scrape_interval"] = "1s"
-    config["global"]["evaluation_interval"] = "1s"
-    config["rule_files"] = [str(path) for path in RULE_FILES]
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    jobs["balloon-host"]["static_configs"] = [{"targets": [f"127.0.0.1:{host_port}"]}]
-    jobs["balloon-guest"]["static_configs"] = [
-        {"targets": [f"{UNLABELLED}:{port}"]} if guest == UNLABELLED else
-        {"targets": [f"127.0.0.1:{port}"], "labels": {"guest": guest}} for guest, port in guest_ports.items()]
+    """The shipped scrape config with this test's targets, 1 s intervals, and the shipped rules
+    (what `make stack` runs, at a faster interval)."""
+    guests = [(f"{UNLABELLED}:{port}", None) if guest == UNLABELLED else (f"127.0.0.1:{port}", guest)
+              for guest, port in guest_ports.items()]
+    config = load_stack().prometheus_config(f"127.0.0.1:{host_port}", guests, interval="1s")
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
