@@ -14,8 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from shared.config import parse_size
-from shared.errors import LocalProtocolError
-from shared.messages import HintStart, Target, valid_guest_id
+from shared.messages import valid_guest_id
 from shared.vocabulary import HINTING, PAGE_SIZE
 
 from .auth import same_secret
@@ -123,15 +122,7 @@ class AdminApp:
         pages = size // PAGE_SIZE
         if pages > record.pages:
             return _error(400, f"target {size} bytes exceeds the guest's {record.pages * PAGE_SIZE} bytes")
-        record.target_pages = pages
-        session = record.session
-        queued = False
-        if session is not None:
-            try:
-                queued = await session.send(Target(pages))
-            except LocalProtocolError:
-                pass  # the session is closing; the next one gets the target after WELCOME
-        log.info("balloon target set", extra={"guest": record.id, "target_pages": pages, "queued": queued})
+        self.host.set_target(record.id, pages)  # a disconnected guest gets it after its next WELCOME
         return web.json_response({"target_pages": pages}, status=202)
 
     async def hint(self, request: web.Request) -> web.Response:
@@ -144,14 +135,8 @@ class AdminApp:
         session = record.session
         if session is None or HINTING not in record.features:
             return _error(409, f"guest {guest!r} is not connected with the hinting feature")
-        cmd_id = record.next_cmd_id
-        record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
-        record.tracker.set_hint_command(cmd_id)
-        try:
-            queued = await session.send(HintStart(cmd_id))
-        except LocalProtocolError:
-            queued = False
-        if not queued:
+        cmd_id = self.host.start_hint(record.id)
+        if cmd_id is None:
             return _error(409, f"guest {guest!r} is disconnecting or not reading")
         return web.json_response({"cmd_id": cmd_id}, status=202)
 

@@ -49,6 +49,14 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
 
+    @property
+    def key(self) -> str:
+        """What the per-peer handshake cap counts by: the uid on unix, the host part otherwise."""
+        if self.transport == "unix":
+            return f"unix-uid:{self.uid}" if self.uid is not None else f"unix:{self.listener.path}"
+        host, _, _port = self.address.rpartition(":")
+        return host or self.address
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:

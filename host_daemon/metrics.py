@@ -20,7 +20,7 @@ from shared.errors import CODES
 from shared.standard_metrics import register_standard
 from shared.vocabulary import PAGE_SIZE
 
-from .session import RESULTS
+from .guest_session import RESULTS
 from .tracker import KINDS
 
 #: old name -> its replacement; both are exported through the 0.2 releases, the old one goes in 0.3.

@@ -1,8 +1,15 @@
 """Listeners and lifecycle of the host daemon.
 
-``HostServer`` opens every ``--listen`` address and the HTTP side, runs one ``Session``
-per accepted connection, and on ``stop()`` (SIGTERM/SIGINT) stops accepting, lets each
-session finish the batches it already read, sends BYE and closes — within a few seconds.
+``HostServer`` opens every ``--listen`` address and the HTTP side and serves each accepted
+connection with a ``GuestProtocol`` (host_daemon/connection.py). It holds what the
+connections share: settings, the admitter, the registry, the worker pool for large
+discards, and the caps on connections that have not said HELLO yet (in total and per
+peer), so a flood of silent connections cannot lock guests out (nginx's ``limit_conn``).
+
+``stop()`` (SIGTERM/SIGINT) stops accepting, asks every connection to finish what it read,
+say BYE and close, waits for them up to the grace period, then aborts the rest.
+Host-initiated messages (TARGET, HINT_START/STOP) go through ``set_target`` /
+``start_hint`` / ``stop_hint``: the admin API and the policy call these, never a session.
 """
 
 from __future__ import annotations
@@ -11,108 +18,30 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import stat
-import struct
+import resource
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
 from shared.addresses import Address
+from shared.errors import LocalProtocolError, RemoteProtocolError
+from shared.messages import HintStart, HintStop, Target
 
 from .admin import AdminApp
-from .admission import Admitter, Peer
+from .admission import Admitter
 from .auth import GuestAuth, load_admin_token, load_guest_tokens
+from .connection import GuestProtocol
 from .inventory import Inventory, InventoryError
+from .listeners import ListenError, unix_socket, vsock_socket
 from .metrics import HostStats, make_registry
 from .registry import Registry
-from .session import Session
 from .settings import HostSettings
 
+__all__ = ["HostServer", "ListenError"]
+
 log = logging.getLogger("balloon.host")
-SOCKET_MODE = 0o660
 SHUTDOWN_GRACE = 3.0
-
-
-class ListenError(RuntimeError):
-    """A listener cannot be opened; the message says which and why."""
-
-
-def prepare_unix_path(path: str) -> None:
-    """Replace a stale socket file; refuse to touch anything that is not a socket or is live."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ListenError(f"unix:{path}: exists and is not a socket; refusing to delete it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody accepts on it: stale, left by a killed host
-        return
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ListenError(f"unix:{path}: another process is listening on it")
-
-
-def unix_socket(path: str) -> socket.socket:
-    prepare_unix_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, SOCKET_MODE)  # before listen(): nobody can connect with looser modes
-        sock.listen(1024)
-    except OSError as error:
-        sock.close()
-        raise ListenError(f"unix:{path}: {error.strerror or error}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def vsock_socket(cid: int, port: int) -> socket.socket:
-    if not hasattr(socket, "AF_VSOCK"):
-        raise ListenError("vsock: this Python has no AF_VSOCK")
-    try:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    except OSError as error:
-        raise ListenError(f"vsock:{cid}:{port}: cannot create a vsock socket ({error.strerror or error}); "
-                          "is the vsock module loaded?") from None
-    try:
-        sock.bind((cid, port))
-        sock.listen(1024)
-    except OSError as error:
-        sock.close()
-        raise ListenError(f"vsock:{cid}:{port}: {error.strerror or error}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def peer_of(writer: asyncio.StreamWriter, listener: Address, guest_id: str | None = None) -> Peer:
-    """The host's own view of who connected (never what the guest claims)."""
-    sock = writer.get_extra_info("socket")
-    if listener.kind == "unix":
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, gid = struct.unpack("3i", creds)
-            return Peer(listener, "unix", f"unix:{listener.path}#pid={pid},uid={uid}", guest_id, pid, uid, gid)
-        except (OSError, AttributeError):
-            return Peer(listener, "unix", f"unix:{listener.path}", guest_id)
-    peer = writer.get_extra_info("peername")
-    if listener.kind == "vsock" and peer:
-        address = f"vsock:{peer[0]}:{peer[1]}"
-    elif peer:
-        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
-        address = f"tcp:{host}:{peer[1]}"
-    else:
-        address = str(listener)
-    return Peer(listener, listener.kind, address, guest_id)
 
 
 def load_inventory(settings: HostSettings, tokens: dict[str, str] | None) -> Inventory:
@@ -139,23 +68,27 @@ class HostServer:
         self.metrics_registry = make_registry(self)
         self.auth = GuestAuth(tokens, self.inventory, settings.allow_open_tcp, settings.max_guests > 0)
         self.admitter = Admitter(settings, self.registry, self.auth)
-        self._guest_servers: dict[Address, tuple[asyncio.AbstractServer, Address]] = {}
         self.admin_token = load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
-        self.sessions: set[Session] = set()
+        self.connections: set[GuestProtocol] = set()
         self.addresses: list[Address] = []  # as bound (TCP port 0 resolved)
         self.http_address: tuple[str, int] | None = None
         self.ready = False
-        self._servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[tuple[str, int]] = []
+        self.handshaking = 0  # connections that have not said HELLO yet
+        self._handshaking_by_peer: dict[str, int] = {}
+        self._servers: dict[Address, asyncio.AbstractServer] = {}  # shared and per-guest listeners
+        self._guest_listeners: set[Address] = set()
+        self._unix_paths: dict[Address, int] = {}  # inode, so we never unlink a successor's socket
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
+        self._drained = asyncio.Event()
         self._stopping = False
-        #: hole punching of large discards, off the event loop (see session.OFFLOAD_PAGES)
+        #: hole punching of large discards, off the event loop (guest_session.OFFLOAD_PAGES)
         self.discard_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="discard")
 
     async def start(self) -> None:
         settings = self.settings
+        _raise_fd_limit()
         # Compile (or load from numba's cache) the codec and tracker kernels before the
         # first listener exists: done lazily, the first guest's HELLO would stall the loop
         # for up to seconds and other guests' handshakes could time out behind it.
@@ -176,7 +109,7 @@ class HostServer:
             self.registry.adopt_orphan_files()
         try:
             for address in settings.listen:
-                await self._listen(address)
+                self.addresses.append(await self._listen(address))
             for entry in self.inventory:
                 if entry.listen is not None:
                     await self.open_guest_listener(entry.listen, entry.id)
@@ -195,63 +128,73 @@ class HostServer:
             "guests": len(self.inventory),
             "listen": ",".join(map(str, self.addresses)),
             "http": "off" if self.http_address is None else f"{self.http_address[0]}:{self.http_address[1]}",
-            "window": settings.window, "max_ranges": settings.max_ranges,
+            "window": settings.window, "max_ranges": settings.max_ranges, "backlog": settings.backlog,
             "ram_dir": str(settings.ram_dir) if settings.ram_dir else None})
 
-    async def _listen(self, address: Address, guest_id: str | None = None) -> Address:
-        """Open one listener; a ``guest_id`` binds it to that guest (whoever connects IS it)."""
-        def handler(reader, writer, listener=address):
-            return self._serve(reader, writer, listener, guest_id)
+    # -- listeners ----------------------------------------------------------------------
 
-        limit = 2 * 65536
+    async def _listen(self, address: Address, guest_id: str | None = None) -> Address:
+        loop = asyncio.get_running_loop()
+        backlog = self.settings.backlog
+
+        def factory(listener=address):
+            return GuestProtocol(self, listener, guest_id)
+
         if address.kind == "unix":
-            sock = unix_socket(address.path)
-            server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
-            self._unix_paths.append((address.path, os.stat(address.path).st_ino))
+            sock = unix_socket(address.path, backlog)
+            try:
+                server = await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+            except BaseException:
+                sock.close()
+                raise
+            self._unix_paths[address] = os.stat(address.path).st_ino
             bound = address
         elif address.kind == "tcp":
             try:
-                server = await asyncio.start_server(handler, address.host, address.port, limit=limit,
-                                                    reuse_address=True, backlog=1024)
+                server = await loop.create_server(factory, address.host, address.port,
+                                                  reuse_address=True, backlog=backlog)
             except OSError as error:
                 raise ListenError(f"{address}: {error.strerror or error}") from None
             port = server.sockets[0].getsockname()[1]
             bound = Address("tcp", host=address.host, port=port)
         else:
-            sock = vsock_socket(address.cid, address.port)
-            server = await asyncio.start_server(handler, sock=sock, limit=limit)
+            sock = vsock_socket(address.cid, address.port, backlog)
+            server = await loop.create_server(factory, sock=sock, backlog=backlog)
             bound = address
-        if guest_id is None:
-            self._servers.append(server)
-            self.addresses.append(bound)
-        else:
-            self._guest_servers[address] = (server, bound)
+        self._servers[address] = server
         return bound
 
     async def open_guest_listener(self, address: Address, guest_id: str) -> Address:
-        """A provisioned guest's own listener (at start, or after PUT /api/v1/guests/{id})."""
-        if any(address == shared for shared in self.settings.listen):
+        """A provisioned guest's own listener (at start, or after PUT /api/v1/guests/{id}):
+        whoever connects here is ``guest_id`` (Peer.guest_id)."""
+        if self._stopping:
+            raise ListenError(f"{address}: the host is stopping")
+        if address in self.settings.listen:
             raise ListenError(f"{address} is a shared --listen address; a guest's listen must be its own")
-        if address in self._guest_servers:
+        if address in self._guest_listeners:
             raise ListenError(f"{address} is already a guest's listener")
-        return await self._listen(address, guest_id)
+        bound = await self._listen(address, guest_id)
+        self._guest_listeners.add(address)
+        return bound
 
     async def close_guest_listener(self, address: Address) -> None:
-        """Stop accepting on a guest's own listener (DELETE, or a PUT that moved it)."""
-        entry = self._guest_servers.pop(address, None)
-        if entry is None:
+        """Stop accepting on a guest's own listener (DELETE, or a PUT that moved it);
+        sessions that came through it go on."""
+        if address not in self._guest_listeners:
             return
-        server, _bound = entry
+        self._guest_listeners.discard(address)
+        server = self._servers.pop(address)
         server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 0.1)
-        if address.kind == "unix":
-            for path, inode in list(self._unix_paths):
-                if path == address.path:
-                    self._unix_paths.remove((path, inode))
-                    with contextlib.suppress(OSError):
-                        if os.stat(path).st_ino == inode:
-                            os.unlink(path)
+        self._unlink(address)
+
+    def _unlink(self, address: Address) -> None:
+        inode = self._unix_paths.pop(address, None)
+        if inode is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(address.path).st_ino == inode:  # still ours, not a successor's
+                    os.unlink(address.path)
 
     async def _start_http(self, host: str, port: int) -> None:
         runner = web.AppRunner(AdminApp(self).app, access_log=None, handle_signals=False)
@@ -265,33 +208,106 @@ class HostServer:
         sockname = site._server.sockets[0].getsockname()
         self.http_address = (sockname[0], sockname[1])
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: Address,
-                     guest_id: str | None = None) -> None:
-        if self._stopping:
-            writer.transport.abort()
-            return
-        peer = peer_of(writer, listener, guest_id)
-        session = Session(self, reader, writer, peer.address, listener.kind, peer)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
-
     async def _close_listeners(self) -> None:
-        for address in list(self._guest_servers):
-            await self.close_guest_listener(address)
-        for server in self._servers:
+        servers = list(self._servers.values())
+        for server in servers:
             server.close()
-        for server in self._servers:
+        for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 0.1)
+        for address in list(self._servers):
+            self._unlink(address)
         self._servers.clear()
-        for path, inode in self._unix_paths:
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == inode:  # still ours, not a successor's
-                    os.unlink(path)
-        self._unix_paths.clear()
+        self._guest_listeners.clear()
+        for address in list(self._unix_paths):
+            self._unlink(address)
+
+    # -- connections (called by GuestProtocol) ------------------------------------------
+
+    def connection_opened(self, connection: GuestProtocol) -> RemoteProtocolError | None:
+        """Count a new connection against the pre-HELLO caps; the error to refuse it with."""
+        if self._stopping:
+            connection.abort()
+            return None
+        self.connections.add(connection)
+        self._drained.clear()
+        settings = self.settings
+        key = connection.session.peer.key
+        by_peer = self._handshaking_by_peer.get(key, 0)
+        if self.handshaking >= settings.max_handshakes:
+            return RemoteProtocolError(
+                "too-many-connections", f"the host has {self.handshaking} connections without HELLO")
+        if by_peer >= settings.max_handshakes_per_peer:
+            return RemoteProtocolError(
+                "too-many-connections", f"{key} has {by_peer} connections without HELLO")
+        self.handshaking += 1
+        self._handshaking_by_peer[key] = by_peer + 1
+        connection.pre_hello = True
+        return None
+
+    def handshake_done(self, connection: GuestProtocol) -> None:
+        """The connection said HELLO (admitted or not) or ended: it no longer counts."""
+        if not connection.pre_hello:
+            return
+        connection.pre_hello = False
+        self.handshaking -= 1
+        key = connection.session.peer.key
+        left = self._handshaking_by_peer[key] - 1
+        if left:
+            self._handshaking_by_peer[key] = left
+        else:
+            del self._handshaking_by_peer[key]
+
+    def connection_closed(self, connection: GuestProtocol) -> None:
+        self.handshake_done(connection)
+        self.connections.discard(connection)
+        if not self.connections:
+            self._drained.set()
+
+    # -- host-initiated messages --------------------------------------------------------
+
+    def set_target(self, guest_id: str, pages: int) -> bool:
+        """Remember the balloon target of ``guest_id`` and send TARGET if it is connected.
+
+        True when the message went out now; otherwise the next session gets it after WELCOME.
+        KeyError for an unknown guest; the caller checks ``pages`` against the guest's size.
+        """
+        record = self.registry.guests[guest_id]
+        record.target_pages = pages
+        queued = self._send(record, Target(pages))
+        log.info("balloon target set", extra={"guest": guest_id, "target_pages": pages, "queued": queued})
+        return queued
+
+    def start_hint(self, guest_id: str) -> int | None:
+        """Start a free page hinting command; its cmd_id, or None if the guest cannot hint now."""
+        record = self.registry.guests[guest_id]
+        if record.session is None or "hinting" not in record.features:
+            return None
+        cmd_id = record.next_cmd_id
+        record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
+        record.tracker.set_hint_command(cmd_id)
+        return cmd_id if self._send(record, HintStart(cmd_id)) else None
+
+    def stop_hint(self, guest_id: str) -> bool:
+        """End the current hinting command (later hints for it are stale)."""
+        record = self.registry.guests[guest_id]
+        cmd_id = record.tracker.hint_command
+        if cmd_id is None:
+            return False
+        record.tracker.set_hint_command(None)
+        return self._send(record, HintStop(cmd_id))
+
+    @staticmethod
+    def _send(record, message) -> bool:
+        connection = record.session
+        if connection is None:
+            return False
+        try:
+            return connection.send(message)
+        except LocalProtocolError:
+            return False  # the session is closing; the next one starts from the record
+
+    # -- stopping -----------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Signal handler: start the graceful stop once."""
@@ -305,22 +321,19 @@ class HostServer:
             return
         self._stopping = True
         self.ready = False
-        log.info("host stopping", extra={"sessions": len(self.sessions)})
-        # Stop accepting first (server.close() only closes the listening sockets in 3.11),
-        for server in self._servers:
+        log.info("host stopping", extra={"sessions": len(self.connections)})
+        for server in self._servers.values():  # stop accepting first
             server.close()
-        for server, _bound in self._guest_servers.values():
-            server.close()
-        sessions = list(self.sessions)
-        for session in sessions:
-            session.stop()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        for session in list(self.sessions):  # stuck writers (peers that do not read)
-            session.writer.transport.abort()
-            if session._reader_task is not None:
-                session._reader_task.cancel()
+        for connection in list(self.connections):
+            connection.shutdown()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+        for connection in list(self.connections):  # peers that do not read what we wrote
+            connection.abort()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 1.0)
         await self._close_listeners()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -331,3 +344,13 @@ class HostServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every guest and handshake is one descriptor."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (OSError, ValueError):
+        pass

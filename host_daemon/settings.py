@@ -50,6 +50,9 @@ class HostSettings:
     max_ranges: int = 4096
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_guests: int = 1024
+    backlog: int = 1024
+    max_handshakes: int = 1024
+    max_handshakes_per_peer: int = 512
     handshake_timeout: float = 5.0
     idle_timeout: float = 60.0
     retention: float = 60.0
@@ -92,6 +95,10 @@ def check(s: HostSettings) -> None:
     if not PAGE_SIZE <= s.max_guest_memory <= MAX_GUEST_PAGES * PAGE_SIZE:
         raise SettingsError(f"--max-guest-memory must be 4KiB..{MAX_GUEST_PAGES * PAGE_SIZE} bytes, "
                             f"got {s.max_guest_memory}")
+    for name, value in (("--backlog", s.backlog), ("--max-handshakes", s.max_handshakes),
+                        ("--max-handshakes-per-peer", s.max_handshakes_per_peer)):
+        if not 1 <= value <= 1 << 20:
+            raise SettingsError(f"{name} must be 1..{1 << 20}, got {value}")
     for name, value in (("--handshake-timeout", s.handshake_timeout), ("--idle-timeout", s.idle_timeout)):
         if value <= 0:
             raise SettingsError(f"{name} must be positive, got {value}")
@@ -176,11 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-open-tcp", action="store_true", default=False,
         help="admit open-mode guests on TCP listeners without a token (anyone who reaches the port may "
              "then claim any unprovisioned id: demos and load tests only; a warning is logged at start)")
+    add("--backlog", type=_positive_int, default=1024,
+        help="listen() backlog of every listener: connections the kernel queues before the host "
+             "accepts them (a herd of guests reconnecting after a restart); capped by net.core.somaxconn")
+    add("--max-handshakes", type=_positive_int, default=1024,
+        help="most connections that have not sent HELLO yet, in total; one more gets ERROR "
+             "too-many-connections and is closed (each is also closed by --handshake-timeout)")
+    add("--max-handshakes-per-peer", type=_positive_int, default=512,
+        help="the same, per peer: per uid on unix sockets (SO_PEERCRED), per address on TCP, "
+             "per CID on vsock, so one peer's flood cannot lock the others out")
     add("--handshake-timeout", type=_duration, default="5s", metavar="DURATION",
         help="a connection that has not sent a valid HELLO by then gets ERROR handshake-timeout")
     add("--idle-timeout", type=_duration, default="60s", metavar="DURATION",
-        help="the host PINGs a silent guest after a third of this and closes it "
-             "(ERROR idle-timeout) when nothing at all arrived for this long")
+        help="the host PINGs a guest that sent no whole message for a third of this and closes it "
+             "(ERROR idle-timeout) when no whole message arrived for this long (bytes of an "
+             "unfinished message do not count)")
     add("--retention", type=_duration, default="60s", metavar="DURATION",
         help="how long a disconnected open-mode guest is remembered (metrics, RAM file) before it is "
              "forgotten; provisioned guests are remembered while provisioned")
@@ -220,6 +237,9 @@ def parse_settings(argv, environ=None) -> HostSettings:
         max_ranges=ns.max_ranges,
         max_message_bytes=ns.max_message_bytes,
         max_guests=ns.max_guests,
+        backlog=ns.backlog,
+        max_handshakes=ns.max_handshakes,
+        max_handshakes_per_peer=ns.max_handshakes_per_peer,
         handshake_timeout=ns.handshake_timeout,
         idle_timeout=ns.idle_timeout,
         retention=ns.retention,

@@ -28,6 +28,7 @@ CODES: dict[str, str] = {
     "guest-busy": "another live session already holds this guest id",
     "too-many-guests": "the host already serves its maximum number of guests",
     "bad-size": "HELLO claims more pages than the host allows for this guest",
+    "too-many-connections": "the host already holds its maximum of connections that have not sent HELLO",
     "handshake-timeout": "no valid HELLO arrived in time",
     "idle-timeout": "nothing arrived from the peer within the idle timeout",
     "internal": "the sender failed internally; the session cannot go on",

@@ -18,7 +18,7 @@ import pytest
 from hostkit import ACK, BYE, RawGuest, sample
 
 from host_daemon import cli, loops
-from host_daemon.server import ListenError, prepare_unix_path, unix_socket
+from host_daemon.listeners import ListenError, prepare_unix_path, unix_socket
 from host_daemon.settings import SettingsError, parse_settings
 from shared.addresses import Address
 
@@ -209,7 +209,7 @@ async def test_vsock_listener_when_the_kernel_has_it():
     """vsock forces the stock loop; exercised for real only where vsock loopback exists."""
     if not hasattr(socket, "AF_VSOCK"):
         pytest.skip("no AF_VSOCK in this Python")
-    from host_daemon.server import vsock_socket
+    from host_daemon.listeners import vsock_socket
 
     try:
         sock = vsock_socket(1, 0xFFFFFFFF)  # VMADDR_CID_LOCAL, any port

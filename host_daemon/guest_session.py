@@ -1,0 +1,413 @@
+"""One guest session without I/O: bytes and the clock in, bytes and effects out.
+
+The shell (host_daemon/connection.py) owns the socket, the event loop and the worker
+pool; this class owns everything the protocol decides, so it is tested without sockets
+(tests/host_daemon/test_guest_session.py), the way ``guest_agent/agent.py`` is:
+
+- ``receive(data, now)`` feeds the sans-IO ``HostConnection`` and handles every complete
+  message of the chunk together: HELLO -> admission (one injected call) -> WELCOME;
+  batch -> tracker -> ACK; PING/PONG, STATS, HINT_DONE, BYE, ERROR. It returns an
+  ``Output``: the bytes to write (all ACKs of the chunk in one string), an optional
+  discard to run (the RAM file's pages a batch gave back: the ACK waits for it, as the
+  guest keeps those pages isolated until the ACK, mm/page_reporting.c), and whether to
+  close after writing.
+- ``next_deadline()`` / ``on_timer(now)``: the handshake timeout, the keepalive PING after
+  a third of the idle timeout, and the idle timeout. Silence is measured in whole
+  messages: bytes of a message that never completes do not keep a session alive.
+- The session ends exactly once (``_end``): its admission is released at that moment,
+  before the close is even written, so a HELLO sent right after finds the id free.
+
+A malformed message anywhere in a chunk ends the session before anything of that chunk
+is applied: the chunk is parsed whole first, so the window slots of every batch read are
+taken and a guest that sends past its window within one read is caught (window-overrun),
+as a device sees an overfull ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from time import perf_counter
+
+from shared.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from shared.messages import (
+    Ack,
+    Bye,
+    Error,
+    Hello,
+    HintDone,
+    Ping,
+    Pong,
+    Stats,
+    Target,
+    Welcome,
+)
+from shared.protocol import CONNECTION_CLOSED, NEED_DATA, HostConnection, State
+from shared.vocabulary import HINT, PAGE_SIZE, U64_MAX
+
+from .admission import REFUSALS, Admission, Peer
+
+log = logging.getLogger("balloon.host.session")
+
+#: Batches that give back at least this many pages (4 MiB) are punched in a worker thread:
+#: tmpfs frees ~1 GiB/s of filled pages, so 32 order-9 blocks (64 MiB) would stall the loop,
+#: i.e. every other guest's ACKs, for ~10 ms. fallocate releases the GIL.
+OFFLOAD_PAGES = 1024
+ENDINGS = (Bye, Error)
+
+#: Every value of balloon_sessions_total{result}, exported from the start so rates work.
+RESULTS = ("bye", "closed", "reset", "error", "rejected", "timeout", "shutdown", "guest-error", "internal")
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Punch these ranges out of the guest's RAM file, then call ``session.resume``."""
+
+    ram: object  # reclaim.RamFile
+    pfns: object
+    counts: object
+    pages: int
+
+    @property
+    def offload(self) -> bool:
+        """Large enough to run in the worker pool (reading pauses meanwhile)."""
+        return self.pages >= OFFLOAD_PAGES
+
+    def run(self) -> None:
+        self.ram.discard(self.pfns, self.counts)
+
+
+@dataclass(slots=True)
+class Output:
+    """What the shell must do after a call: write ``data``; then run ``discard`` (and call
+    ``resume``) or wait ``delay`` seconds (and call ``resume``); close once written."""
+
+    data: bytes = b""
+    discard: Discard | None = None
+    delay: float = 0.0
+    close: bool = False
+
+
+class GuestSession:
+    """The protocol side of one connection; see the module docstring."""
+
+    def __init__(self, settings, admitter, stats, peer: Peer, now: float, owner: object = None) -> None:
+        self.settings = settings
+        self.admitter = admitter
+        self.stats = stats
+        self.peer = peer
+        self.owner = self if owner is None else owner
+        self.conn = HostConnection(settings.max_message_bytes)
+        self.admission: Admission | None = None
+        self.record = None
+        self.started = now
+        self.last_message = now
+        self._now = now  # the latest clock reading the shell passed in (for the log)
+        self.result: str | None = None  # set once, when the session ends
+        self.reason = ""
+        self._pinged = False
+        self._nonce = 0
+        self._events: list = []
+        self._at = 0
+        self._pending = None  # (kind, batch, result, start) while a discard or delay runs
+        self._eof = False
+        self._stopping = False
+
+    # -- views ------------------------------------------------------------------------
+
+    @property
+    def guest(self) -> str | None:
+        return self.record.id if self.record is not None else None
+
+    @property
+    def ended(self) -> bool:
+        return self.result is not None
+
+    @property
+    def busy(self) -> bool:
+        """A discard or a debug delay is running: the shell must not feed more data."""
+        return self._pending is not None
+
+    def window_state(self) -> tuple[int, int] | None:
+        window = self.conn.window
+        return None if window is None else (window.size, window.in_flight)
+
+    # -- input ------------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> Output:
+        """Bytes from the guest (``b""``: it closed its side)."""
+        self._now = now
+        if self.result is not None:
+            return Output()
+        conn = self.conn
+        conn.receive_data(data)
+        record = self.record
+        if record is not None:
+            record.received_bytes += len(data)
+        events = []
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CONNECTION_CLOSED:
+                    self._eof = True
+                    break
+                events.append(event)
+                if type(event) in ENDINGS:  # BYE or ERROR from the guest ends it
+                    break
+        except RemoteProtocolError as error:
+            return self._fail([], error)
+        if events:
+            self.last_message = now
+            self._pinged = False
+            if record is not None:
+                record.last_message_at = time.time()
+        self._events = events
+        self._at = 0
+        return self._run()
+
+    def resume(self, now: float, failed: bool = False) -> Output:
+        """The discard (or the debug delay) that the last Output asked for is done."""
+        self._now = now
+        kind, batch, result, start = self._pending
+        self._pending = None
+        if self.result is not None:
+            return Output()
+        if failed:
+            return self._fail([], RemoteProtocolError("internal", "the host could not discard pages"))
+        if result is None:  # a debug delay before applying this batch
+            return self._run(apply_first=(kind, batch))
+        return self._run(finished=self._ack(kind, batch, result, start))
+
+    def _run(self, apply_first=None, finished: Ack | None = None) -> Output:
+        """Handle the parsed events from ``_at`` on; stops early for a discard or a delay."""
+        out: list[bytes] = []  # control replies, in order with the ACKs
+        acks: list[Ack] = [] if finished is None else [finished]
+        events = self._events
+        delay = self.settings.debug_apply_delay
+        try:
+            if apply_first is not None:
+                stop = self._batch(*apply_first, acks)
+                if stop is not None:
+                    return self._flush(out, acks, stop)
+            while self._at < len(events):
+                event = events[self._at]
+                self._at += 1
+                kind = getattr(event, "KIND", None)  # batches name their kind
+                if kind is not None:
+                    if delay:  # a slow host: wait, apply, and let this ACK leave at once
+                        self._pending = (kind, event, None, 0.0)
+                        return self._flush(out, acks, Output(delay=delay))
+                    stop = self._batch(kind, event, acks)
+                    if stop is not None:
+                        return self._flush(out, acks, stop)
+                else:
+                    ending = self._control(event, out)
+                    if ending is not None:
+                        data = self._pack(out, acks)
+                        return self._end_output(*ending, data)
+        except RemoteProtocolError as error:  # a refused HELLO
+            return self._fail(self._pack(out, acks), error)
+        except Exception:  # noqa: BLE001 - a bug (or a failed admission) ends this session, never the host
+            log.exception("session failed", extra={"guest": self.guest, "address": self.peer.address})
+            return self._fail(b"", RemoteProtocolError(
+                "internal", "the host failed handling this session"), result="internal")
+        output = self._flush(out, acks, Output())
+        if self._eof and self.result is None:
+            output.close = True
+            self._end("closed", "closed")
+        elif self._stopping and self.result is None:
+            return self._shutdown_output(output)
+        return output
+
+    def _flush(self, out: list[bytes], acks: list[Ack], output: Output) -> Output:
+        data = self._pack(out, acks)
+        if data:
+            output.data = data + output.data if output.data else data
+        return output
+
+    def _pack(self, out: list[bytes], acks: list[Ack]) -> bytes:
+        if acks:
+            send = self.conn.send
+            out.extend([send(ack) for ack in acks])
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    # -- batches ----------------------------------------------------------------------
+
+    def _batch(self, kind: str, batch, acks: list[Ack]) -> Output | None:
+        """Apply one batch; its ACK goes to ``acks``, or an Output says what must run first."""
+        start = perf_counter()
+        record = self.record
+        result = record.tracker.apply(kind, batch.pfns, batch.counts,
+                                      batch.cmd_id if kind == HINT else None)
+        discard = result.discard
+        if record.ram is not None and discard[0].size:
+            pages = int(discard[1].sum())
+            self._pending = (kind, batch, result, start)
+            return Output(discard=Discard(record.ram, discard[0], discard[1], pages))
+        acks.append(self._ack(kind, batch, result, start))
+        return None
+
+    def _ack(self, kind: str, batch, result, start: float) -> Ack:
+        record = self.record
+        record.apply.observe(perf_counter() - start)
+        record.batches[kind] += 1
+        record.ranges[kind] += result.ranges
+        record.pages_total[kind] += result.pages
+        if not result.rejected_pages:
+            return Ack(batch.seq, 0)
+        rejected = record.rejected
+        for reason, pages in result.rejected.items():
+            rejected[reason] = rejected.get(reason, 0) + pages
+        return Ack(batch.seq, min(result.rejected_pages, U64_MAX))
+
+    # -- control messages -------------------------------------------------------------
+
+    def _control(self, event, out: list[bytes]) -> tuple[str, str] | None:
+        """Non-batch messages; ``(result, reason)`` when the message ends the session."""
+        if isinstance(event, Hello):
+            out.extend(self._welcome(event))
+        elif isinstance(event, Ping):
+            if not isinstance(event, Pong):
+                out.append(self.conn.send(Pong(event.nonce)))
+        elif isinstance(event, Stats):
+            self.record.stats = event.values
+        elif isinstance(event, HintDone):
+            self.record.hint_done = event.cmd_id
+        elif isinstance(event, Bye):
+            return "bye", (f"bye: {event.reason}"[:200] if event.reason else "bye")
+        elif isinstance(event, Error):
+            return "guest-error", f"guest error {event.code}"[:200]
+        return None
+
+    def _welcome(self, hello: Hello) -> list[bytes]:
+        settings = self.settings
+        admission = self.admitter.admit(hello, self.peer, self.owner)
+        self.admission = admission
+        record = self.record = admission.record
+        record.received_bytes += self.conn.bytes_received
+        record.last_message_at = time.time()
+        out = [self.conn.send(Welcome(
+            window=settings.window, max_ranges=settings.max_ranges, features=admission.features,
+            max_message_bytes=settings.max_message_bytes, ram_file=admission.ram_file,
+            pages=admission.pages))]
+        if record.target_pages is not None:
+            out.append(self.conn.send(Target(record.target_pages)))
+        log.info("session start", extra={
+            "guest": record.id, "address": self.peer.address, "pages": admission.pages,
+            "claimed_pages": hello.pages, "memory_bytes": admission.pages * PAGE_SIZE,
+            "provisioned": record.provisioned is not None, "features": ",".join(admission.features)})
+        return out
+
+    # -- host-initiated ---------------------------------------------------------------
+
+    def send(self, message) -> bytes:
+        """Bytes of a host-initiated message (TARGET, HINT_START/STOP); LocalProtocolError
+        when the session cannot carry it (not welcomed yet, ended, busy closing)."""
+        if self.result is not None:
+            raise LocalProtocolError("bad-state", "the session has ended")
+        return self.conn.send(message)
+
+    # -- timers -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which ``on_timer`` has something to do (None: nothing, or not
+        until the running discard is done — the shell asks again after ``resume``)."""
+        if self.result is not None or self._pending is not None:
+            return None
+        if self.conn.state is not State.READY:
+            return self.started + self.settings.handshake_timeout
+        idle = self.settings.idle_timeout
+        return self.last_message + (idle if self._pinged else idle / 3)
+
+    def on_timer(self, now: float) -> Output:
+        self._now = now
+        if self.result is not None or self._pending is not None:
+            return Output()
+        settings = self.settings
+        if self.conn.state is not State.READY:
+            if now >= self.started + settings.handshake_timeout:
+                return self._fail([], RemoteProtocolError(
+                    "handshake-timeout", f"no HELLO within {settings.handshake_timeout:g}s"), result="timeout")
+            return Output()
+        idle = settings.idle_timeout
+        silent = now - self.last_message
+        if silent >= idle:
+            return self._fail([], RemoteProtocolError(
+                "idle-timeout", f"no message received for {idle:g}s"), result="timeout")
+        if silent >= idle / 3 and not self._pinged:
+            self._pinged = True
+            self._nonce += 1
+            return Output(data=self.conn.send(Ping(self._nonce)))
+        return Output()
+
+    # -- ending -----------------------------------------------------------------------
+
+    def shutdown(self, now: float) -> Output:
+        """Host shutdown: what was read is finished (a running discard first), then BYE."""
+        self._now = now
+        if self.result is not None:
+            return Output()
+        self._stopping = True
+        if self._pending is not None:
+            return Output()  # resume() finishes the chunk, then says BYE
+        return self._shutdown_output(Output())
+
+    def _shutdown_output(self, output: Output) -> Output:
+        if self.conn.state is State.READY:
+            output.data += self.conn.send(Bye("host shutting down"))
+        output.close = True
+        self._end("shutdown", "shutdown")
+        return output
+
+    def refuse(self, error: RemoteProtocolError) -> Output:
+        """End the session before reading anything (e.g. the host's connection caps)."""
+        return self._fail([], error)
+
+    def connection_lost(self, error: BaseException | None, now: float) -> None:
+        """The transport is gone; if the session had not ended yet, it ends now."""
+        self._now = now
+        self._pending = None
+        if self.result is None:
+            self._end("reset" if error is not None else "closed", "reset" if error is not None else "closed")
+
+    def _fail(self, head: list[bytes] | bytes, error: ProtocolError, result: str | None = None) -> Output:
+        """ERROR ``error.code`` after ``head`` (what was acked before it), then close."""
+        code = error.code
+        self.stats.protocol_errors[code] = self.stats.protocol_errors.get(code, 0) + 1
+        if self.record is not None:
+            self.record.errors += 1
+        data = head if isinstance(head, bytes) else b"".join(head)
+        try:
+            data += self.conn.send(Error(code, error.detail[:1000]))
+        except LocalProtocolError:
+            pass
+        if result is None:
+            result = "rejected" if code in REFUSALS else "error"
+        return self._end_output(result, code, data)
+
+    def _end_output(self, result: str, reason: str, data: bytes = b"") -> Output:
+        self._end(result, reason)
+        return Output(data=data, close=True)
+
+    def _end(self, result: str, reason: str) -> None:
+        """The one place a session ends: count it, log it, release the guest id now."""
+        if self.result is not None:
+            return
+        self.result = result
+        self.reason = reason
+        self._pending = None
+        self._events = []
+        stats = self.stats.sessions
+        stats[result] = stats.get(result, 0) + 1
+        admission = self.admission
+        if admission is not None:
+            self.admission = None
+            self.admitter.release(admission, self.owner, result)
+        log.info("session end", extra={
+            "guest": self.guest, "address": self.peer.address,
+            "duration_s": round(self._now - self.started, 3), "reason": reason})

@@ -1,0 +1,203 @@
+"""The sans-IO host session: bytes and a clock in, bytes and effects out — no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import msgpack
+from sessionkit import (
+    ACK,
+    BYE,
+    ERROR,
+    INFLATE,
+    PING,
+    REPORT,
+    STATS,
+    WELCOME,
+    FakeRam,
+    Host,
+    batch,
+    decode,
+    hello,
+)
+
+from shared.errors import RemoteProtocolError
+
+
+def welcomed(host: Host, guest: str = "g1", now: float = 0.0, pages: int = 65536):
+    session = host.session(now)
+    out = session.receive(hello(guest, pages), now)
+    assert decode(out.data)[0][0] == WELCOME
+    return session
+
+
+async def test_hello_then_batches_acked_in_one_write():
+    host = Host(window=4)
+    session = welcomed(host)
+    chunk = b"".join(batch(REPORT, seq, [(seq * 1024, 512)]) for seq in range(4))
+    out = session.receive(chunk, 1.0)
+    assert decode(out.data) == [[ACK, seq, 0] for seq in range(4)]
+    assert not out.close and out.discard is None
+    assert host.registry.get("g1").tracker.reported_pages == 4 * 512
+
+
+async def test_a_malformed_message_in_a_chunk_applies_nothing_of_it():
+    host = Host()
+    session = welcomed(host)
+    out = session.receive(batch(REPORT, 0, [(0, 8)]) + batch(REPORT, 5, [(64, 8)]), 1.0)  # bad seq
+    assert decode(out.data) == [[ERROR, "bad-seq", "expected seq 1, got 5"]]
+    assert out.close and session.result == "error"
+    assert host.registry.get("g1").tracker.reported_pages == 0
+
+
+async def test_idle_timer_counts_whole_messages_not_bytes():
+    """A STATS trickled one byte every 2 s never completes: the session is closed anyway."""
+    host = Host(idle_timeout=6.0)
+    session = welcomed(host)
+    stats = msgpack.packb([STATS, {4: 1 << 20, 5: 1 << 30}])
+    now, out = 0.0, None
+    for byte in stats[:-1]:
+        now += 2.0
+        session.receive(bytes([byte]), now)
+        out = session.on_timer(now)
+        if out.close:
+            break
+    assert out is not None and out.close, "a trickled message kept the session alive"
+    assert decode(out.data)[-1][:2] == [ERROR, "idle-timeout"]
+    assert session.result == "timeout" and now <= 6.0 + 2.0
+    assert host.stats.sessions["timeout"] == 1
+
+
+async def test_keepalive_ping_then_idle_timeout():
+    host = Host(idle_timeout=9.0)
+    session = welcomed(host)
+    assert session.next_deadline() == 3.0
+    assert session.on_timer(2.9).data == b""
+    assert decode(session.on_timer(3.0).data) == [[PING, 1]]
+    assert session.next_deadline() == 9.0
+    session.receive(batch(REPORT, 0, [(0, 1)]), 5.0)  # a whole message resets the clock
+    assert session.next_deadline() == 8.0
+    out = session.on_timer(14.0)
+    assert out.close and decode(out.data)[-1][:2] == [ERROR, "idle-timeout"]
+
+
+async def test_handshake_timeout():
+    host = Host(handshake_timeout=5.0)
+    session = host.session(now=10.0)
+    assert session.next_deadline() == 15.0
+    session.receive(hello()[:3], 11.0)  # part of a HELLO is not a HELLO
+    out = session.on_timer(15.0)
+    assert out.close and decode(out.data) == [[ERROR, "handshake-timeout", "no HELLO within 5s"]]
+    assert host.stats.sessions["timeout"] == 1
+
+
+async def test_hello_right_after_bye_is_admitted():
+    """The ending session releases its guest id synchronously, before anything is written."""
+    host = Host()
+    first = welcomed(host)
+    out = first.receive(msgpack.packb([BYE, "bye"]), 1.0)
+    assert out.close and first.result == "bye"
+    assert host.registry.get("g1").session is None
+    second = host.session(1.0)
+    assert decode(second.receive(hello(), 1.0).data)[0][0] == WELCOME
+
+
+async def test_hello_right_after_the_hosts_error_is_admitted():
+    host = Host()
+    first = welcomed(host)
+    out = first.receive(b"\xc1", 1.0)  # never valid msgpack
+    assert decode(out.data)[0][:2] == [ERROR, "bad-msgpack"]
+    second = host.session(1.0)
+    assert decode(second.receive(hello(), 1.0).data)[0][0] == WELCOME
+
+
+async def test_second_live_session_is_busy_and_rejected():
+    host = Host()
+    welcomed(host)
+    second = host.session(1.0)
+    out = second.receive(hello(), 1.0)
+    assert decode(out.data)[0][:2] == [ERROR, "guest-busy"]
+    assert second.result == "rejected" and host.stats.sessions["rejected"] == 1
+
+
+async def test_an_exception_while_building_a_session_is_answered_and_counted():
+    class Broken:
+        def admit(self, hello, peer, owner):
+            raise ZeroDivisionError("bug")
+
+        def release(self, admission, owner):  # pragma: no cover - never admitted
+            raise AssertionError
+
+    host = Host()
+    session = host.session(0.0, admitter=Broken())
+    out = session.receive(hello(), 0.0)
+    assert decode(out.data)[0][:2] == [ERROR, "internal"]
+    assert out.close and session.result == "internal"
+    assert host.stats.sessions["internal"] == 1 and host.stats.protocol_errors["internal"] == 1
+
+
+async def test_a_refusal_is_counted_as_rejected():
+    class Refuses:
+        def admit(self, hello, peer, owner):
+            raise RemoteProtocolError("auth-failed", "no")
+
+    host = Host()
+    session = host.session(0.0, admitter=Refuses())
+    out = session.receive(hello(), 0.0)
+    assert decode(out.data) == [[ERROR, "auth-failed", "no"]]
+    assert host.stats.sessions["rejected"] == 1
+
+
+async def test_discards_run_before_the_ack():
+    host = Host()
+    session = welcomed(host)
+    record = host.registry.get("g1")
+    record.ram = FakeRam()
+    small = batch(REPORT, 0, [(0, 8)])
+    large = batch(INFLATE, 1, [(4096, 2048)])
+    out = session.receive(small + large, 1.0)
+    assert out.data == b"" and out.discard is not None and not out.discard.offload
+    assert session.busy and session.next_deadline() is None
+    out.discard.run()
+    out = session.resume(1.0)
+    assert decode(out.data) == [[ACK, 0, 0]]  # the small one, then the large one waits
+    assert out.discard is not None and out.discard.offload and out.discard.pages == 2048
+    out.discard.run()
+    out = session.resume(1.1)
+    assert decode(out.data) == [[ACK, 1, 0]] and not session.busy
+    assert record.ram.discarded == [([0], [8]), ([4096], [2048])]
+
+
+async def test_a_failed_discard_ends_the_session_with_internal():
+    host = Host()
+    session = welcomed(host)
+    host.registry.get("g1").ram = FakeRam()
+    out = session.receive(batch(REPORT, 0, [(0, 8)]), 1.0)
+    out = session.resume(1.0, failed=True)
+    assert decode(out.data)[0][:2] == [ERROR, "internal"] and out.close
+
+
+async def test_shutdown_says_bye_after_a_running_discard():
+    host = Host()
+    session = welcomed(host)
+    host.registry.get("g1").ram = FakeRam()
+    out = session.receive(batch(REPORT, 0, [(0, 8)]), 1.0)
+    assert session.shutdown(1.0).data == b""  # the discard is still running
+    out = session.resume(1.0)
+    assert decode(out.data) == [[ACK, 0, 0], [BYE, "host shutting down"]]
+    assert out.close and session.result == "shutdown" and host.registry.get("g1").session is None
+
+
+async def test_eof_ends_the_session_as_closed():
+    host = Host()
+    session = welcomed(host)
+    out = session.receive(b"", 1.0)
+    assert out.close and session.result == "closed" and host.stats.sessions["closed"] == 1
+
+
+async def test_target_is_sent_after_welcome():
+    host = Host()
+    first = welcomed(host)
+    host.registry.get("g1").target_pages = 100
+    first.receive(msgpack.packb([BYE, ""]), 1.0)
+    second = host.session(2.0)
+    messages = decode(second.receive(hello(), 2.0).data)
+    assert [m[0] for m in messages] == [WELCOME, 8] and messages[1][1] == 100
