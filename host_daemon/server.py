@@ -27,6 +27,7 @@ from aiohttp import web
 from shared.addresses import Address
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.messages import HintStart, HintStop, Target
+from shared.vocabulary import HINTING
 
 from .admin import AdminApp
 from .admission import Admitter
@@ -281,7 +282,7 @@ class HostServer:
     def start_hint(self, guest_id: str) -> int | None:
         """Start a free page hinting command; its cmd_id, or None if the guest cannot hint now."""
         record = self.registry.guests[guest_id]
-        if record.session is None or "hinting" not in record.features:
+        if record.session is None or HINTING not in record.features:
             return None
         cmd_id = record.next_cmd_id
         record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
