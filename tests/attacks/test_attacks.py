@@ -142,8 +142,6 @@ def test_item5_pages_2_40_with_shared_ram_makes_no_file(host):
     assert not (host.ram_dir / "sparse.ram").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the session helper's idle timer that counts whole messages "
-                                       "(tracker 11 item 6, not on main at 13:15)")
 def test_item6_slowloris_after_hello_is_closed_by_the_idle_timer(host):
     guest = Raw(host.sock, timeout=10)
     assert guest.hello("slow", 64, features=["ranges52", "stats"])[0] == WELCOME
