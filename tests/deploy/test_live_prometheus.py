@@ -204,7 +204,11 @@ def stack(tmp_path_factory):
         host_url = f"http://127.0.0.1:{host_port}"
         processes.append(_start([str(VENV_BIN / "balloon-host"), "--listen", f"unix:{socket_path}",
                                  "--http", f"127.0.0.1:{host_port}", "--ram-dir", str(ram),
-                                 "--log-format", "json"], tmp / "host.log"))
+                                 "--log-format", "json",
+                                 # the rogue guest ends with BYE; an open guest that said BYE is
+                                 # forgotten after --forget-after (10 s by default), and the long
+                                 # run (make deploy-test) still queries its series after that
+                                 "--forget-after", "10m"], tmp / "host.log"))
         wait_for(lambda: http_get(f"{host_url}/readyz"), 30, "balloon-host /readyz")
         guest_ports = {guest: free_port() for guest in GUESTS}
         for guest, workload in GUESTS.items():

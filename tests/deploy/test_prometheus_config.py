@@ -16,6 +16,7 @@ from deployfiles import (
     RULES,
     load_rules,
     metric_names,
+    referenced_balloon_metrics,
     tool,
 )
 
@@ -151,3 +152,12 @@ def test_scrape_config_names_both_jobs_and_labels_guests():
     assert all(group.get("labels", {}).get("guest") for group in targets)
     assert any(relabel.get("target_label") == "guest" for relabel in guest_job["relabel_configs"])
     assert {path.name for path in RULE_FILES} >= set(config["rule_files"])
+
+
+def test_dashboard_and_rules_use_no_deprecated_metric_name():
+    from guest_agent.metrics import DEPRECATED as GUEST_DEPRECATED
+    from host_daemon.metrics import DEPRECATED as HOST_DEPRECATED
+
+    deprecated = set(HOST_DEPRECATED) | {f"balloon_guest_{old}" for old in GUEST_DEPRECATED}
+    used = referenced_balloon_metrics()
+    assert {name: used[name] for name in deprecated & set(used)} == {}

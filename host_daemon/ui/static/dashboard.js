@@ -256,9 +256,13 @@
     entry.figure.dataset.points = String(data[0].length);
   }
 
-  // The legend shows the newest values unless the pointer is on the chart.
+  // The legend shows the newest values (of the last poll that had any) unless the pointer is on the chart.
   function showLatest(entry, length) {
-    if (!entry.hover && length > 0) entry.plot.setLegend({ idx: length - 1 });
+    if (entry.hover || length === 0) return;
+    const data = entry.plot.data;
+    let idx = length - 1;
+    while (idx > 0 && data.slice(1).every((series) => series[idx] === null || series[idx] === undefined)) idx--;
+    entry.plot.setLegend({ idx });
   }
 
   function renderCharts() {
