@@ -37,6 +37,7 @@ log = logging.getLogger("guest_agent.agent")
 STAT_FREE_MEMORY = 4
 STAT_TOTAL_MEMORY = 5
 STAT_AVAILABLE_MEMORY = 6
+STAT_ALLOC_STALLS = 11  # VIRTIO_BALLOON_S_ALLOC_STALL (Linux 6.12): here, workload allocations that failed
 
 
 class SessionEnded(Exception):
@@ -185,7 +186,10 @@ class Agent:
             return Stats(self.stats_source())
         free = int(self.allocator.free_pages) * PAGE_SIZE if self.allocator is not None else 0
         total = self.total_pages * PAGE_SIZE
-        return Stats({STAT_FREE_MEMORY: free, STAT_TOTAL_MEMORY: total, STAT_AVAILABLE_MEMORY: free})
+        values = {STAT_FREE_MEMORY: free, STAT_TOTAL_MEMORY: total, STAT_AVAILABLE_MEMORY: free}
+        if self.memory is not None:
+            values[STAT_ALLOC_STALLS] = int(self.memory.alloc_failures)
+        return Stats(values)
 
     # -- sending ------------------------------------------------------------------------
 

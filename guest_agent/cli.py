@@ -91,7 +91,8 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
                  if settings.reporting else None)
     balloon = Balloon(allocator, deflate_on_oom="deflate-on-oom" in settings.offered_features())
     agent = Agent(allocator=allocator, workload=workload, memory=memory, reporting=reporting, balloon=balloon,
-                  metrics=metrics, total_pages=settings.pages, sweep_samples=settings.canary_samples)
+                  metrics=metrics, total_pages=settings.pages, sweep_samples=settings.canary_samples,
+                  stats_interval=settings.stats_interval)
     return agent, memory
 
 

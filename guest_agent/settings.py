@@ -74,6 +74,8 @@ class GuestSettings:
     procfs_root: Path = Path("/")
     scan_interval: float = 10.0
     canary_samples: int = 256
+    stats_interval: float = 10.0
+    reporting: bool = True
     log_format: str = "text"
     log_level: str = "info"
 
@@ -136,6 +138,8 @@ def check(s: GuestSettings) -> None:
         raise SettingsError(f"--reconnect-max must be positive, got {s.reconnect_max}")
     if s.handshake_timeout <= 0:
         raise SettingsError(f"--handshake-timeout must be positive, got {s.handshake_timeout}")
+    if not 0.05 <= s.stats_interval <= 3600:
+        raise SettingsError(f"--stats-interval must be 50ms..1h, got {s.stats_interval}")
     unknown = set(s.features) - set(KNOWN_FEATURES)
     if unknown:
         raise SettingsError(f"--features: unknown {', '.join(sorted(unknown))} (known: {', '.join(KNOWN_FEATURES)})")
@@ -239,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
     add("--canary-samples", type=int, default=256, metavar="N",
         help="with --shared-ram: allocations whose canaries the sampling sweep checks every 2s")
+    add("--stats-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
+        help="how often STATS go to the host (Linux: the host polls the stats queue, QEMU's "
+             "guest-stats-polling-interval); a host policy freezes a guest whose stats grow stale")
+    add("--no-reporting", dest="reporting", action="store_false", default=True,
+        help="turn free page reporting off (a guest without VIRTIO_BALLOON_F_REPORTING): freed "
+             "memory stays with the host until the balloon takes it")
     add_common_options(parser, "guest")
     return parser
 
@@ -263,5 +273,6 @@ def parse_settings(argv, environ=None) -> GuestSettings:
         features=features, tick=ns.tick, reconnect_max=ns.reconnect_max,
         handshake_timeout=ns.handshake_timeout, procfs_root=ns.procfs_root,
         scan_interval=ns.scan_interval, canary_samples=ns.canary_samples,
+        stats_interval=ns.stats_interval, reporting=ns.reporting,
         log_format=ns.log_format, log_level=ns.log_level,
     )

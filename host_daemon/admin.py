@@ -45,6 +45,8 @@ class AdminApp:
         app.router.add_post("/api/v1/guests/{id}/target", self.target)
         app.router.add_post("/api/v1/guests/{id}/hint", self.hint)
         add_ui_routes(app)  # GET /ui: the live dashboard (static page over the two GETs above)
+        app.router.add_get("/api/v1/policy", self.policy)
+        app.router.add_post("/api/v1/policy", self.set_policy)
         self.app = app
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -195,3 +197,34 @@ class AdminApp:
             await self.host.close_guest_listener(entry.listen)
         log.info("guest deleted", extra={"guest": guest, "provisioned": entry is not None})
         return web.Response(status=204)
+
+    async def policy(self, request: web.Request) -> web.Response:
+        """The policy's last tick: inputs, one decision per guest with its reason, recent changes
+        (``?history=N``: the last N target changes, 0..1024, default 100)."""
+        try:
+            history = int(request.query.get("history", "100"))
+            if not 0 <= history <= 1024:
+                raise ValueError
+        except ValueError:
+            return _error(400, "history must be an integer 0..1024")
+        return web.json_response(self.host.policy.to_json(history))
+
+    async def set_policy(self, request: web.Request) -> web.Response:
+        """Change the policy at runtime: {"guest_memory_budget": "512MiB"} and/or knobs as in
+        --policy-config (e.g. {"policy": "balance", "block_low": "30s"}) → 200 with GET's body."""
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        body = await self._json_body(request)
+        budget = None
+        try:
+            if "guest_memory_budget" in body:
+                budget = parse_size(body.pop("guest_memory_budget"))
+                if budget <= 0:
+                    raise ValueError("guest_memory_budget must be above 0")
+            config = self.host.policy.config.with_table(body) if body else None
+        except (ValueError, TypeError) as error:  # PolicyConfigError is a ValueError
+            return _error(400, str(error))
+        self.host.policy.reconfigure(config, budget)
+        log.info("policy changed through the admin API", extra={"keys": ",".join(sorted(body)),
+                                                                "guest_memory_budget": budget})
+        return web.json_response(self.host.policy.to_json())

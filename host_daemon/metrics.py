@@ -83,6 +83,19 @@ class HostCollector(Collector):
         reclaimed = GaugeMetricFamily("balloon_reclaimed_bytes",
                                       "RAM file size minus its allocated blocks, read from the kernel.", labels=["guest"])
         resident = GaugeMetricFamily("balloon_resident_bytes", "Allocated blocks of the RAM file (st_blocks).", labels=["guest"])
+        discard = {  # proof of reclaim (reclaim.py): asked vs what the kernel gave back
+            "requested_bytes": CounterMetricFamily("balloon_discard_requested_bytes_total",
+                                                   "Bytes the host asked the kernel to discard.", labels=["guest"]),
+            "released_bytes": CounterMetricFamily("balloon_discard_released_bytes_total",
+                                                  "Bytes discards really released (st_blocks before - after).",
+                                                  labels=["guest"]),
+            "unreleased_bytes": CounterMetricFamily("balloon_discard_unreleased_bytes_total",
+                                                    "Bytes still holding data after a discard (SEEK_DATA): "
+                                                    "discards that did not work.", labels=["guest"]),
+            "ineffective_discards": CounterMetricFamily("balloon_discard_ineffective_total",
+                                                        "Discards that left data they should have freed.",
+                                                        labels=["guest"]),
+        }
         for r in records:
             g = r.id
             for kind in KINDS:
@@ -103,6 +116,8 @@ class HostCollector(Collector):
             window = session.window_state() if session is not None else None
             inflight.add_metric([g], window[1] if window else 0)
             if r.ram is not None:
+                for name, family in discard.items():
+                    family.add_metric([g], getattr(r.ram, name))
                 try:
                     reclaimed.add_metric([g], r.ram.reclaimed_bytes())
                     resident.add_metric([g], r.ram.resident_bytes())
@@ -112,6 +127,10 @@ class HostCollector(Collector):
         yield from (rejected, received, up, memory, reported, inflated, hinted, target, inflight,
                     reclaimed, resident)
         yield from deprecated_aliases((target,))
+        yield from discard.values()
+        policy = getattr(host, "policy", None)
+        if policy is not None:
+            yield from policy.collect()
 
         apply = host.registry.apply_histogram()
         histogram = HistogramMetricFamily("balloon_batch_apply_seconds",

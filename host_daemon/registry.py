@@ -63,7 +63,8 @@ class GuestRecord:
         self.target_pages: int | None = None
         self.next_cmd_id = 1
         self.hint_done: int | None = None
-        self.stats: dict[int, int] = {}
+        self._stats: dict[int, int] = {}
+        self.stats_at: float | None = None  # time.monotonic() of the last STATS (policy: staleness)
         self.features: tuple[str, ...] = ()
         self.ram = None  # reclaim.RamFile when the guest uses shared RAM
         self.apply = LatencyHistogram()
@@ -73,6 +74,16 @@ class GuestRecord:
     @property
     def connected(self) -> bool:
         return self.session is not None
+
+    @property
+    def stats(self) -> dict[int, int]:
+        """The guest's last STATS; setting it stamps ``stats_at`` (the policy never acts on stale stats)."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, values: dict[int, int]) -> None:
+        self._stats = values
+        self.stats_at = time.monotonic()
 
     def to_json(self) -> dict:
         """The GUEST object of the admin API (CONTRACT.md)."""

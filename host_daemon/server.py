@@ -36,8 +36,9 @@ from .connection import GuestProtocol
 from .inventory import Inventory, InventoryError
 from .listeners import ListenError, unix_socket, vsock_socket
 from .metrics import HostStats, make_registry
+from .policy_driver import PolicyDriver
 from .registry import Registry
-from .settings import HostSettings
+from .settings import HostSettings, policy_settings
 
 __all__ = ["HostServer", "ListenError"]
 
@@ -86,6 +87,7 @@ class HostServer:
         self._stopping = False
         #: hole punching of large discards, off the event loop (guest_session.OFFLOAD_PAGES)
         self.discard_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="discard")
+        self.policy = PolicyDriver(self, *policy_settings(settings))  # automatic sizing (--policy)
 
     async def start(self) -> None:
         settings = self.settings
@@ -121,6 +123,7 @@ class HostServer:
             if self._runner is not None:
                 await self._runner.cleanup()
             raise
+        self.policy.start()
         self.ready = True
         if settings.allow_open_tcp and any(a.kind == "tcp" for a in settings.listen):
             log.warning("--allow-open-tcp: anyone who reaches the TCP port may claim any unprovisioned "
@@ -323,6 +326,7 @@ class HostServer:
         self._stopping = True
         self.ready = False
         log.info("host stopping", extra={"sessions": len(self.connections)})
+        await self.policy.stop()
         for server in self._servers.values():  # stop accepting first
             server.close()
         for connection in list(self.connections):

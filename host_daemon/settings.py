@@ -64,6 +64,11 @@ class HostSettings:
     admin_token_file: Path | None = None
     ram_dir: Path | None = None
     debug_apply_delay: float = 0.0
+    policy: str = "manual"
+    policy_interval: float | None = None  # None: the policy config's (5 s)
+    policy_config: Path | None = None
+    guest_memory_budget: int | None = None
+    host_memory: str | None = None
     log_format: str = "text"
     log_level: str = "info"
 
@@ -120,8 +125,32 @@ def check(s: HostSettings) -> None:
             raise SettingsError(f"--ram-dir must be an absolute path (the guest maps it), got {ram_dir}")
     if s.log_format not in ("text", "json"):
         raise SettingsError(f"--log-format must be text or json, got {s.log_format!r}")
+    policy_settings(s)  # a bad policy knob or host memory source fails here, before anything listens
     if s.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise SettingsError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
+
+
+def policy_settings(s: HostSettings):
+    """(PolicyConfig, HostMemorySource) from the flags and ``--policy-config``; SettingsError if unusable."""
+    from shared.config import ConfigFileError, load_config_table
+
+    from .hostmem import HostMemoryError, make_source
+    from .policy import PolicyConfig, PolicyConfigError
+
+    try:
+        config = PolicyConfig()
+        if s.policy_config is not None:
+            config = config.with_table(load_config_table(s.policy_config, "policy"))
+        overrides = {"policy": s.policy} if s.policy != "manual" or s.policy_config is None else {}
+        if s.policy_interval is not None:
+            overrides["interval"] = s.policy_interval
+        config = config.with_table(overrides)
+        source = make_source(s.host_memory, s.guest_memory_budget)
+    except ConfigFileError as error:
+        raise SettingsError(str(error).replace("--config", "--policy-config")) from None
+    except (PolicyConfigError, HostMemoryError) as error:
+        raise SettingsError(f"policy: {error}") from None
+    return config, source
 
 
 def _http(text: str) -> tuple[str, int] | None:
@@ -215,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
              "punched out of it for real")
     add("--debug-apply-delay", type=_duration, default="0", metavar="DURATION",
         help="testing only: wait this long before applying each batch, to play a slow host")
+    add("--policy", choices=("manual", "mom", "balance"), default="manual",
+        help="automatic balloon sizing: manual (targets only from the admin API), mom (oVirt MOM's "
+             "bands) or balance (ChromeOS's balance of guest and host headroom); every policy keeps "
+             "the same safety rails (docs/OPERATIONS.md, Policy)")
+    add("--policy-interval", type=_duration, default=None, metavar="DURATION",
+        help="time between policy ticks (default 5s, or interval in --policy-config)")
+    add("--policy-config", type=Path, default=None, metavar="FILE",
+        help="TOML file with the policy's knobs (keys at top level or in a [policy] table; "
+             "docs/OPERATIONS.md lists them with their defaults)")
+    add("--guest-memory-budget", type=_size, default=None, metavar="SIZE",
+        help="host memory the guests may hold: the sum of their RAM files' resident bytes (st_blocks) "
+             "is kept under it; implies --host-memory budget; changeable at runtime with POST /api/v1/policy")
+    add("--host-memory", default=None, metavar="SOURCE",
+        help="where the policy reads host memory: meminfo (/proc/meminfo MemAvailable + PSI), "
+             "cgroup:/sys/fs/cgroup/DIR (memory.current/max/pressure) or budget; default budget "
+             "with --guest-memory-budget, else meminfo")
     add_common_options(parser, "host")
     return parser
 
@@ -251,6 +296,11 @@ def parse_settings(argv, environ=None) -> HostSettings:
         admin_token_file=ns.admin_token_file,
         ram_dir=ns.ram_dir,
         debug_apply_delay=ns.debug_apply_delay,
+        policy=ns.policy,
+        policy_interval=ns.policy_interval,
+        policy_config=ns.policy_config,
+        guest_memory_budget=ns.guest_memory_budget,
+        host_memory=ns.host_memory,
         log_format=ns.log_format,
         log_level=ns.log_level,
     )

@@ -15,9 +15,10 @@ Order of the rails (each decision names the one that had the last word):
    inflate may not take the guest's available memory below its floor; a guest already
    below it is deflated by the shortfall, high priority), **catching-up** (no further
    inflate while the guest lags the last target by more than a step), **no-release**
-   (no inflate while recent discards of this guest released less than
-   ``min_release_ratio`` of what was asked: squeezing would cost the guest and give the
-   host nothing — the policy trusts released bytes, never requested ones).
+   (once discards of this guest released less than ``min_release_ratio`` of what was
+   asked over ``release_window`` ticks, no inflate until its resident memory grows again:
+   squeezing would cost the guest and give the host nothing — the policy trusts released
+   bytes, never requested ones).
 4. **Step limit** (``max_step_ratio`` of memory), **small change** (below
    ``min_change_ratio``: skipped), and the **BalloonBlocker** (opposite direction held
    for 100 s after a low-priority resize, 10 s after a high one).
@@ -57,6 +58,8 @@ class _Memo:
     requested: int = 0
     released: int = 0
     window: deque = field(default_factory=deque)  # (requested, released) deltas per tick
+    stuck: bool = False  # inflating released (almost) nothing ...
+    stuck_resident: int | None = None  # ... at this resident size
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +208,14 @@ class PolicyEngine:
             asked = sum(r for r, _ in memo.window)
             got = sum(r for _, r in memo.window)
             if want > current and asked >= cfg.release_min_bytes and got < cfg.min_release_ratio * asked:
-                detail.update(window_requested_bytes=asked, window_released_bytes=got)
+                memo.stuck, memo.stuck_resident = True, guest.resident_bytes
+            resident = guest.resident_bytes
+            if memo.stuck and memo.stuck_resident is not None and resident is not None \
+                    and resident > memo.stuck_resident + cfg.release_min_bytes:
+                memo.stuck = False  # the guest touched new memory: a balloon may free some again
+            if want > current and memo.stuck:
+                detail.update(window_requested_bytes=asked, window_released_bytes=got,
+                              stuck_resident_bytes=memo.stuck_resident)
                 return _hold(guest, "no-release", "rail:no-release", detail)
         if guest.available < floor and guest.balloon_bytes > 0:
             restore = max(0, min(current, guest.balloon_bytes) - (floor - guest.available))

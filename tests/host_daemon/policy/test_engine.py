@@ -256,3 +256,14 @@ def test_every_reason_and_direction_is_declared():
     cases = [(case[-2], case[-1]) for case in ONE_TICK + SEQUENCES]
     assert {direction for direction, _ in cases} <= set(DIRECTIONS)
     assert {reason for _, reason in cases} <= set(REASONS)
+
+
+def test_no_release_holds_until_the_guest_touches_new_memory():
+    engine = PolicyEngine(PolicyConfig(policy="mom", release_window=1))
+    tick = lambda now, req, rel, resident: engine.tick(  # noqa: E731
+        float(now), host(0.10), [guest(age=0.0, balloon=100 * MIB, target=100 * MIB, discard_requested_bytes=req,
+                                       discard_released_bytes=rel, resident_bytes=resident)])[0]
+    tick(0, 0, 0, 200 * MIB)
+    assert tick(5, 100 * MIB, 0, 200 * MIB).reason == "no-release"
+    assert tick(10, 100 * MIB, 0, 200 * MIB).reason == "no-release"  # the window is empty, the verdict stays
+    assert tick(15, 100 * MIB, 0, 300 * MIB).reason == "host-pressure"  # new resident memory: try again
