@@ -120,7 +120,7 @@ def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
     log.info("linux source: balloon and reports are pages this agent holds (mlock + pagemap); "
              "hints from kpageflags are only 'possibly reclaimable'", extra={"pages": pages})
     return Agent(reporting=reporting, balloon=balloon, hinting=hinting, metrics=metrics, total_pages=pages,
-                 stats=lambda: linux.read_stats(root))
+                 stats=lambda: linux.read_stats(root), stats_interval=settings.stats_interval)
 
 
 class SharedRamBinder:

@@ -75,7 +75,6 @@ class GuestSettings:
     scan_interval: float = 10.0
     canary_samples: int = 256
     stats_interval: float = 10.0
-    reporting: bool = True
     log_format: str = "text"
     log_level: str = "info"
 
@@ -246,9 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stats-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
         help="how often STATS go to the host (Linux: the host polls the stats queue, QEMU's "
              "guest-stats-polling-interval); a host policy freezes a guest whose stats grow stale")
-    add("--no-reporting", dest="reporting", action="store_false", default=True,
-        help="turn free page reporting off (a guest without VIRTIO_BALLOON_F_REPORTING): freed "
-             "memory stays with the host until the balloon takes it")
     add_common_options(parser, "guest")
     return parser
 
@@ -273,6 +269,6 @@ def parse_settings(argv, environ=None) -> GuestSettings:
         features=features, tick=ns.tick, reconnect_max=ns.reconnect_max,
         handshake_timeout=ns.handshake_timeout, procfs_root=ns.procfs_root,
         scan_interval=ns.scan_interval, canary_samples=ns.canary_samples,
-        stats_interval=ns.stats_interval, reporting=ns.reporting,
+        stats_interval=ns.stats_interval,
         log_format=ns.log_format, log_level=ns.log_level,
     )
