@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv install test test-fast bench lint demo stack rules ui-vendor chaos system-deps deploy-test container-test vm-deps vm-test vm-demo clean
+.PHONY: help venv install test test-fast bench lint demo stack rules ui-vendor chaos attacks-long system-deps deploy-test container-test vm-deps vm-test vm-demo clean
 
 help:
 	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
@@ -13,6 +13,7 @@ help:
 	@echo "make stack       the demo's host and guests plus a real Prometheus with deploy/'s rules (STACK_SECONDS=N)"
 	@echo "make rules       deploy/'s alert rules with your runbook base: RUNBOOK_BASE=https://... (to build/prometheus)"
 	@echo "make chaos       long crash test: host and guests killed at random, no page may be lost"
+	@echo "make attacks-long the attack suite (tests/attacks) with 5 minutes of fuzzing (ATTACK_FUZZ_SECONDS=N)"
 	@echo "make lint        ruff"
 	@echo "make deploy-test slower checks of deploy/ (real Prometheus, schemas)"
 	@echo "make container-test build and run the image with podman"
@@ -83,6 +84,10 @@ rules:
 stack: $(STAMP)
 	@$(MAKE) -s system-deps SYSTEM_DEPS=prometheus:prometheus
 	$(BIN)/python deploy/stack.py
+
+# tests/attacks with 5 minutes of structured fuzzing (make test runs it with 12 s). See docs/OPERATIONS.md.
+attacks-long: $(STAMP)
+	BALLOON_ATTACK_FUZZ_SECONDS=$${ATTACK_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -p no:cacheprovider tests/attacks $(PYTEST_ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}

@@ -32,6 +32,8 @@ ROOT = HERE.parents[1]
 RSS_BUDGET = 96 << 20
 P99_LIMIT = 0.050
 MIN_WINDOW = 2.0
+#: seconds of structured fuzzing (``make attacks-long`` raises it)
+FUZZ_SECONDS = float(os.environ.get("BALLOON_ATTACK_FUZZ_SECONDS", "12"))
 VM1_PAGES = 16384  # the provisioned guest: 64 MiB
 OPEN_CAP = 1 << 30  # --max-guest-memory of the attacked host
 
@@ -165,6 +167,8 @@ class AttackedHost:
             assert time.monotonic() < deadline, "the healthy guest got no ACKs"
             time.sleep(0.05)
         self.rss_start = self.rss()
+        #: test name -> (healthy p99 s, ACKs in its window, host RSS growth so far), for the summary
+        self.figures: dict[str, tuple[float, int, int]] = {}
 
     def make_vm1_ram(self) -> None:
         """What QEMU does with memory-backend-file: create, size and fill the VM's RAM file."""
@@ -262,4 +266,6 @@ class Window:
         latencies = host.latencies(self.start, self.end)
         assert len(latencies) >= 5, f"the healthy guest got only {len(latencies)} ACKs in the window"
         worst = p99(latencies)
+        name = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        host.figures[name] = (worst, len(latencies), host.rss() - host.rss_start)
         assert worst < P99_LIMIT, f"healthy p99 ACK latency {worst * 1000:.1f} ms over {len(latencies)} ACKs"

@@ -19,6 +19,7 @@ from attackkit import (
     ACK,
     BYE,
     ERROR,
+    FUZZ_SECONDS,
     OPEN_CAP,
     REPORT,
     RSS_BUDGET,
@@ -276,8 +277,8 @@ def test_structured_fuzzing_with_a_healthy_guest_connected(host):
     rng = random.Random(9)
     sessions = 0
     with Window(host) as window:
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline and sessions < 400:
+        deadline = time.monotonic() + FUZZ_SECONDS
+        while time.monotonic() < deadline and sessions < 40 * FUZZ_SECONDS:
             sessions += 1
             attacker = None
             try:
@@ -305,9 +306,14 @@ def test_structured_fuzzing_with_a_healthy_guest_connected(host):
     _vm1_unchanged(host)
 
 
-def test_zz_rss_stays_within_the_budget_and_vm1_is_intact(host):
+def test_zz_rss_stays_within_the_budget_and_vm1_is_intact(host, capsys):
     """After every attack above: the host's RSS grew by less than RSS_BUDGET; vm1 still works."""
     grown = host.rss() - host.rss_start
+    with capsys.disabled():
+        print(f"\n[attacks] host RSS {host.rss_start >> 20} MiB at start, +{grown / 2**20:.1f} MiB after all "
+              f"(budget {RSS_BUDGET >> 20} MiB); healthy guest p99 ACK latency per attack window:")
+        for name, (worst, count, rss) in host.figures.items():
+            print(f"[attacks]   {name}: p99 {worst * 1000:.1f} ms over {count} ACKs, RSS +{rss / 2**20:.1f} MiB")
     assert grown < RSS_BUDGET, f"host RSS grew by {grown >> 20} MiB (budget {RSS_BUDGET >> 20} MiB)"
     _vm1_unchanged(host)
     vm1 = Raw(host.vm1_sock)
@@ -315,3 +321,65 @@ def test_zz_rss_stays_within_the_budget_and_vm1_is_intact(host):
     vm1.send(msgpack.packb([REPORT, 0, words([(0, 16)])]))
     assert vm1.recv() == [ACK, 0, 0]
     vm1.close()
+
+
+def _flood_to_the_fd_limit(*flags: str) -> int:
+    """The issue's setting: the host at a 256-fd limit, an attacker on TCP holding pre-HELLO connections
+    past it and reopening every one the host closes; then 15 legitimate guests on the host's Unix
+    listeners (vm1 on its own), one 1 s attempt each. Returns how many got their WELCOME."""
+    import threading
+
+    attacked = AttackedHost("--handshake-timeout", "5s", *flags, rlimit_nofile=256)
+    stop = threading.Event()
+    held: list[Raw] = []
+
+    def flood():
+        while not stop.is_set():
+            if len(held) >= 400:
+                stop.wait(0.01)
+                continue
+            try:
+                held.append(Raw(attacked.tcp, timeout=1))
+            except OSError:
+                stop.wait(0.01)
+
+    try:
+        attacker = threading.Thread(target=flood, daemon=True)
+        attacker.start()
+        time.sleep(1.0)  # the flood is at the limit
+        admitted = 0
+        for i in range(15):
+            deadline = time.monotonic() + 1
+            while time.monotonic() < deadline:
+                try:
+                    guest = Raw(attacked.vm1_sock if i == 0 else attacked.sock, timeout=2)
+                    reply = guest.hello("vm1" if i == 0 else f"legit{i}", VM1_PAGES if i == 0 else 16)
+                    guest.close()
+                    if reply is not None and reply[0] == WELCOME:
+                        admitted += 1
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+        stop.set()
+        attacker.join(5)
+        assert attacked.alive()
+        return admitted
+    finally:
+        stop.set()
+        for sock in held:
+            sock.close()
+        attacked.close()
+
+
+def test_item8_a_flood_to_the_fd_limit_with_caps_below_it_locks_nobody_out():
+    admitted = _flood_to_the_fd_limit("--max-handshakes", "64", "--max-handshakes-per-peer", "48")
+    assert admitted == 15, f"only {admitted} of 15 legitimate guests got in during a flood to the fd limit"
+
+
+@pytest.mark.xfail(strict=True, reason="the default --max-handshakes (1024) / per-peer (512) caps are above "
+                                       "a 256-fd limit, so the flood reaches the fd limit first: the host "
+                                       "should bound its caps by RLIMIT_NOFILE (session's item 8)")
+def test_item8_a_flood_to_the_fd_limit_with_default_caps_locks_nobody_out():
+    admitted = _flood_to_the_fd_limit()
+    assert admitted == 15, f"only {admitted} of 15 legitimate guests got in during a flood to the fd limit"
