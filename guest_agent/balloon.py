@@ -22,6 +22,7 @@ import logging
 
 import numpy as np
 
+from shared.config import format_size
 from shared.ranges import RangeBuffer, sort_and_coalesce
 from shared.vocabulary import DEFLATE, INFLATE, PFN32, PFN32_MAX_PER_MESSAGE
 
@@ -51,6 +52,7 @@ class Balloon:
         self._held_pages = 0
         self._unsent_pages = 0
         self.stuck = False  # the allocator had nothing for inflate; retried next tick
+        self.short_logged = False  # "target unreachable" said once per TARGET
         self.min_free_pages = low_watermark_pages(int(allocator.total_pages))
 
     # -- sizes --------------------------------------------------------------------------
@@ -68,6 +70,7 @@ class Balloon:
         self.target = max(0, min(int(pages), int(self.allocator.total_pages)))
         self.oom_deflated = 0
         self.stuck = False
+        self.short_logged = False
 
     def wants_work(self) -> bool:
         size = self.pages - self.deflating_pages
@@ -166,6 +169,15 @@ class Balloon:
             pages += 1 << order
         if not blocks:
             self.stuck = True
+            if not self.short_logged and not self.inflating_pages:
+                self.short_logged = True
+                size, page = self.pages, 4096
+                log.warning(f"balloon target unreachable: {format_size(size * page)} of "
+                            f"{format_size(self.effective_target * page)} inflated; the guest keeps its low "
+                            f"watermark ({format_size(self.min_free_pages * page)}) free and the workload "
+                            f"holds the rest (virtio_balloon fill_balloon gives up the same way)",
+                            extra={"inflated_pages": size, "target_pages": self.effective_target,
+                                   "free_pages": int(self.allocator.free_pages)})
             return None
         self.inflating_pages += pages
         return self._op(INFLATE, blocks, encoding, buffer,

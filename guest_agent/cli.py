@@ -22,7 +22,7 @@ from .client import GuestClient
 from .hinting import Hinting
 from .metrics import GuestMetrics, start_http
 from .reporting import FreePageReporting
-from .settings import PAGE_SIZE, GuestSettings, SettingsError, parse_settings
+from .settings import PAGE_SIZE, GuestSettings, SettingsError, parse_settings, parse_size_mix
 
 log = logging.getLogger("guest_agent")
 
@@ -38,16 +38,6 @@ def _call_with_supported(function, *args, **kwargs):
     else:
         accepted = {k: v for k, v in kwargs.items() if k in params}
     return function(*args, **{k: v for k, v in accepted.items() if v is not None})
-
-
-def _parse_size_mix(text: str | None):
-    if not text:
-        return None
-    mix = {}
-    for part in text.split(","):
-        order, _, weight = part.partition(":")
-        mix[int(order)] = float(weight or 1)
-    return mix
 
 
 def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, WorkloadMemory | None]:
@@ -72,7 +62,7 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
         hinting = Hinting(scan, interval=settings.scan_interval, background=True)
         log.info("procfs source: free pages are sent only as hints for host hint commands — "
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
-        return Agent(hinting=hinting, metrics=metrics, total_pages=pages), None
+        return Agent(hinting=hinting, metrics=metrics, total_pages=pages, stats_interval=settings.stats_interval), None
 
     if settings.source == "linux":
         return _linux_agent(settings, metrics), None
@@ -84,9 +74,12 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     # A new generation per run: a canary left in the persistent RAM file by an earlier run
     # of this guest never passes for a page this run owns.
     memory = WorkloadMemory(allocator, seed=settings.seed, generation=time.time_ns() & 0xFFFF_FFFF)
-    workload = _call_with_supported(
-        make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
-        rate=settings.rate, size_mix=_parse_size_mix(settings.size_mix))
+    try:
+        workload = _call_with_supported(
+            make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
+            rate=settings.rate, size_mix=parse_size_mix(settings.size_mix))
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"--workload {settings.workload}: {error}") from None
     reporting = (FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)
                  if settings.reporting else None)
     balloon = Balloon(allocator, deflate_on_oom="deflate-on-oom" in settings.offered_features())
@@ -161,7 +154,7 @@ async def run(settings: GuestSettings) -> int:
     try:
         agent, memory = build_agent(settings, metrics)
     except SettingsError as error:
-        log.error(str(error))
+        print(f"balloon-guest: error: {error}", file=sys.stderr)
         return 2
     binder = SharedRamBinder(settings, memory)
     client = GuestClient(

@@ -67,6 +67,23 @@ class GuestClient:
         self.port = SerialPort(address.path) if address.kind == "serial" else None
         self.resync_needed = self.port is not None  # a new agent on a stream that outlives it
         self.resyncs: list[str] = []  # how each resync ended ("settled", "bye", "fill")
+        self._phase = "connect"  # connect | handshake | session: what a failure interrupted
+
+    def describe(self, error: BaseException) -> str:
+        """One line saying what failed, naming the address (an errno alone helps nobody)."""
+        where = str(self.address)
+        if self._phase == "connect":
+            if isinstance(error, TimeoutError):
+                return f"connecting to {where} timed out after {self.handshake_timeout:g}s"
+            if isinstance(error, FileNotFoundError):
+                return f"cannot connect to {where}: no such socket (is balloon-host listening there?)"
+            if isinstance(error, OSError):
+                return f"cannot connect to {where}: {error.strerror or error}"
+        if self._phase == "handshake" and isinstance(error, TimeoutError):
+            return (f"no WELCOME from {where} within {self.handshake_timeout:g}s after HELLO "
+                    f"(--handshake-timeout; a busy or stuck host)")
+        text = str(error) or "no details"
+        return f"{type(error).__name__}: {text} ({self._phase}, {where})"
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -84,12 +101,16 @@ class GuestClient:
                 try:
                     established = await self._session()
                 except (OSError, EOFError, TimeoutError, ProtocolError, SessionEnded) as error:
-                    self.last_error = f"{type(error).__name__}: {error}"
+                    message = self.describe(error)
                     if isinstance(error, OSError) and not established:
                         self.agent.metrics.connect_failures.inc()
                     if isinstance(error, ProtocolError):
                         self.agent.metrics.protocol_errors.labels(error.code).inc()
-                    log.warning("session lost", extra={"guest": self.guest, "error": self.last_error})
+                    # the same failure again (host still down) is logged once, not every retry
+                    level = logging.WARNING if message != self.last_error or established else logging.DEBUG
+                    log.log(level, "session lost" if self._phase == "session" else "no session",
+                            extra={"guest": self.guest, "error": message})
+                    self.last_error = message
                 if self.stop_event.is_set():
                     break
                 if established:
@@ -140,7 +161,9 @@ class GuestClient:
 
     async def _session(self) -> bool:
         """One connection; returns True if it got past the handshake (raises on failure)."""
+        self._phase = "connect"
         reader, writer = await self._open()
+        self._phase = "handshake"
         conn = GuestConnection(self.guest, self.agent.total_pages, self.features, self.token)
         started = False
         try:
@@ -151,6 +174,7 @@ class GuestClient:
                 self.on_welcome(conn.welcome)
             self.agent.start_session(conn, self._now())
             started = True
+            self._phase = "session"
             log.info("session started", extra={
                 "guest": self.guest, "address": str(self.address), "window": conn.window.size,
                 "max_ranges": conn.max_ranges, "features": ",".join(conn.features)})

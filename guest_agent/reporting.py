@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from shared.config import format_size
 from shared.ranges import RangeBuffer, sort_and_coalesce
 from shared.vocabulary import PAGE_SIZE, REPORT
 
@@ -73,6 +74,7 @@ class FreePageReporting:
         total = int(allocator.total_pages)
         self.reserve_pages = low_watermark_pages(total) + min(capacity << order, total // 8)
         self.watermark_waits = 0
+        self.watermark_logged = False  # once per shortage, not per pass
         self._largest_block = 1 << int(getattr(allocator, "max_order", 10))
 
     # -- when -------------------------------------------------------------------------
@@ -127,14 +129,21 @@ class FreePageReporting:
             return None
         room = int(self.allocator.free_pages) - self.reserve_pages
         if room < 0:
-            if self.watermark_waits == 0:
-                log.info("reporting waits: free memory is below the low watermark plus one report "
-                         "(Linux page_reporting_process_zone); a smaller --capacity lowers it",
-                         extra={"reserve_mib": self.reserve_pages * PAGE_SIZE >> 20})
             self.watermark_waits += 1
-            if self.isolated_pages == 0:  # nothing in flight will bring pages back: stop
-                self._finish_pass(now)
+            if self.isolated_pages:
+                # Our own reports in flight hold the pages: the ACKs bring them back. Not a
+                # shortage worth a log line (an idle guest passes here on every large pass).
+                return None
+            if not self.watermark_logged:
+                self.watermark_logged = True
+                free = int(self.allocator.free_pages) * PAGE_SIZE
+                log.info(f"reporting paused: {format_size(free)} free is below the reserve of "
+                         f"{format_size(self.reserve_pages * PAGE_SIZE)} (low watermark plus one report, Linux "
+                         f"page_reporting_process_zone); a smaller --capacity lowers it",
+                         extra={"free_mib": free >> 20, "reserve_mib": self.reserve_pages * PAGE_SIZE >> 20})
+            self._finish_pass(now)  # nothing in flight will bring pages back: stop
             return None
+        self.watermark_logged = False
         # Linux has one report in flight; with a window of them, each batch is also cut so
         # that free memory stays within one top-order block of the reserve.
         max_blocks = max(1, min(self.capacity, max_ranges, room // self._largest_block + 1))

@@ -14,12 +14,14 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.addresses import GUEST_KINDS, Address, parse_address, split_host_port
+from shared.addresses import GUEST_KINDS, Address, default_address, parse_address, split_host_port
 from shared.config import (
     ConfigFileError,
+    OneLineParser,
     add_common_options,
     argument_type,
     describe_layers,
+    format_size,
     layered_settings,
     parse_duration,
     parse_size,
@@ -38,7 +40,6 @@ from shared.vocabulary import (
 
 ENV_PREFIX = "BALLOON_GUEST"
 DEFAULT_HTTP = "127.0.0.1:9471"
-DEFAULT_CONNECT = "unix:/run/balloon-hints/host.sock"
 DEFAULT_MEMORY = 512 << 20
 MAX_ORDER = 10
 SOURCES = ("sim", "procfs", "linux")
@@ -73,8 +74,8 @@ class GuestSettings:
     handshake_timeout: float = 5.0
     procfs_root: Path = Path("/")
     scan_interval: float = 10.0
+    stats_interval: float = 5.0
     canary_samples: int = 256
-    stats_interval: float = 10.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -116,13 +117,15 @@ def check(s: GuestSettings) -> None:
     if s.source == "sim":
         if s.memory < (1 << MAX_ORDER) * PAGE_SIZE or s.memory % ((1 << MAX_ORDER) * PAGE_SIZE):
             raise SettingsError(f"--memory must be a positive multiple of 4MiB (one order-{MAX_ORDER} block), "
-                                f"got {s.memory} bytes")
+                                f"got {format_size(s.memory)} ({s.memory} bytes)")
         if s.memory > 1 << 46:
             raise SettingsError("--memory: at most 64TiB")
     if not re.fullmatch(r"idle|churn|burst|trace:.+", s.workload):
         raise SettingsError(f"--workload must be idle, churn, burst or trace:FILE, got {s.workload!r}")
-    if s.workload.startswith("trace:") and not Path(s.workload[6:]).is_file():
-        raise SettingsError(f"--workload: trace file {s.workload[6:]} does not exist")
+    if s.workload.startswith("trace:"):
+        check_trace(Path(s.workload[6:]))
+    if s.size_mix is not None:
+        parse_size_mix(s.size_mix)
     if s.utilization is not None and not 0.0 <= s.utilization <= 1.0:
         raise SettingsError(f"--utilization must be between 0 and 1, got {s.utilization}")
     if s.rate is not None and s.rate < 0:
@@ -138,7 +141,7 @@ def check(s: GuestSettings) -> None:
     if s.handshake_timeout <= 0:
         raise SettingsError(f"--handshake-timeout must be positive, got {s.handshake_timeout}")
     if not 0.05 <= s.stats_interval <= 3600:
-        raise SettingsError(f"--stats-interval must be 50ms..1h, got {s.stats_interval}")
+        raise SettingsError(f"--stats-interval must be 50ms..1h, got {s.stats_interval:g}s")
     unknown = set(s.features) - set(KNOWN_FEATURES)
     if unknown:
         raise SettingsError(f"--features: unknown {', '.join(sorted(unknown))} (known: {', '.join(KNOWN_FEATURES)})")
@@ -152,6 +155,45 @@ def check(s: GuestSettings) -> None:
 
 def _guest_address(text: str) -> Address:
     return parse_address(text, GUEST_KINDS)
+
+
+def check_trace(path: Path) -> None:
+    """A trace file is read and checked before anything starts (line numbers in the message)."""
+    from .memory.workloads import parse_trace
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(f"--workload: cannot read trace file {path}: "
+                            f"{getattr(error, 'strerror', None) or error}") from None
+    try:
+        parse_trace(text, MAX_ORDER)
+    except ValueError as error:
+        raise SettingsError(f"--workload: trace file {path}: {error}") from None
+
+
+def parse_size_mix(text: str | None) -> dict[int, float] | None:
+    """``0:70,2:20,9:10`` → {order: weight}; SettingsError naming the bad part."""
+    if not text:
+        return None
+    mix: dict[int, float] = {}
+    for part in str(text).split(","):
+        order_text, sep, weight_text = part.strip().partition(":")
+        try:
+            order = int(order_text)
+            weight = float(weight_text) if sep else 1.0
+        except ValueError:
+            raise SettingsError(f"--size-mix: {part.strip()!r} is not ORDER:WEIGHT (e.g. 0:70,2:20,9:10)") from None
+        if not 0 <= order <= MAX_ORDER:
+            raise SettingsError(f"--size-mix: order {order} is not in 0..{MAX_ORDER}")
+        if not (weight >= 0 and weight != float("inf")):
+            raise SettingsError(f"--size-mix: weight {weight_text!r} of order {order} must be a number >= 0")
+        if order in mix:
+            raise SettingsError(f"--size-mix: order {order} is given twice")
+        mix[order] = weight
+    if sum(mix.values()) <= 0:
+        raise SettingsError("--size-mix: the weights add up to 0")
+    return mix
 
 
 def _http(text: str):
@@ -173,7 +215,7 @@ def default_guest_id() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="balloon-guest",
         description="The guest side of the balloon channel: a simulated guest memory (or this "
                     "machine's free pages with --source procfs) whose free blocks are reported to "
@@ -183,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--connect", type=argument_type(_guest_address, "address"), default=DEFAULT_CONNECT, metavar="ADDR",
-        help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT; inside a QEMU VM, "
-             "serial:/dev/virtio-ports/NAME (a virtio-serial port whose host end QEMU connects to the "
-             "daemon's unix listener)")
+    add("--connect", type=argument_type(_guest_address, "address"), default=default_address(), metavar="ADDR",
+        help="the host daemon: unix:/path, tcp:HOST:PORT or vsock:CID:PORT (default: balloon-host's "
+             "default --listen); inside a QEMU VM, serial:/dev/virtio-ports/NAME (a virtio-serial port "
+             "whose host end QEMU connects to the daemon's unix listener)")
     add("--id", default=None, metavar="NAME",
         help="guest id (the host's label for this guest; default: the hostname)")
     add("--memory", type=argument_type(parse_size, "size"), default=None, metavar="SIZE",
@@ -240,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="root holding proc/kpageflags, proc/kpagecount and proc/iomem (for fixtures)")
     add("--scan-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
         help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
+    add("--stats-interval", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
+        help="how often STATS (free/total/available memory, virtio-balloon's stats queue) go to the host; "
+             "the host's free/usable figures and their age (balloonctl status) follow it, and a host "
+             "policy freezes a guest whose stats grow stale. QEMU's guest-stats-polling-interval, "
+             "libvirt's 'dommemstat --period'")
     add("--canary-samples", type=int, default=256, metavar="N",
         help="with --shared-ram: allocations whose canaries the sampling sweep checks every 2s")
-    add("--stats-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
-        help="how often STATS go to the host (Linux: the host polls the stats queue, QEMU's "
-             "guest-stats-polling-interval); a host policy freezes a guest whose stats grow stale")
     add_common_options(parser, "guest")
     return parser
 

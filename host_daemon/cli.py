@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
+from shared.addresses import default_socket_path
 from shared.logfmt import configure_logging
 
 from . import loops
@@ -33,6 +35,15 @@ async def serve(settings) -> int:
     return 0
 
 
+def make_default_socket_dir(listen) -> None:
+    """The default socket's directory is ours to make (mode 0750, like systemd's RuntimeDirectory);
+    a directory named explicitly in --listen must already exist."""
+    default = default_socket_path()
+    for address in listen:
+        if address.kind == "unix" and address.path == default:
+            os.makedirs(os.path.dirname(default), mode=0o750, exist_ok=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -50,6 +61,12 @@ def main(argv=None) -> int:
         load_inventory(settings, tokens)
     except (TokenFileError, InventoryError) as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        make_default_socket_dir(settings.listen)
+    except OSError as error:
+        print(f"balloon-host: error: cannot create {error.filename}: {error.strerror} "
+              f"(give --listen unix:PATH somewhere writable)", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     name = loops.loop_name(settings.listen)

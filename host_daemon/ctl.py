@@ -2,8 +2,18 @@
 
     balloonctl status [GUEST] [--json]     the guests the host knows, as a table
     balloonctl top [--interval 1s]         live view with rates from successive polls (q quits)
-    balloonctl target GUEST SIZE           set a guest's balloon size (POST, admin token)
-    balloonctl hint GUEST                  start a free page hinting command (POST, admin token)
+    balloonctl setmem GUEST SIZE           the memory GUEST keeps, as virsh setmem (admin token)
+    balloonctl target GUEST SIZE           the balloon size: memory taken from GUEST (admin token)
+    balloonctl hint GUEST                  start a free page hinting command (admin token)
+
+Columns: memory (the guest's RAM), actual (what it keeps: memory - balloon, QEMU's
+"actual"), balloon (inflated now), target (balloon asked for; "!" = the guest cannot get
+there), reported (free pages reported), free (MEMFREE of the guest's last STATS), stats
+(age of that STATS). A narrow terminal drops the least important columns first (never a
+guest id, never part of a number); in a pipe every column is printed unless $COLUMNS is
+set. top keeps polling while the host is down and says so.
+
+Sizes: K/M/G/T are binary as in QEMU (256M = 256MiB); KB/MB/GB are refused as ambiguous.
 
 The host is ``--host URL`` (default http://127.0.0.1:9470, or $BALLOON_CTL_HOST). The
 admin token comes from ``--token-file`` (or $BALLOON_CTL_TOKEN_FILE): the file holds
@@ -16,18 +26,22 @@ stderr says why); 2 bad command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
+import shutil
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from shared.config import parse_size
+from shared.config import OneLineParser, argument_type, format_size, parse_duration, parse_size
 from shared.vocabulary import BATCH_KINDS, INFLATE, PAGE_SIZE
 
 DEFAULT_HOST = "http://127.0.0.1:9470"
@@ -36,6 +50,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class CtlError(Exception):
     """Something the user must be told in one line (exit 1)."""
+
+
+class UsageError(CtlError):
+    """A request that is wrong whatever the host says (exit 2)."""
 
 
 # -- talking to the host ------------------------------------------------------------------
@@ -110,12 +128,8 @@ def _reason(reason) -> str:
 
 
 def human_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(value) >= factor:
-            return f"{value / factor:.1f} {unit}"
-    return f"{value:.0f} B"
+    """Sizes as parse_size reads them back (256MiB, 1.5GiB): compact, so columns stay narrow."""
+    return format_size(value)
 
 
 def human_rate(value: float | None, unit: str = "/s") -> str:
@@ -131,30 +145,33 @@ def human_seconds(value: float | None) -> str:
     if value is None:
         return "-"
     if value < 1e-3:
-        return f"{value * 1e6:.0f} µs"
+        return f"{value * 1e6:.0f}µs"
     if value < 1:
-        return f"{value * 1e3:.2f} ms"
-    return f"{value:.2f} s"
+        return f"{value * 1e3:.2f}ms"
+    return f"{value:.2f}s"
+
+
+def human_duration(age: float | None) -> str:
+    if age is None:
+        return "-"
+    age = max(0.0, age)
+    if age < 60:
+        return f"{age:.0f}s"
+    if age < 3600:
+        return f"{age / 60:.0f}m"
+    return f"{age / 3600:.1f}h"
 
 
 def human_age(timestamp: float | None, now: float) -> str:
-    if timestamp is None:
-        return "-"
-    age = max(0.0, now - timestamp)
-    if age < 60:
-        return f"{age:.0f}s ago"
-    if age < 3600:
-        return f"{age / 60:.0f}m ago"
-    return f"{age / 3600:.1f}h ago"
+    return "-" if timestamp is None else human_duration(now - timestamp) + " ago"
 
 
 def free_bytes(guest: dict) -> int | None:
-    """Free memory as the guest last said in STATS (virtio tag 4, MEMFREE), when the host shows it."""
-    stats = guest.get("stats") or {}
-    for key in ("free_bytes", "memfree", "4", 4):
-        if key in stats and isinstance(stats[key], int | float):
-            return int(stats[key])
-    return guest.get("free_bytes")
+    """Free memory as the guest last said in STATS (virtio tag 4, MEMFREE)."""
+    if isinstance(guest.get("unused_bytes"), int):
+        return guest["unused_bytes"]
+    value = (guest.get("stats") or {}).get("4")
+    return int(value) if isinstance(value, int | float) else None
 
 
 # -- rates from successive polls -----------------------------------------------------------
@@ -192,72 +209,138 @@ class RateTracker:
 # -- tables ------------------------------------------------------------------------------
 
 
-def status_table(guests: list[dict], now: float):
-    from rich.table import Table
+@dataclass(frozen=True)
+class Column:
+    """One column of status/top. Priority 0 is never dropped; the highest numbers go first
+    when the terminal is too narrow (as htop, virt-top and k9s shed columns)."""
 
-    table = Table(title=f"balloon-host: {len(guests)} guest(s), "
-                        f"{sum(1 for g in guests if g.get('connected'))} connected", title_justify="left")
-    for column, justify in (("guest", "left"), ("conn", "center"), ("memory", "right"), ("reported", "right"),
-                            ("inflated", "right"), ("target", "right"), ("reclaimed", "right"),
-                            ("batches", "right"), ("window", "right"), ("apply p99", "right"),
-                            ("rejected", "right"), ("errors", "right"), ("last message", "right")):
-        table.add_column(column, justify=justify)
-    for guest in guests:
-        window = guest.get("window") or {}
-        table.add_row(
-            str(guest.get("id")), "●" if guest.get("connected") else "○",
-            human_bytes(guest.get("memory_bytes")), human_bytes(guest.get("reported_bytes")),
-            human_bytes(guest.get("inflated_bytes")), human_bytes(guest.get("target_bytes")),
-            human_bytes(guest.get("reclaimed_bytes")), str(sum((guest.get("batches") or {}).values())),
-            f"{window.get('in_use', 0)}/{window.get('size', 0)}", human_seconds(guest.get("apply_seconds_p99")),
-            str(sum((guest.get("rejected_pages") or {}).values())), str(guest.get("errors", 0)),
-            human_age(guest.get("last_message_at"), now))
-    return table
+    name: str
+    priority: int
+    cell: Callable[[dict, dict | None], str | None]  # (GUEST, its rates or None in status)
+    left: bool = False
 
 
-def top_table(guests: list[dict], rates: dict[str, dict], host: str, interval: float):
-    from rich.table import Table
+def _target(guest: dict) -> str:
+    target = guest.get("target_bytes")
+    if target is None:
+        return "-"
+    return human_bytes(target) + ("!" if guest.get("target_state") == "unreachable" else "")
 
+
+def _window(guest: dict) -> str:
+    window = guest.get("window") or {}
+    return f"{window.get('in_use', 0)}/{window.get('size', 0)}"
+
+
+def _per_second(value: float | None) -> str:
+    return "-" if value is None else human_bytes(value) + "/s"
+
+
+def _top_only(cell):
+    return lambda g, r: None if r is None else cell(g, r)
+
+
+# With ids of up to ~12 characters, the columns of priority <= 3 fit 80 columns.
+COLUMNS = (
+    Column("guest", 0, lambda g, r: str(g.get("id")), left=True),
+    Column("up", 1, lambda g, r: "up" if g.get("connected") else "down", left=True),
+    Column("memory", 2, lambda g, r: human_bytes(g.get("memory_bytes"))),
+    Column("actual", 1, lambda g, r: human_bytes(g.get("actual_bytes"))),
+    Column("balloon", 1, lambda g, r: human_bytes(g.get("inflated_bytes"))),
+    Column("target", 2, lambda g, r: _target(g)),
+    Column("reported", 1, lambda g, r: human_bytes(g.get("reported_bytes"))),
+    Column("free", 3, lambda g, r: human_bytes(free_bytes(g))),
+    Column("stats", 3, lambda g, r: human_duration(g.get("stats_age_seconds"))),
+    Column("reclaimed", 5, lambda g, r: human_bytes(g.get("reclaimed_bytes"))),
+    Column("report/s", 4, _top_only(lambda g, r: _per_second(r.get("report_bytes_per_s")))),
+    Column("inflate/s", 6, _top_only(lambda g, r: _per_second(r.get("inflate_bytes_per_s")))),
+    Column("batches/s", 5, _top_only(lambda g, r: human_rate(r.get("batches_per_s"), ""))),
+    Column("batches", 7, lambda g, r: None if r is not None else str(sum((g.get("batches") or {}).values()))),
+    Column("window", 6, lambda g, r: _window(g)),
+    Column("apply p99", 7, lambda g, r: human_seconds(g.get("apply_seconds_p99"))),
+    Column("rejected", 8, lambda g, r: str(sum((g.get("rejected_pages") or {}).values()))),
+    Column("errors", 8, lambda g, r: str(g.get("errors", 0))),
+    Column("last msg", 9, lambda g, r: human_age(g.get("last_message_at"), time.time())),
+)
+GAP = 2
+
+
+def fit_columns(widths: list[int], priorities: list[int], width: int | None) -> list[int]:
+    """Indices of the columns kept: most important first while they fit ``width``.
+
+    Cells are never cut (a guest id is shown whole, a number never ellipsized); whole
+    columns go instead, least important first. Priority 0 stays even if it overflows.
+    """
+    if width is None:
+        return list(range(len(widths)))
+    kept, used = [], 0
+    for i in sorted(range(len(widths)), key=lambda i: (priorities[i], i)):
+        need = widths[i] + (GAP if kept else 0)
+        if priorities[i] == 0 or used + need <= width:
+            kept.append(i)
+            used += need
+    return sorted(kept)
+
+
+def render_table(guests: list[dict], rates: dict[str, dict] | None, width: int | None) -> list[str]:
+    """The guests as aligned plain-text lines within ``width`` (None: every column).
+
+    ``rates`` is None for status (no rate columns) and a dict (guest id → rates) for top.
+    """
+    columns = [c for c in COLUMNS if c.cell({}, None if rates is None else {}) is not None]
+    header = [c.name for c in columns]
+    rows = [[c.cell(g, None if rates is None else rates.get(g.get("id"), {})) or "-" for c in columns]
+            for g in guests]
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(len(columns))]
+    kept = fit_columns(widths, [c.priority for c in columns], width)
+
+    def line(cells: list[str]) -> str:
+        parts = [cells[i].ljust(widths[i]) if columns[i].left else cells[i].rjust(widths[i]) for i in kept]
+        return (" " * GAP).join(parts).rstrip()
+
+    lines = [line(header)] + [line(row) for row in rows]
+    hidden = [columns[i].name for i in range(len(columns)) if i not in kept]
+    if hidden:
+        lines.append(clip(f"(hidden for width: {', '.join(hidden)}; widen the terminal or use --json)", width))
+    if any(g.get("target_state") == "unreachable" for g in guests):
+        lines.append(clip("target!: unreachable, the guest keeps its working set and low watermark", width))
+    return lines
+
+
+def status_title(guests: list[dict], host: str) -> str:
     connected = sum(1 for g in guests if g.get("connected"))
-    totals = {key: sum(g.get(key) or 0 for g in guests)
-              for key in ("memory_bytes", "reported_bytes", "inflated_bytes")}
-    batch_rate = sum(r["batches_per_s"] or 0 for r in rates.values())
-    table = Table(title=f"balloonctl top — {host} — {connected}/{len(guests)} connected, "
-                        f"memory {human_bytes(totals['memory_bytes'])}, reported "
-                        f"{human_bytes(totals['reported_bytes'])}, inflated {human_bytes(totals['inflated_bytes'])}, "
-                        f"{human_rate(batch_rate, ' batches/s')} (every {interval:g}s, q quits)",
-                  title_justify="left")
-    for column in ("guest", "conn", "memory", "free", "reported", "inflated", "target", "reclaimed",
-                   "batches/s", "report/s", "inflate/s", "window", "apply p99"):
-        table.add_column(column, justify="left" if column == "guest" else "right")
-    for guest in guests:
-        gid = guest.get("id")
-        rate = rates.get(gid, {})
-        window = guest.get("window") or {}
-        report_rate = rate.get("report_bytes_per_s")
-        inflate_rate = rate.get("inflate_bytes_per_s")
-        table.add_row(
-            str(gid), "●" if guest.get("connected") else "○", human_bytes(guest.get("memory_bytes")),
-            human_bytes(free_bytes(guest)), human_bytes(guest.get("reported_bytes")),
-            human_bytes(guest.get("inflated_bytes")), human_bytes(guest.get("target_bytes")),
-            human_bytes(guest.get("reclaimed_bytes")), human_rate(rate.get("batches_per_s")),
-            "-" if report_rate is None else human_bytes(report_rate) + "/s",
-            "-" if inflate_rate is None else human_bytes(inflate_rate) + "/s",
-            f"{window.get('in_use', 0)}/{window.get('size', 0)}", human_seconds(guest.get("apply_seconds_p99")))
-    return table
+
+    def total(key: str) -> str:
+        return human_bytes(sum(g.get(key) or 0 for g in guests))
+
+    return (f"balloon-host {host}: {len(guests)} guest(s), {connected} connected; memory "
+            f"{total('memory_bytes')}, actual {total('actual_bytes')}, reported {total('reported_bytes')}")
+
+
+def clip(text: str, width: int | None) -> str:
+    return text if width is None or len(text) <= width else text[:max(1, width - 1)] + "…"
+
+
+def terminal_width(stream) -> int | None:
+    """The width to fit: $COLUMNS when set, else the terminal's; None (no limit) in a pipe."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if stream.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 # -- commands ----------------------------------------------------------------------------
 
 
 def cmd_status(client: AdminClient, args) -> int:
-    from rich.console import Console
-
     guests = [client.guest(args.guest)] if args.guest else client.guests()
     if args.json:
         print(json.dumps(guests[0] if args.guest else {"guests": guests}, indent=2))
         return EXIT_OK
-    Console().print(status_table(guests, time.time()))
+    width = terminal_width(sys.stdout)
+    print("\n".join([clip(status_title(guests, client.base), width), *render_table(guests, None, width)]))
     return EXIT_OK
 
 
@@ -291,54 +374,62 @@ def _keys(stop: threading.Event):
         thread.join(timeout=1)
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
+#: top's JSON lines: these keys of each GUEST, plus free_bytes and the rates.
+TOP_JSON_KEYS = ("id", "connected", "memory_bytes", "actual_bytes", "reported_bytes", "inflated_bytes",
+                 "target_bytes", "target_state", "reclaimed_bytes", "unused_bytes", "usable_bytes",
+                 "stats_age_seconds", "window", "apply_seconds_p99")
+
+
+def top_frame(client: AdminClient, tracker: RateTracker, interval: float, width: int | None
+              ) -> tuple[list[str], dict]:
+    """(lines to show, JSON record) of one poll; an unreachable host makes a frame too."""
+    stamp = time.strftime("%H:%M:%S")
+    try:
+        guests = client.guests()
+    except CtlError as error:
+        return ([clip(f"{stamp} host unreachable, retrying every {interval:g}s: {error}", width)],
+                {"time": time.time(), "error": str(error), "guests": None})
+    rates = tracker.update(guests, time.monotonic())
+    total_rate = sum(r["batches_per_s"] or 0 for r in rates.values())
+    title = (f"{stamp} {status_title(guests, client.base)}, {human_rate(total_rate, ' batches/s')} "
+             f"(every {interval:g}s, q quits)")
+    record = {"time": time.time(), "guests": [
+        {**{key: g.get(key) for key in TOP_JSON_KEYS}, "free_bytes": free_bytes(g), **rates.get(g.get("id"), {})}
+        for g in guests]}
+    return [clip(title, width), *render_table(guests, rates, width)], record
+
 
 def cmd_top(client: AdminClient, args) -> int:
-    from rich.console import Console
-    from rich.live import Live
+    """Poll until q, Ctrl-C or --iterations; keep polling (and say so) while the host is down.
 
-    console = Console()
+    On a terminal each frame is redrawn in place (cursor home, clear to the end) as top(1)
+    does, and the last frame stays on screen ending in a newline; in a pipe every frame is
+    printed followed by a blank line, or as one JSON line with --json.
+    """
     tracker = RateTracker()
     stop = threading.Event()
-    live_view = console.is_terminal and not args.json
+    out = sys.stdout
+    redraw = out.isatty() and not args.json
     iteration = 0
-
-    def frame():
-        guests = client.guests()
-        now = time.monotonic()
-        rates = tracker.update(guests, now)
-        return guests, rates
-
     try:
         with _keys(stop):
-            if live_view:
-                guests, rates = frame()
-                with Live(top_table(guests, rates, client.base, args.interval), console=console,
-                          auto_refresh=False, screen=False) as live:
-                    iteration = 1
-                    while not stop.is_set() and (args.iterations is None or iteration < args.iterations):
-                        stop.wait(args.interval)
-                        if stop.is_set():
-                            break
-                        guests, rates = frame()
-                        live.update(top_table(guests, rates, client.base, args.interval), refresh=True)
-                        iteration += 1
-            else:
-                while not stop.is_set() and (args.iterations is None or iteration < args.iterations):
-                    if iteration:
-                        stop.wait(args.interval)
-                    guests, rates = frame()
-                    if args.json:
-                        print(json.dumps({"time": time.time(), "guests": [
-                            {**{k: g.get(k) for k in ("id", "connected", "memory_bytes", "reported_bytes",
-                                                       "inflated_bytes", "target_bytes", "reclaimed_bytes",
-                                                       "window", "apply_seconds_p99")},
-                             "free_bytes": free_bytes(g), **rates.get(g.get("id"), {})} for g in guests]}),
-                              flush=True)
-                    else:
-                        console.print(top_table(guests, rates, client.base, args.interval))
-                    iteration += 1
+            while not stop.is_set() and (args.iterations is None or iteration < args.iterations):
+                if iteration and stop.wait(args.interval):
+                    break
+                lines, record = top_frame(client, tracker, args.interval, terminal_width(out))
+                if args.json:
+                    out.write(json.dumps(record) + "\n")
+                elif redraw:
+                    out.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
+                else:
+                    out.write("\n".join(lines) + "\n\n")
+                out.flush()
+                iteration += 1
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # `balloonctl top | head`
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
     return EXIT_OK
 
 
@@ -349,6 +440,24 @@ def cmd_target(client: AdminClient, args) -> int:
         print(json.dumps(answer))
     else:
         print(f"{args.guest}: balloon target {human_bytes((pages or 0) * PAGE_SIZE)} ({pages} pages)")
+    return EXIT_OK
+
+
+def cmd_setmem(client: AdminClient, args) -> int:
+    """The memory the guest keeps, as virsh setmem / QEMU's ``balloon``: balloon = memory − SIZE."""
+    memory = client.guest(args.guest).get("memory_bytes")
+    if not isinstance(memory, int):
+        raise CtlError(f"GET /api/v1/guests/{args.guest}: the answer has no memory_bytes")
+    if args.size > memory:
+        raise UsageError(f"{args.guest} has {human_bytes(memory)} of memory: it cannot keep {human_bytes(args.size)}")
+    answer = client.set_target(args.guest, memory - args.size)
+    pages = answer.get("target_pages") if isinstance(answer, dict) else None
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        balloon = (pages or 0) * PAGE_SIZE
+        print(f"{args.guest}: keeps {human_bytes(memory - balloon)} of {human_bytes(memory)} "
+              f"(balloon target {human_bytes(balloon)}, {pages} pages)")
     return EXIT_OK
 
 
@@ -364,22 +473,10 @@ def cmd_hint(client: AdminClient, args) -> int:
 # -- command line ------------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _interval(text: str) -> float:
-    from shared.config import parse_duration
-
-    try:
-        value = parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    value = parse_duration(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError("the interval must be positive")
+        raise ValueError("the interval must be positive")
     return value
 
 
@@ -387,25 +484,31 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", default=argparse.SUPPRESS, metavar="URL",
                         help=f"the host's admin URL (default $BALLOON_CTL_HOST or {DEFAULT_HOST})")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="S",
-                        help="seconds to wait for the host (default 5)")
-    parser = argparse.ArgumentParser(prog="balloonctl", parents=[common], description=__doc__.split("\n")[0],
-                                     epilog="\n".join(__doc__.split("\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common.add_argument("--timeout", type=argument_type(parse_duration, "duration"), default=argparse.SUPPRESS,
+                        metavar="S", help="seconds to wait for the host (default 5)")
+    parser = OneLineParser(prog="balloonctl", parents=[common], description=__doc__.split("\n")[0],
+                           epilog="\n".join(__doc__.split("\n")[1:]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     status = sub.add_parser("status", parents=[common], help="the guests as a table (or --json)")
     status.add_argument("guest", nargs="?", help="only this guest")
     status.add_argument("--json", action="store_true", help="the admin API's JSON as is")
     top = sub.add_parser("top", parents=[common], help="live per-guest view; q or Ctrl-C quits")
-    top.add_argument("--interval", type=_interval, default=1.0, metavar="DURATION",
+    top.add_argument("--interval", type=argument_type(_interval, "duration"), default=1.0, metavar="DURATION",
                      help="time between polls (default 1s)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N polls (for scripts and tests)")
     top.add_argument("--json", action="store_true", help="one JSON line per poll, with rates")
-    for name, helptext in (("target", "set a guest's balloon size"), ("hint", "start free page hinting")):
+    for name, helptext in (("setmem", "set the memory a guest keeps (virsh setmem; balloon = memory - SIZE)"),
+                           ("target", "set a guest's balloon size (the memory taken from it)"),
+                           ("hint", "start free page hinting")):
         command = sub.add_parser(name, parents=[common], help=helptext)
         command.add_argument("guest")
+        if name == "setmem":
+            command.add_argument("size", type=argument_type(parse_size, "size"),
+                                 help="memory the guest keeps, e.g. 192MiB or 1G (M = MiB, as QEMU)")
         if name == "target":
-            command.add_argument("size", type=_size, help="balloon size, e.g. 256MiB, 1GiB or bytes")
+            command.add_argument("size", type=argument_type(parse_size, "size"),
+                                 help="balloon size, e.g. 64MiB or 1G (M = MiB, as QEMU), or bytes")
         command.add_argument("--token-file", metavar="FILE",
                              help="admin token file (default $BALLOON_CTL_TOKEN_FILE)")
         command.add_argument("--json", action="store_true", help="print the host's answer as JSON")
@@ -418,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     host = getattr(args, "host", None) or os.environ.get("BALLOON_CTL_HOST") or DEFAULT_HOST
     token = None
     token_file = getattr(args, "token_file", None) or (
-        os.environ.get("BALLOON_CTL_TOKEN_FILE") if args.command in ("target", "hint") else None)
+        os.environ.get("BALLOON_CTL_TOKEN_FILE") if args.command in ("target", "setmem", "hint") else None)
     try:
         if token_file:
             try:
@@ -428,8 +531,12 @@ def main(argv: list[str] | None = None) -> int:
             if not token:
                 raise CtlError(f"the token file {token_file} is empty")
         client = AdminClient(host, token, getattr(args, "timeout", 5.0))
-        handler = {"status": cmd_status, "top": cmd_top, "target": cmd_target, "hint": cmd_hint}[args.command]
+        handler = {"status": cmd_status, "top": cmd_top, "target": cmd_target, "setmem": cmd_setmem,
+                   "hint": cmd_hint}[args.command]
         return handler(client, args)
+    except UsageError as error:
+        print(f"balloonctl: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except CtlError as error:
         print(f"balloonctl: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -30,6 +30,7 @@ import logging
 import time
 from pathlib import Path
 
+from shared.config import format_size
 from shared.errors import RemoteProtocolError
 from shared.vocabulary import PAGE_SIZE
 
@@ -38,6 +39,11 @@ from .inventory import Inventory
 from .tracker import KINDS, REASONS, GuestTracker
 
 log = logging.getLogger("balloon.host.registry")
+
+#: A balloon short of its target that has not moved for this long is "unreachable".
+TARGET_STALL_S = 5.0
+#: virtio-balloon stat tags (virtio spec 5.5.6.3): MEMFREE, MEMTOT, AVAIL.
+STAT_FREE, STAT_TOTAL, STAT_AVAILABLE = 4, 5, 6
 
 
 class GuestRecord:
@@ -65,6 +71,9 @@ class GuestRecord:
         self.hint_done: int | None = None
         self._stats: dict[int, int] = {}
         self.stats_at: float | None = None  # time.monotonic() of the last STATS (policy: staleness)
+        self._balloon_seen: tuple[int, int, int | None] | None = None  # (inflated, inflate batches, target)
+        self._balloon_moved_at = time.monotonic()
+        self._unreachable_logged: int | None = None  # the target we said is unreachable
         self.features: tuple[str, ...] = ()
         self.ram = None  # reclaim.RamFile when the guest uses shared RAM
         self.apply = LatencyHistogram()
@@ -85,6 +94,34 @@ class GuestRecord:
         self._stats = values
         self.stats_at = time.monotonic()
 
+    def target_state(self, now: float | None = None) -> str | None:
+        """Where the balloon stands against its target: None (no target), "reached", "moving"
+        or "unreachable" (short of it, and nothing moved for TARGET_STALL_S while connected).
+
+        A Linux guest's fill_balloon() stops quietly at its watermark, so QEMU and libvirt
+        only ever show "actual" short of the target; this says so. Logged once per target.
+        """
+        now = time.monotonic() if now is None else now
+        target, inflated = self.target_pages, self.tracker.inflated_pages
+        seen = (inflated, self.batches.get("inflate", 0) + self.batches.get("deflate", 0), target)
+        if seen != self._balloon_seen:
+            self._balloon_seen = seen
+            self._balloon_moved_at = now
+        if target is None:
+            return None
+        if inflated == target:
+            self._unreachable_logged = None
+            return "reached"
+        if self.session is None or now - self._balloon_moved_at < TARGET_STALL_S:
+            return "moving"
+        if self._unreachable_logged != target:
+            self._unreachable_logged = target
+            log.warning(f"balloon target unreachable: guest {self.id} inflated {format_size(inflated * PAGE_SIZE)} "
+                        f"of {format_size(target * PAGE_SIZE)} and has not moved for {TARGET_STALL_S:g}s "
+                        f"(the guest keeps its working set and low watermark)",
+                        extra={"guest": self.id, "inflated_pages": inflated, "target_pages": target})
+        return "unreachable"
+
     def to_json(self) -> dict:
         """The GUEST object of the admin API (CONTRACT.md)."""
         tracker = self.tracker
@@ -98,6 +135,10 @@ class GuestRecord:
             except OSError:
                 pass
         p99 = self.apply.quantile(0.99)
+        memory = self.pages * PAGE_SIZE
+        stats = self._stats
+        now = time.monotonic()
+        state = self.target_state(now)
         return {
             "id": self.id,
             "connected": self.connected,
@@ -112,6 +153,17 @@ class GuestRecord:
             "inflated_bytes": tracker.inflated_pages * PAGE_SIZE,
             "target_pages": self.target_pages,
             "target_bytes": None if self.target_pages is None else self.target_pages * PAGE_SIZE,
+            # QEMU's `info balloon` "actual" / libvirt's actual_balloon: the memory the guest keeps
+            "actual_bytes": memory - tracker.inflated_pages * PAGE_SIZE,
+            "target_actual_bytes": None if self.target_pages is None else memory - self.target_pages * PAGE_SIZE,
+            "target_state": state,
+            "target_shortfall_bytes": (None if self.target_pages is None
+                                       else abs(self.target_pages - tracker.inflated_pages) * PAGE_SIZE),
+            # libvirt/KubeVirt names for the STATS tags: available = MEMTOT, usable = AVAIL, unused = MEMFREE
+            "available_bytes": stats.get(STAT_TOTAL),
+            "usable_bytes": stats.get(STAT_AVAILABLE),
+            "unused_bytes": stats.get(STAT_FREE),
+            "stats_age_seconds": None if self.stats_at is None else max(0.0, now - self.stats_at),
             "hinted_pages": tracker.hinted_pages,
             "reclaimed_bytes": reclaimed,
             "resident_bytes": resident,
@@ -123,7 +175,7 @@ class GuestRecord:
             "errors": self.errors,
             "apply_seconds_p99": p99,
             # the guest's last STATS, virtio tags as strings (JSON keys): "4" is MEMFREE
-            "stats": {str(tag): value for tag, value in self.stats.items()},
+            "stats": {str(tag): value for tag, value in stats.items()},
             # the inventory entry (token redacted), or null for an open-mode guest
             "provisioned": None if self.provisioned is None else self.provisioned.to_json(),
         }

@@ -12,12 +12,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.addresses import Address, parse_address, split_host_port
+from shared.addresses import (
+    ROOT_SOCKET_PATH,
+    Address,
+    default_address,
+    parse_address,
+    split_host_port,
+)
 from shared.config import (
     ConfigFileError,
+    OneLineParser,
     add_common_options,
     argument_type,
     describe_layers,
+    format_size,
     layered_settings,
     parse_duration,
     parse_size,
@@ -88,18 +96,18 @@ def check(s: HostSettings) -> None:
     if not 1 <= s.max_ranges <= MAX_RANGES:
         raise SettingsError(f"--max-ranges must be 1..{MAX_RANGES}, got {s.max_ranges}")
     if s.max_message_bytes < 1024:
-        raise SettingsError(f"--max-message-bytes must be at least 1KiB, got {s.max_message_bytes}")
+        raise SettingsError(f"--max-message-bytes must be at least 1KiB, got {format_size(s.max_message_bytes)}")
     # An escaped range takes two words, so a full batch may need 2 * max_ranges words.
     need = 16 * s.max_ranges + BATCH_OVERHEAD
     if need > s.max_message_bytes:
         raise SettingsError(
-            f"--max-ranges {s.max_ranges} needs --max-message-bytes >= {need} "
-            f"(two 8-byte words per escaped range), got {s.max_message_bytes}")
+            f"--max-ranges {s.max_ranges} needs --max-message-bytes >= {format_size(need)} ({need} bytes: "
+            f"two 8-byte words per escaped range), got {format_size(s.max_message_bytes)}")
     if s.max_guests < 0:
         raise SettingsError(f"--max-guests cannot be negative, got {s.max_guests}")
     if not PAGE_SIZE <= s.max_guest_memory <= MAX_GUEST_PAGES * PAGE_SIZE:
-        raise SettingsError(f"--max-guest-memory must be 4KiB..{MAX_GUEST_PAGES * PAGE_SIZE} bytes, "
-                            f"got {s.max_guest_memory}")
+        raise SettingsError(f"--max-guest-memory must be 4KiB..{format_size(MAX_GUEST_PAGES * PAGE_SIZE)}, "
+                            f"got {format_size(s.max_guest_memory)}")
     for name, value in (("--backlog", s.backlog), ("--max-handshakes", s.max_handshakes),
                         ("--max-handshakes-per-peer", s.max_handshakes_per_peer)):
         if not 1 <= value <= 1 << 20:
@@ -175,7 +183,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="balloon-host",
         description="The hypervisor side of the balloon channel: serves many guests, validates every "
                     "range they report, tracks reclaimable memory per guest, gives it back to the kernel "
@@ -189,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--listen", action="append", type=_address, default=[], metavar="ADDR",
         help="where guests connect; repeatable. unix:/path (socket created mode 0660, a stale socket "
              "file is replaced, any other file is refused), tcp:HOST:PORT, vsock:CID:PORT "
-             "(vsock forces the stock asyncio loop)")
+             f"(vsock forces the stock asyncio loop). Default: {default_address()} (root: "
+             f"{ROOT_SOCKET_PATH}; others $XDG_RUNTIME_DIR/balloon/host.sock or /tmp/balloon-UID/host.sock), "
+             "the same default as balloon-guest --connect and balloon-load --connect")
     add("--http", type=_http, default=DEFAULT_HTTP, metavar="HOST:PORT",
         help="address of /metrics, /healthz, /readyz and the admin API /api/v1/...; 'off' disables it")
     add("--window", type=_positive_int, default=16,
@@ -276,7 +286,7 @@ def parse_settings(argv, environ=None) -> HostSettings:
     if isinstance(http, str):  # default string not run through type by resolve_settings
         http = _http(http)
     return HostSettings(
-        listen=tuple(ns.listen),
+        listen=tuple(ns.listen) or (parse_address(default_address()),),
         http=http,
         window=ns.window,
         max_ranges=ns.max_ranges,

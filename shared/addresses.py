@@ -9,7 +9,31 @@ it; :func:`parse_address` accepts it only when the caller says so (``kinds=GUEST
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+#: Where the host listens and guests connect when no address is given. Root uses the
+#: directory the deploy/ units create (systemd RuntimeDirectory=balloon, the container's
+#: /run/balloon volume); anyone else the per-user runtime directory, as other user daemons.
+ROOT_SOCKET_PATH = "/run/balloon/host.sock"
+
+
+def default_socket_path(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """``/run/balloon/host.sock`` for root, else ``$XDG_RUNTIME_DIR/balloon/host.sock``,
+    else ``/tmp/balloon-$UID/host.sock`` — the one default of host, guest and balloon-load."""
+    uid = os.getuid() if uid is None else uid
+    environ = os.environ if environ is None else environ
+    if uid == 0:
+        return ROOT_SOCKET_PATH
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        return f"{runtime.rstrip('/')}/balloon/host.sock"
+    return f"/tmp/balloon-{uid}/host.sock"
+
+
+def default_address() -> str:
+    return f"unix:{default_socket_path()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,37 +12,62 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Mapping
-from fractions import Fraction
 from typing import Any
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?|pages?)?\s*", re.IGNORECASE)
-_SIZE_FACTORS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
-                 "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
-                 "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
-                 "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40}
-#: Sizes are byte counts of memory: anything beyond 2**64 is a typo or an attack.
+#: QEMU's size suffixes (``qemu_strtosz``: K, M, G, T are powers of 1024) plus the IEC
+#: spellings. ``KB``/``MB``/``GB``/``TB`` are refused: half the world reads them as 10**n
+#: and the other half as 2**n, and a guest size off by 5 % is a silent surprise.
+_SIZE = re.compile(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([A-Za-z]*)\s*")
+_SIZE_FACTORS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "ki": 1 << 10,
+                 "m": 1 << 20, "mib": 1 << 20, "mi": 1 << 20, "g": 1 << 30, "gib": 1 << 30, "gi": 1 << 30,
+                 "t": 1 << 40, "tib": 1 << 40, "ti": 1 << 40}
+_AMBIGUOUS = {"kb": "KiB", "mb": "MiB", "gb": "GiB", "tb": "TiB"}
+#: Larger than any machine (16 EiB - 1, a u64): bigger numbers are a typo, not a size.
 MAX_SIZE = (1 << 64) - 1
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _DURATION_FACTORS = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_size(text: str | int) -> int:
-    """``512MiB``, ``8GiB``, ``4096`` (bytes) → bytes. Binary and decimal units both work."""
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError("a size cannot be negative")
-        if text > MAX_SIZE:
-            raise ValueError(f"a {len(str(text))}-digit byte count is too large (at most 2**64-1 bytes)")
+    """``512MiB``, ``512M``, ``8G``, ``1.5GiB``, ``4096`` (bytes) → bytes.
+
+    As QEMU's ``-m``: ``K``/``M``/``G``/``T`` (any case) are binary, like ``KiB``/``MiB``/...;
+    a bare number is bytes. ``MB`` and friends are refused as ambiguous (ValueError naming
+    the two readings), so ``256MB`` never silently means 256,000,000 bytes.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 0 <= text <= MAX_SIZE:
+            raise ValueError(f"{text} is not a size between 0 and 16EiB")
         return text
     match = _SIZE.fullmatch(str(text))
-    if not match or (match.group(2) or "").lower().startswith("page"):
-        raise ValueError(f"{text!r} is not a size (try 512MiB, 8GiB or a byte count)")
-    unit = (match.group(2) or "").lower()
-    # Exact decimal arithmetic: a float would round 8.1GiB and overflow on 400 digits.
-    size = int(Fraction(match.group(1)) * _SIZE_FACTORS[unit])
-    if size > MAX_SIZE:
-        raise ValueError(f"{str(text)[:40]!r} is too large (at most 2**64-1 bytes)")
-    return size
+    if not match:
+        raise ValueError(f"{str(text)[:40]!r} is not a size (try 512MiB, 8GiB or a byte count)")
+    number, unit = match.group(1), match.group(2).lower()
+    if unit in _AMBIGUOUS:
+        raise ValueError(f"{text!r} is ambiguous: write {number}{_AMBIGUOUS[unit]} (binary, QEMU's "
+                         f"{unit[0].upper()}) or the byte count")
+    if unit not in _SIZE_FACTORS:
+        raise ValueError(f"{text!r} is not a size: unknown unit {match.group(2)!r} (use K/M/G/T or KiB/MiB/GiB/TiB)")
+    whole, _, fraction = number.partition(".")
+    factor = _SIZE_FACTORS[unit]
+    value = int(whole) * factor + (int(fraction) * factor // 10 ** len(fraction) if fraction else 0)
+    if value > MAX_SIZE:
+        raise ValueError(f"{text!r} is larger than 16EiB")
+    return value
+
+
+def format_size(value: int | float | None) -> str:
+    """Bytes for people: ``256MiB``, ``1.5GiB``, ``2TiB``, ``812B`` (what parse_size reads back)."""
+    if value is None:
+        return "-"
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= factor:
+            scaled = value / factor
+            text = f"{scaled:.0f}" if scaled == int(scaled) or scaled >= 100 else f"{scaled:.1f}"
+            return f"{sign}{text}{unit}"
+    return f"{sign}{value:.0f}B"
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -76,6 +101,17 @@ def load_config_table(path, table: str) -> dict:
     if not isinstance(section, dict):
         raise ConfigFileError(f"--config: {path}: [{table}] must be a table")
     return section
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (exit 2), not the usage block.
+
+    The full usage is one ``--help`` away; a daemon started from a unit file or a script
+    should leave one greppable line saying what was wrong.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
 
 
 def argument_type(function, name: str):

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.addresses import parse_address
+from shared.addresses import default_address, parse_address
 from shared.vocabulary import HINT, INFLATE, RANGES52, REPORT
 
 from .payloads import ENCODINGS
@@ -85,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="balloon-load",
         description="Drive many protocol guests against a balloon host and report throughput and "
                     "ack latency (HdrHistogram), like wrk/vegeta.",
-        epilog=__doc__.split("\n", 2)[2] + "\nExample: balloon-load --connect unix:/run/balloon.sock "
+        epilog=__doc__.split("\n", 2)[2] + "\nExample: balloon-load --connect unix:/run/balloon/host.sock "
                "--guests 32 --duration 10s --json out.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("target")
-    target.add_argument("--connect", required=True, type=address, metavar="ADDR",
-                        help="host address: unix:/path, tcp:HOST:PORT or vsock:CID:PORT")
+    target.add_argument("--connect", default=default_address(), type=address, metavar="ADDR",
+                        help="host address: unix:/path, tcp:HOST:PORT or vsock:CID:PORT (default "
+                             f"{default_address()}, balloon-host's default --listen)")
     target.add_argument("--token-file", metavar="FILE",
                         help="a token for every guest, or the host's 'guest-id token' lines")
     target.add_argument("--id-prefix", default="load", metavar="NAME",

@@ -44,7 +44,6 @@ def test_help_explains_every_flag():
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "--listen"),
     (["--listen", "carrier-pigeon:1"], "unknown transport"),
     (["--listen", "unix:/tmp/x.sock", "--window", "0"], "--window"),
     (["--listen", "unix:/tmp/x.sock", "--max-ranges", "100000"], "--max-message-bytes"),
@@ -228,3 +227,14 @@ async def test_vsock_listener_when_the_kernel_has_it():
             client.close()
     finally:
         server.close()
+
+
+def test_without_listen_the_host_uses_the_one_default_socket_path(monkeypatch):
+    from guest_agent.settings import parse_settings as guest_settings
+    from shared.addresses import default_address
+
+    for name in [n for n in os.environ if n.startswith(("BALLOON_HOST_", "BALLOON_GUEST_"))]:
+        monkeypatch.delenv(name)
+    host = parse_settings([], environ={})
+    assert [str(a) for a in host.listen] == [default_address()]
+    assert str(guest_settings(["--id", "g1"], environ={}).connect) == default_address()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from host_daemon.ctl import RateTracker, human_bytes, human_seconds
+from host_daemon.ctl import RateTracker, human_bytes, human_seconds, render_table
 
 BIN = Path(sys.executable).parent
 
@@ -135,6 +135,13 @@ def test_top_shows_rates_from_successive_polls(host):
         assert all(g["report_bytes_per_s"] > 0 for g in second["guests"])
         table = ctl("--host", host.url, "top", "--iterations", "1")
         assert table.returncode == 0 and "load-0" in table.stdout and "batches/s" in table.stdout
+        assert table.stdout.endswith("\n") and "\x1b" not in table.stdout  # plain text in a pipe
+        narrow = ctl("--host", host.url, "top", "--iterations", "1", env={"COLUMNS": "80"})
+        lines = narrow.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), lines
+        rows = [line for line in lines if line.startswith("load-")]
+        assert [row.split()[0] for row in rows] == ["load-0", "load-1"]
+        assert all("MiB" in row or "GiB" in row for row in rows)  # their numbers too
     finally:
         load.terminate()
         load.wait(timeout=10)
@@ -166,5 +173,57 @@ def test_rate_tracker_and_formatting():
     rates = tracker.update([guest], 3.0)["g"]
     assert rates["batches_per_s"] == 10.0
     assert rates["report_bytes_per_s"] == 100 * 4096 and rates["inflate_bytes_per_s"] == 25 * 4096
-    assert human_bytes(3 << 30) == "3.0 GiB" and human_bytes(None) == "-"
-    assert human_seconds(250e-6) == "250 µs" and human_seconds(0.0123) == "12.30 ms"
+    assert human_bytes(3 << 30) == "3GiB" and human_bytes(None) == "-"
+    assert human_seconds(250e-6) == "250µs" and human_seconds(0.0123) == "12.30ms"
+
+
+def _guest(gid: str, **extra) -> dict:
+    return {"id": gid, "connected": True, "memory_bytes": 256 << 20, "actual_bytes": 192 << 20,
+            "inflated_bytes": 64 << 20, "target_bytes": 64 << 20, "target_state": "reached",
+            "reported_bytes": 150 << 20, "unused_bytes": 170 << 20, "stats_age_seconds": 2.0,
+            "reclaimed_bytes": None, "window": {"size": 16, "in_use": 0}, "apply_seconds_p99": 2e-5,
+            "batches": {"report": 7}, "rejected_pages": {}, "errors": 0, "last_message_at": None, **extra}
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_narrow_terminals_drop_whole_columns_never_ids_or_digits(width):
+    guests = [_guest("a-rather-long-guest-name-01"), _guest("burst"),
+              _guest("churn", target_state="unreachable", target_bytes=250 << 20)]
+    rates = {"burst": {"batches_per_s": 12.5, "report_bytes_per_s": 4 << 20, "inflate_bytes_per_s": 0}}
+    lines = render_table(guests, rates, width)
+    assert all(len(line) <= width for line in lines if not line.startswith("a-rather")), lines
+    body = lines[1:4]
+    assert [line.split()[0] for line in body] == ["a-rather-long-guest-name-01", "burst", "churn"]
+    header = lines[0].split()
+    if width >= 80:  # the numbers that matter: kept at 80 columns
+        assert {"guest", "actual", "balloon", "reported", "memory", "target"} <= set(header)
+        assert "free" in render_table(guests[1:], rates, width)[0]  # short ids leave room for more
+        assert "250MiB!" in body[2] and "192MiB" in body[0]
+    assert any(line.startswith("(hidden for width:") for line in lines)
+    assert "…" not in "".join(body)
+    assert render_table(guests, rates, None)[0].split()[:3] == ["guest", "up", "memory"]  # pipe: all columns
+    assert len(render_table(guests, rates, None)[0].split()) > len(header)
+
+
+
+def test_top_keeps_running_while_the_host_is_down_and_says_so():
+    down = ctl("--host", f"http://127.0.0.1:{_free_port()}", "top", "--iterations", "2", "--interval", "100ms")
+    assert down.returncode == 0, down.stderr
+    frames = [line for line in down.stdout.splitlines() if line]
+    assert len(frames) == 2 and all("host unreachable, retrying every 0.1s" in f for f in frames)
+    as_json = ctl("--host", f"http://127.0.0.1:{_free_port()}", "top", "--iterations", "1", "--json")
+    assert json.loads(as_json.stdout)["guests"] is None and "error" in json.loads(as_json.stdout)
+
+
+def test_setmem_sets_the_memory_the_guest_keeps(host):
+    host.load("--batches", "5")  # load-0 announces 1GiB
+    done = ctl("--host", host.url, "setmem", "load-0", "768M", "--token-file", str(host.token_file))
+    assert done.returncode == 0, done.stderr
+    assert "keeps 768MiB of 1GiB (balloon target 256MiB" in done.stdout
+    guest = json.loads(ctl("--host", host.url, "status", "load-0", "--json").stdout)
+    assert guest["target_bytes"] == 256 << 20 and guest["target_actual_bytes"] == 768 << 20
+    assert guest["actual_bytes"] == guest["memory_bytes"] - guest["inflated_bytes"]
+    too_much = ctl("--host", host.url, "setmem", "load-0", "2G", "--token-file", str(host.token_file))
+    assert too_much.returncode == 2 and too_much.stderr.count("\n") == 1 and "cannot keep 2GiB" in too_much.stderr
+    ambiguous = ctl("--host", host.url, "setmem", "load-0", "512MB")
+    assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr and ambiguous.stderr.count("\n") == 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.addresses import Address, parse_address, split_host_port
+from shared.addresses import Address, default_socket_path, parse_address, split_host_port
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -31,3 +31,13 @@ def test_split_host_port():
     assert split_host_port("[::1]:80") == ("::1", 80)
     with pytest.raises(ValueError):
         split_host_port(":80")
+
+
+@pytest.mark.parametrize("uid, environ, path", [
+    (0, {"XDG_RUNTIME_DIR": "/run/user/0"}, "/run/balloon/host.sock"),  # root: the deploy/ path
+    (1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}, "/run/user/1000/balloon/host.sock"),
+    (1000, {}, "/tmp/balloon-1000/host.sock"),
+    (1000, {"XDG_RUNTIME_DIR": "relative"}, "/tmp/balloon-1000/host.sock"),
+])
+def test_one_default_socket_path_for_host_guest_and_load(uid, environ, path):
+    assert default_socket_path(uid, environ) == path

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from shared.config import parse_duration, parse_size, resolve_settings
+from shared.config import format_size, parse_duration, parse_size, resolve_settings
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -60,16 +60,31 @@ def test_bad_values_exit_with_a_message_naming_the_source(env, file, capsys):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("4096", 4096), ("512MiB", 512 << 20), ("8GiB", 8 << 30), ("1.5KiB", 1536), ("2GB", 2 * 10**9), (123, 123),
+    ("4096", 4096), ("512MiB", 512 << 20), ("8GiB", 8 << 30), ("1.5KiB", 1536), (123, 123),
+    ("256M", 256 << 20), ("256m", 256 << 20), ("2G", 2 << 30), ("4k", 4096), ("1T", 1 << 40),  # QEMU: M = MiB
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-1", "5 pages", "1XB"])
+@pytest.mark.parametrize("text", ["", "abc", "-1", "5 pages", "1XB", "9" * 400, "1" + "0" * 19 + "T", -1])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("text, spelled", [("256MB", "256MiB"), ("2gb", "2GiB"), ("4KB", "4KiB"), ("1TB", "1TiB")])
+def test_decimal_looking_units_are_refused_as_ambiguous_with_the_fix_in_the_message(text, spelled):
+    with pytest.raises(ValueError, match=f"ambiguous: write {spelled}"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("value, text", [(0, "0B"), (812, "812B"), (4096, "4KiB"), (256 << 20, "256MiB"),
+                                         (3 << 29, "1.5GiB"), (2 << 40, "2TiB"), (-(64 << 20), "-64MiB")])
+def test_format_size_reads_back_through_parse_size(value, text):
+    assert format_size(value) == text
+    if value >= 0:
+        assert parse_size(text) == value
 
 
 @pytest.mark.parametrize("text, expected", [("2s", 2.0), ("500ms", 0.5), ("1.5", 1.5), ("5m", 300.0), (3, 3.0)])
