@@ -77,7 +77,7 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     try:
         workload = _call_with_supported(
             make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
-            rate=settings.rate, size_mix=parse_size_mix(settings.size_mix))
+            rate=settings.rate, size_mix=parse_size_mix(settings.size_mix), period=settings.period)
     except (OSError, ValueError) as error:
         raise SettingsError(f"--workload {settings.workload}: {error}") from None
     reporting = (FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)

@@ -140,7 +140,7 @@ class Demo:
             p(f"  guest {name:<6} metrics http://127.0.0.1:{port}/metrics")
         p(f"  shared RAM with canaries: {'on' if self.shared_ram else 'off'}")
         p("  pids: " + " ".join(f"{name}={child.pid}" for name, child in self.children))
-        p(f"  try: balloonctl --host {self.host_url} target churn 64MiB")
+        p(f"  try, in another terminal of this folder: .venv/bin/balloonctl --host {self.host_url} setmem churn 192MiB")
         p("Ctrl-C stops the demo" + (f" (or after {self.seconds:g}s)" if self.seconds else ""))
 
     def guests(self) -> list[dict]:

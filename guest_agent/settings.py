@@ -59,6 +59,7 @@ class GuestSettings:
     utilization: float | None = None
     rate: float | None = None
     size_mix: str | None = None
+    period: float | None = None
     seed: int | None = None
     report_order: int = 9
     report_delay: float = 2.0
@@ -126,6 +127,8 @@ def check(s: GuestSettings) -> None:
         check_trace(Path(s.workload[6:]))
     if s.size_mix is not None:
         parse_size_mix(s.size_mix)
+    if s.period is not None and not 0.1 <= s.period <= 86400:
+        raise SettingsError(f"--period must be between 100ms and 24h, got {s.period:g}s")
     if s.utilization is not None and not 0.0 <= s.utilization <= 1.0:
         raise SettingsError(f"--utilization must be between 0 and 1, got {s.utilization}")
     if s.rate is not None and s.rate < 0:
@@ -244,13 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
              "kpageflags hints, /proc/meminfo stats")
     add("--workload", default="idle", metavar="NAME",
         help="idle (a small working set allocated once), churn (steady alloc/free around "
-             "--utilization), burst (periodic large alloc then free) or trace:FILE (replay)")
+             "--utilization, plus a 20%% surge every second half --period that takes reported pages "
+             "back: REUSE), burst (periodic large alloc then free) or trace:FILE (replay; format in "
+             "docs/WORKLOADS.md)")
     add("--utilization", type=argument_type(_fraction, "fraction"), default=None, metavar="FRACTION",
         help="the workload's target share of guest memory (workload default when unset)")
     add("--rate", type=argument_type(float, "number"), default=None, metavar="PER_SECOND",
         help="workload allocations per second (workload default when unset)")
     add("--size-mix", default=None, metavar="ORDER:WEIGHT,...",
         help="workload allocation orders and weights, e.g. 0:70,2:20,9:10 (workload default when unset)")
+    add("--period", type=argument_type(parse_duration, "duration"), default=None, metavar="DURATION",
+        help="cycle of the churn surge and of burst (defaults 23s and 13s: primes, so they never "
+             "alias with --stats-interval)")
     add("--seed", type=int, default=None, help="seed of the workload's random choices (reproducible runs)")
     add("--report-order", type=int, default=9, metavar="ORDER",
         help="smallest block order reported (Linux: pageblock_order, 9 = 2MiB)")
@@ -306,7 +314,7 @@ def parse_settings(argv, environ=None) -> GuestSettings:
     return GuestSettings(
         connect=ns.connect, id=ns.id or default_guest_id(), source=ns.source,
         memory=ns.memory if ns.memory is not None else (DEFAULT_MEMORY if ns.source == "sim" else 0),
-        workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix,
+        workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix, period=ns.period,
         seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, reporting=ns.reporting,
         capacity=ns.capacity,
         http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,

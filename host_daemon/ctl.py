@@ -5,6 +5,7 @@
     balloonctl setmem GUEST SIZE           the memory GUEST keeps, as virsh setmem (admin token)
     balloonctl target GUEST SIZE           the balloon size: memory taken from GUEST (admin token)
     balloonctl hint GUEST                  start a free page hinting command (admin token)
+    balloonctl wait GUEST [--for target]   until GUEST is connected (or its balloon settled)
 
 Columns: memory (the guest's RAM), actual (what it keeps: memory - balloon, QEMU's
 "actual"), balloon (inflated now), target (balloon asked for; "!" = the guest cannot get
@@ -461,6 +462,38 @@ def cmd_setmem(client: AdminClient, args) -> int:
     return EXIT_OK
 
 
+#: balloonctl wait --for CONDITION: what each condition asks of the GUEST object.
+WAIT_CONDITIONS = {
+    "connected": lambda g: bool(g.get("connected")),
+    "stats": lambda g: bool(g.get("connected")) and g.get("stats_age_seconds") is not None,
+    "target": lambda g: g.get("target_state") in ("reached", "unreachable"),
+}
+
+
+def cmd_wait(client: AdminClient, args) -> int:
+    """Poll until the guest meets the condition (kubectl wait): the host may still be starting."""
+    deadline = time.monotonic() + args.timeout_wait
+    last = "no answer yet"
+    while True:
+        try:
+            guest = client.guest(args.guest)
+            if WAIT_CONDITIONS[args.condition](guest):
+                if args.condition == "target" and guest.get("target_state") == "unreachable":
+                    raise CtlError(f"{args.guest}: balloon target {human_bytes(guest.get('target_bytes'))} is "
+                                   f"unreachable (inflated {human_bytes(guest.get('inflated_bytes'))})")
+                print(f"{args.guest}: {args.condition}")
+                return EXIT_OK
+            last = f"{args.guest} is not {args.condition} yet"
+        except CtlError as error:
+            if "unreachable (inflated" in str(error):
+                raise
+            last = str(error)
+        if time.monotonic() >= deadline:
+            raise CtlError(f"gave up after {args.timeout_wait:g}s waiting for {args.guest} to be "
+                           f"{args.condition}: {last}")
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
 def cmd_hint(client: AdminClient, args) -> int:
     answer = client.hint(args.guest)
     if args.json:
@@ -498,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time between polls (default 1s)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N polls (for scripts and tests)")
     top.add_argument("--json", action="store_true", help="one JSON line per poll, with rates")
+    wait = sub.add_parser("wait", parents=[common], help="wait until a guest is connected (or its target settled)")
+    wait.add_argument("guest")
+    wait.add_argument("--for", dest="condition", choices=tuple(WAIT_CONDITIONS), default="connected",
+                      help="connected (default), stats (its first STATS arrived) or target (the balloon "
+                           "reached its target; exit 1 if the host says it is unreachable)")
+    wait.add_argument("--max-wait", dest="timeout_wait", type=argument_type(parse_duration, "duration"),
+                      default=30.0, metavar="DURATION", help="give up after this long (default 30s; exit 1)")
     for name, helptext in (("setmem", "set the memory a guest keeps (virsh setmem; balloon = memory - SIZE)"),
                            ("target", "set a guest's balloon size (the memory taken from it)"),
                            ("hint", "start free page hinting")):
@@ -532,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CtlError(f"the token file {token_file} is empty")
         client = AdminClient(host, token, getattr(args, "timeout", 5.0))
         handler = {"status": cmd_status, "top": cmd_top, "target": cmd_target, "setmem": cmd_setmem,
-                   "hint": cmd_hint}[args.command]
+                   "wait": cmd_wait, "hint": cmd_hint}[args.command]
         return handler(client, args)
     except UsageError as error:
         print(f"balloonctl: error: {error}", file=sys.stderr)

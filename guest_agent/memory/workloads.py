@@ -18,10 +18,23 @@ Specs:
     second (default 1000), each preceded by frees of random held blocks while the next
     allocation would overshoot the target: utilization stays within one block of the
     target and frees/s match allocs/s. Orders from ``size_mix`` (default 0..3 evenly).
+    In the second half of every ``period`` (default 23 s) a surge of ``swing`` (default 20%
+    of memory) more is allocated in order-9 blocks at the same rate, then freed whole at
+    the next period.
+    Small random churn alone only ever recycles unreported memory (the allocator hands out
+    unreported blocks first, as Linux queues reported pages at the tail) and fragments
+    it; a surge larger than what reporting leaves unreported (its low watermark reserve)
+    takes reported pages back (REUSE) every period, and freeing it whole merges the
+    blocks back, so they are reported again.
 ``burst``
-    Every ``period`` seconds (default 10) allocate ``utilization`` (default 50%) of guest
+    Every ``period`` seconds (default 13) allocate ``utilization`` (default 50%) of guest
     memory in large blocks (order 9 first, smaller when none is free; or ``size_mix``),
     hold them ``hold`` seconds (default half the period), then free all of them.
+
+The default periods (23 s, 13 s) are primes, so they never alias with the guest's STATS
+interval (5 s by default) or the host's scrape intervals: a sample lands on every phase
+of the cycle over time instead of always on the same one (a 10 s burst sampled every
+10 s shows the same "free" forever).
 ``trace:FILE``
     Replay a recorded trace (format below) exactly: same calls, same order, at the
     recorded times. With the same allocator state it yields the same PFNs.
@@ -58,6 +71,9 @@ import numpy as np
 
 #: Catch-up limit: after a stall, at most this many seconds of work is done in one step.
 MAX_CATCH_UP_S = 1.0
+#: At most this many allocations in one step: filling a multi-TiB guest's working set
+#: takes many steps instead of blocking the agent's event loop (and its handshake) for minutes.
+MAX_ALLOCS_PER_STEP = 20_000
 
 DEFAULT_MIX = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
 
@@ -159,6 +175,14 @@ class Workload:
 
     # -- alloc/free with hooks
     def _alloc(self, order: int) -> int | None:
+        pfn = self._alloc_block(order)
+        if pfn is not None:
+            self._held_pfn.append(pfn)
+            self._held_order.append(order)
+        return pfn
+
+    def _alloc_block(self, order: int) -> int | None:
+        """Allocate with hooks and counters, but outside the randomly freed held lists."""
         pfn = self.allocator.alloc(order)
         if pfn is None and self.on_oom is not None and self.on_oom(order):
             self.oom_retries += 1
@@ -167,8 +191,6 @@ class Workload:
             self.failed_allocations += 1
             return None
         pfn = int(pfn)
-        self._held_pfn.append(pfn)
-        self._held_order.append(order)
         self.held_pages += 1 << order
         self.allocations += 1
         if self.on_alloc is not None:
@@ -214,7 +236,7 @@ class Idle(Workload):
         self._pending_order: int | None = None
 
     def _fill(self) -> None:
-        while True:
+        for _ in range(MAX_ALLOCS_PER_STEP):
             if self._pending_order is None:
                 self._pending_order = self._rand.order()
             order = self._pending_order
@@ -230,20 +252,36 @@ class Idle(Workload):
 
 
 class Churn(Idle):
-    """Steady allocation and free around a target utilization, mixed orders."""
+    """Steady allocation and free around a target utilization, mixed orders, plus a surge
+    of ``swing`` every second half ``period`` that takes reported memory back."""
 
     name = "churn"
 
-    def __init__(self, allocator, *, utilization: float = 0.5, rate: float = 1000.0, **kw):
+    def __init__(self, allocator, *, utilization: float = 0.5, rate: float = 1000.0, swing: float = 0.2,
+                 period: float = 23.0, **kw):
         super().__init__(allocator, utilization=utilization, **kw)
         rate = float(rate)
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"rate must be >= 0 allocations/s, got {rate}")
         self.rate = rate
+        self.period = float(period)
+        if not (math.isfinite(self.period) and self.period > 0):
+            raise ValueError(f"period must be > 0 seconds, got {period}")
+        self.surge_target = min(self.total_pages - self.target_pages,
+                                int(_check_fraction("swing", swing) * self.total_pages))
+        # The surge is kept apart from the random churn and freed whole (LIFO): the blocks
+        # it split out of reported memory merge back, so they are reported again.
+        self._surge: list[tuple[int, int]] = []
+        self.surge_order = min(9, self.max_order)  # pageblocks, the size reporting hands to the host
+        self.surge_pages = 0
+        self.surges = 0
         self._last: float | None = None
         self._budget = 0.0
 
     def _step(self, elapsed: float) -> None:
+        high = self.surge_target > 0 and int(elapsed // (self.period / 2)) % 2 == 1
+        if not high and self._surge:
+            self._release_surge()
         if self._last is None:
             self._last = elapsed
             self._fill()
@@ -258,14 +296,42 @@ class Churn(Idle):
             if self._pending_order is None:
                 self._pending_order = rand.order()
             need = 1 << self._pending_order
-            while self._held_pfn and self.held_pages + need > self.target_pages:
+            if high and self.surge_pages + (1 << self.surge_order) <= self.surge_target:
+                if self._alloc_surge(self.surge_order) is None:
+                    break  # out of memory: try again at the next step
+                continue
+            while self._held_pfn and self.held_pages - self.surge_pages + need > self.target_pages:
                 self._free_at(int(rand.uniform() * len(self._held_pfn)))
-            if self.held_pages + need > self.target_pages:
+            if self.held_pages - self.surge_pages + need > self.target_pages:
                 self._pending_order = None  # larger than the whole target: skip
                 continue
             if self._alloc(self._pending_order) is None:
                 break  # out of memory: try again at the next step
             self._pending_order = None
+
+    def _alloc_surge(self, order: int) -> int | None:
+        if not self._surge:
+            self.surges += 1
+        pfn = self._alloc_block(order)
+        if pfn is not None:
+            self._surge.append((pfn, order))
+            self.surge_pages += 1 << order
+        return pfn
+
+    def _release_surge(self) -> None:
+        while self._surge:
+            pfn, order = self._surge.pop()
+            self.surge_pages -= 1 << order
+            self._release(pfn, order)
+
+    def held_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        pfns, orders = super().held_blocks()
+        return (np.concatenate([pfns, np.array([b[0] for b in self._surge], dtype=np.uint64)]),
+                np.concatenate([orders, np.array([b[1] for b in self._surge], dtype=np.uint64)]))
+
+    def release_all(self) -> None:
+        self._release_surge()
+        super().release_all()
 
 
 class Burst(Workload):
@@ -278,7 +344,7 @@ class Burst(Workload):
         allocator,
         *,
         utilization: float = 0.5,
-        period: float = 10.0,
+        period: float = 13.0,
         hold: float | None = None,
         size_mix=None,
         **kw,
@@ -428,7 +494,7 @@ class Trace(Workload):
             ev = events[self._next]
             self._next += 1
             if ev.op == "alloc":
-                pfn = self._alloc_untracked(ev.order)
+                pfn = self._alloc_block(ev.order)  # freed by id, not at random
                 if pfn is not None:
                     self._blocks[ev.id] = (pfn, ev.order)
             else:
@@ -437,22 +503,6 @@ class Trace(Workload):
                     self.skipped_frees += 1  # its allocation failed at replay
                 else:
                     self._release(*block)
-
-    def _alloc_untracked(self, order: int) -> int | None:
-        # trace blocks are freed by id, not at random: keep them out of the held lists
-        pfn = self.allocator.alloc(order)
-        if pfn is None and self.on_oom is not None and self.on_oom(order):
-            self.oom_retries += 1
-            pfn = self.allocator.alloc(order)
-        if pfn is None:
-            self.failed_allocations += 1
-            return None
-        pfn = int(pfn)
-        self.held_pages += 1 << order
-        self.allocations += 1
-        if self.on_alloc is not None:
-            self.on_alloc(pfn, order)
-        return pfn
 
     def held_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         blocks = list(self._blocks.values())
@@ -480,6 +530,7 @@ def make_workload(
     size_mix: dict[int, float] | None = None,
     period: float | None = None,
     hold: float | None = None,
+    swing: float | None = None,
     on_alloc: Callable[[int, int], None] | None = None,
     on_free: Callable[[int, int], None] | None = None,
     on_oom: Callable[[int], bool] | None = None,
@@ -487,7 +538,8 @@ def make_workload(
     """Build the workload named by ``spec`` (idle | churn | burst | trace:FILE).
 
     Knobs left as None take the workload's default; knobs a workload does not use are
-    ignored (``rate`` only drives churn; ``period``/``hold`` only burst)."""
+    ignored (``rate`` and ``swing`` only drive churn, ``hold`` only burst; ``period`` is
+    the cycle of both)."""
     hooks = {"seed": seed, "on_alloc": on_alloc, "on_free": on_free, "on_oom": on_oom}
     knobs: dict = {}
     if spec.startswith("trace:"):
@@ -500,9 +552,10 @@ def make_workload(
         knobs["size_mix"] = size_mix
     if spec == "churn" and rate is not None:
         knobs["rate"] = rate
-    if spec == "burst":
-        if period is not None:
-            knobs["period"] = period
-        if hold is not None:
-            knobs["hold"] = hold
+    if spec == "churn" and swing is not None:
+        knobs["swing"] = swing
+    if spec in ("churn", "burst") and period is not None:
+        knobs["period"] = period
+    if spec == "burst" and hold is not None:
+        knobs["hold"] = hold
     return WORKLOADS[spec](allocator, **knobs, **hooks)

@@ -143,7 +143,7 @@ def test_burst_falls_back_to_smaller_orders_when_fragmented():
     _, orders = w.held_blocks()
     assert 9 not in orders.tolist() and 8 in orders.tolist()
     assert w.held_pages == int(0.3 * PAGES)
-    w.step(5.5)
+    w.step(w.hold + 0.5)
     assert w.held_pages == 0 and a.allocated_pages == PAGES // 512
 
 
@@ -262,3 +262,50 @@ def test_make_workload_errors(tmp_path):
         make_workload("burst", a, period=1, hold=2)
     with pytest.raises(FileNotFoundError):
         make_workload(f"trace:{tmp_path / 'missing'}", a)
+
+
+def _report_everything_reportable(allocator: BuddyAllocator, reserve_pages: int) -> int:
+    """What free page reporting ends with: every free block of order >= 9 reported except a reserve."""
+    reported = 0
+    while allocator.free_pages - reserve_pages >= 512:
+        pfns, orders = allocator.isolate_unreported(9, 1)
+        if not len(pfns):
+            break
+        allocator.return_isolated(pfns, orders, reported=True)  # the host's ACK
+        reported += 1
+    return reported
+
+
+def test_churn_swings_into_reported_memory_every_period_so_it_reuses_reported_pages():
+    a = BuddyAllocator(PAGES)
+    w = make_workload("churn", a, seed=4, utilization=0.3, rate=4000, period=4.0, swing=0.2)
+    t, reuses = 0.0, []
+    for cycle in range(3):
+        while t < cycle * 4.0 + 2.0:  # low half: reporting catches up
+            w.step(t)
+            t += 0.05
+        assert abs(a.allocated_pages / PAGES - 0.3) < 0.01
+        assert _report_everything_reportable(a, reserve_pages=PAGES // 16) > 0
+        a.drain_reused()
+        while t < cycle * 4.0 + 4.0:  # high half: +20 % of memory, more than the unreported reserve
+            w.step(t)
+            t += 0.05
+        assert w.surge_pages == 0.2 * PAGES // 512 * 512  # whole pageblocks
+        pfns, counts = a.drain_reused()
+        reuses.append(int(counts.sum()))
+    # every surge takes reported pages back: all of it but what reporting left unreported
+    assert all(pages >= w.surge_target // 512 * 512 - PAGES // 16 for pages in reuses), reuses
+
+
+def test_churn_without_swing_holds_its_target_and_default_periods_do_not_alias_with_stats():
+    from guest_agent.memory.workloads import Burst
+    from guest_agent.settings import GuestSettings
+
+    stats = GuestSettings.__dataclass_fields__["stats_interval"].default
+    for period in (Churn(BuddyAllocator(PAGES)).period, Burst(BuddyAllocator(PAGES)).period):
+        assert period % stats != 0 and stats % period != 0  # no sample lands on the same phase forever
+    a = BuddyAllocator(PAGES)
+    w = make_workload("churn", a, seed=3, utilization=0.4, rate=2000, swing=0.0, period=1.0)
+    for step in range(200):
+        w.step(step * 0.02)
+    assert abs(a.allocated_pages / PAGES - 0.4) < 8 / PAGES + 1e-9
