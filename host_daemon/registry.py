@@ -94,6 +94,16 @@ class GuestRecord:
         self._stats = values
         self.stats_at = time.monotonic()
 
+    @property
+    def actual_pages(self) -> int:
+        """The memory the guest keeps (QEMU's "actual", libvirt's actual_balloon): RAM − balloon."""
+        return self.pages - self.tracker.inflated_pages
+
+    @property
+    def target_shortfall_pages(self) -> int | None:
+        """How far the balloon is from its target (either way); None without a target."""
+        return None if self.target_pages is None else abs(self.target_pages - self.tracker.inflated_pages)
+
     def target_state(self, now: float | None = None) -> str | None:
         """Where the balloon stands against its target: None (no target), "reached", "moving"
         or "unreachable" (short of it, and nothing moved for TARGET_STALL_S while connected).
@@ -154,11 +164,11 @@ class GuestRecord:
             "target_pages": self.target_pages,
             "target_bytes": None if self.target_pages is None else self.target_pages * PAGE_SIZE,
             # QEMU's `info balloon` "actual" / libvirt's actual_balloon: the memory the guest keeps
-            "actual_bytes": memory - tracker.inflated_pages * PAGE_SIZE,
+            "actual_bytes": self.actual_pages * PAGE_SIZE,
             "target_actual_bytes": None if self.target_pages is None else memory - self.target_pages * PAGE_SIZE,
             "target_state": state,
-            "target_shortfall_bytes": (None if self.target_pages is None
-                                       else abs(self.target_pages - tracker.inflated_pages) * PAGE_SIZE),
+            "target_shortfall_bytes": (None if self.target_shortfall_pages is None
+                                       else self.target_shortfall_pages * PAGE_SIZE),
             # libvirt/KubeVirt names for the STATS tags: available = MEMTOT, usable = AVAIL, unused = MEMFREE
             "available_bytes": stats.get(STAT_TOTAL),
             "usable_bytes": stats.get(STAT_AVAILABLE),
