@@ -176,8 +176,11 @@ async def test_admin_api_guest_shape(make_host):
                 "reported_pages", "reported_bytes", "inflated_pages", "inflated_bytes", "target_pages",
                 "target_bytes", "hinted_pages", "reclaimed_bytes", "resident_bytes", "batches",
                 "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99",
-                "stats", "provisioned"}
-    assert set(item) == expected
+                "stats", "provisioned", "actual_bytes", "target_actual_bytes", "target_state",
+                "target_shortfall_bytes", "available_bytes", "usable_bytes", "unused_bytes", "stats_age_seconds"}
+    assert set(item) == expected  # docs/API.md's GUEST table, no more, no less
+    assert item["actual_bytes"] == item["memory_bytes"] and item["target_state"] is None
+    assert item["stats_age_seconds"] is None and item["unused_bytes"] is None  # no STATS yet
     assert item["id"] == "eps" and item["connected"] is True
     assert item["reported_pages"] == 1000 and item["reported_bytes"] == 1000 * 4096
     assert item["batches"]["report"] == 1 and item["window"] == {"size": 8, "in_use": 0}
