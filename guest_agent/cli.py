@@ -77,7 +77,8 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     try:
         workload = _call_with_supported(
             make_workload, settings.workload, memory, seed=settings.seed, utilization=settings.utilization,
-            rate=settings.rate, size_mix=parse_size_mix(settings.size_mix), period=settings.period)
+            rate=settings.rate, size_mix=parse_size_mix(settings.size_mix), period=settings.period,
+            swing=settings.swing)
     except (OSError, ValueError) as error:
         raise SettingsError(f"--workload {settings.workload}: {error}") from None
     reporting = (FreePageReporting(allocator, settings.report_order, settings.report_delay, settings.capacity)

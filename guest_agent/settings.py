@@ -60,6 +60,7 @@ class GuestSettings:
     rate: float | None = None
     size_mix: str | None = None
     period: float | None = None
+    swing: float | None = None
     seed: int | None = None
     report_order: int = 9
     report_delay: float = 2.0
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="workload allocations per second (workload default when unset)")
     add("--size-mix", default=None, metavar="ORDER:WEIGHT,...",
         help="workload allocation orders and weights, e.g. 0:70,2:20,9:10 (workload default when unset)")
+    add("--swing", type=argument_type(_fraction, "fraction"), default=None, metavar="FRACTION",
+        help="churn: the surge's share of guest memory (default 0.2; 0 = steady churn that only "
+             "recycles unreported memory and never sends REUSE)")
     add("--period", type=argument_type(parse_duration, "duration"), default=None, metavar="DURATION",
         help="cycle of the churn surge and of burst (defaults 23s and 13s: primes, so they never "
              "alias with --stats-interval)")
@@ -314,7 +318,7 @@ def parse_settings(argv, environ=None) -> GuestSettings:
     return GuestSettings(
         connect=ns.connect, id=ns.id or default_guest_id(), source=ns.source,
         memory=ns.memory if ns.memory is not None else (DEFAULT_MEMORY if ns.source == "sim" else 0),
-        workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix, period=ns.period,
+        workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix, period=ns.period, swing=ns.swing,
         seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, reporting=ns.reporting,
         capacity=ns.capacity,
         http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,
