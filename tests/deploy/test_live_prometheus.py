@@ -205,6 +205,9 @@ def stack(tmp_path_factory):
         processes.append(_start([str(VENV_BIN / "balloon-host"), "--listen", f"unix:{socket_path}",
                                  "--http", f"127.0.0.1:{host_port}", "--ram-dir", str(ram),
                                  "--log-format", "json",
+                                 # an automatic policy (so BalloonPolicyStarved's series exist) with
+                                 # a budget far above the guests: it has no reason to move a balloon
+                                 "--policy", "balance", "--guest-memory-budget", "64GiB",
                                  # the rogue guest ends with BYE; an open guest that said BYE is
                                  # forgotten after --forget-after (10 s by default), and the long
                                  # run (make deploy-test) still queries its series after that
