@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: help venv install test test-fast bench lint demo stack rules ui-vendor chaos attacks-long system-deps deploy-test container-test vm-deps vm-test vm-demo clean
 
 help:
-	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop)"
+	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop;"
+	@echo "                 DEMO_POLICY=balance|mom: automatic balloon sizing under DEMO_BUDGET=384MiB)"
 	@echo "make test        install what the tests need and run them"
 	@echo "make bench       run the benchmark suite and rewrite docs/PERFORMANCE.md"
 	@echo "make stack       the demo's host and guests plus a real Prometheus with deploy/'s rules (STACK_SECONDS=N)"

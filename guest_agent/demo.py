@@ -6,6 +6,11 @@ shows ``balloonctl top`` when it exists (a rich table of the host's admin API ot
 without a terminal (CI) it prints a plain status line every few seconds instead. It runs
 until Ctrl-C, or for ``DEMO_SECONDS`` seconds, and always cleans up: every child is
 stopped (SIGTERM, then SIGKILL), the folder removed — also when a child dies early.
+
+``DEMO_POLICY=balance`` (or ``mom``) runs the host with that balloon policy under a
+``DEMO_BUDGET`` (384MiB) guest-memory budget and the guests without free page reporting,
+so the balloons are what keeps their resident memory under it (docs/POLICY.md); watch it
+with ``balloonctl policy`` and raise the budget with ``POST /api/v1/policy``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ GUESTS = (
     ("burst", ["--workload", "burst"]),
 )
 MEMORY = "256MiB"
+#: ``DEMO_POLICY=balance make demo``: knobs sized for three 256 MiB guests, so the policy's moves
+#: show within a minute (the defaults, 5 s ticks and 100 s blocks, are for real hosts).
+DEMO_POLICY_CONFIG = """[policy]
+interval = "1s"
+guest_floor = "32MiB"
+block_low = "10s"
+block_high = "3s"
+max_step_ratio = 0.1
+"""
+DEMO_BUDGET = "384MiB"  # half of the three guests' combined 768 MiB and below what they touch
 
 
 def free_port() -> int:
@@ -49,8 +64,11 @@ def _mib(value) -> str:
 
 
 class Demo:
-    def __init__(self, seconds: float | None, out=sys.stdout) -> None:
+    def __init__(self, seconds: float | None, out=sys.stdout, policy: str | None = None,
+                 budget: str = DEMO_BUDGET) -> None:
         self.seconds = seconds
+        self.policy = policy  # None: manual (targets only from balloonctl)
+        self.budget = budget
         self.out = out
         self.folder = Path(tempfile.mkdtemp(prefix="balloon-demo-"))
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -81,13 +99,20 @@ class Demo:
             ram_dir = self.folder / "ram"
             ram_dir.mkdir()
             host += ["--ram-dir", str(ram_dir)]
+        guest_extra = []
+        if self.policy:
+            config = self.folder / "policy.toml"
+            config.write_text(DEMO_POLICY_CONFIG)
+            host += ["--policy", self.policy, "--guest-memory-budget", self.budget, "--policy-config", str(config)]
+            # without free page reporting only a balloon gives touched memory back: the policy's job
+            guest_extra = ["--no-reporting", "--stats-interval", "1s"]
         self._spawn("host", host)
         self._wait_ready()
         for name, extra in GUESTS:
             port = free_port()
             self.guest_ports[name] = port
             argv = [sys.executable, "-m", "guest_agent", "--connect", f"unix:{socket_path}", "--id", name,
-                    "--memory", MEMORY, "--http", f"127.0.0.1:{port}", "--seed", "1", *extra]
+                    "--memory", MEMORY, "--http", f"127.0.0.1:{port}", "--seed", "1", *extra, *guest_extra]
             if self.shared_ram:
                 argv.append("--shared-ram")
             self._spawn(f"guest-{name}", argv)
@@ -139,6 +164,10 @@ class Demo:
         for name, port in self.guest_ports.items():
             p(f"  guest {name:<6} metrics http://127.0.0.1:{port}/metrics")
         p(f"  shared RAM with canaries: {'on' if self.shared_ram else 'off'}")
+        if self.policy:
+            p(f"  policy {self.policy} under a {self.budget} guest-memory budget: "
+              f".venv/bin/balloonctl --host {self.host_url} policy")
+            p(f"  raise the budget: curl -d '{{\"guest_memory_budget\": \"1GiB\"}}' {self.host_url}/api/v1/policy")
         p("  pids: " + " ".join(f"{name}={child.pid}" for name, child in self.children))
         p(f"  try, in another terminal of this folder: .venv/bin/balloonctl --host {self.host_url} setmem churn 192MiB")
         p("Ctrl-C stops the demo" + (f" (or after {self.seconds:g}s)" if self.seconds else ""))
@@ -156,7 +185,12 @@ class Demo:
                          f"reported={_mib(g.get('reported_bytes'))}MiB "
                          f"inflated={_mib(g.get('inflated_bytes'))}MiB "
                          f"reclaimed={_mib(g.get('reclaimed_bytes'))}MiB")
-        return time.strftime("%H:%M:%S ") + (" | ".join(parts) if parts else "no guests yet")
+        line = time.strftime("%H:%M:%S ") + (" | ".join(parts) if parts else "no guests yet")
+        if self.policy:
+            with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+                host = fetch_json(f"{self.host_url}/api/v1/policy").get("host") or {}
+                line += f" | host available={_mib(host.get('available_bytes'))}MiB of budget"
+        return line
 
     def table(self):
         from rich.table import Table
@@ -260,8 +294,18 @@ def run(demo: Demo, name: str = "demo") -> int:
     return status
 
 
+def _policy_from_env() -> str | None:
+    policy = os.environ.get("DEMO_POLICY", "").strip().lower()
+    if policy in ("", "manual"):
+        return None
+    if policy not in ("mom", "balance"):
+        raise SystemExit(f"DEMO_POLICY must be balance, mom or manual, not {policy!r}")
+    return policy
+
+
 def main() -> int:
-    return run(Demo(_seconds_from_env()))
+    return run(Demo(_seconds_from_env(), policy=_policy_from_env(),
+                    budget=os.environ.get("DEMO_BUDGET", "").strip() or DEMO_BUDGET))
 
 
 if __name__ == "__main__":

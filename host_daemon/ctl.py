@@ -105,6 +105,12 @@ class AdminClient:
         return self._call("POST", f"/api/v1/guests/{urllib.parse.quote(guest, safe='')}/target",
                           {"bytes": size_bytes})
 
+    def policy(self) -> dict:
+        answer = self._call("GET", "/api/v1/policy")
+        if not isinstance(answer, dict) or not isinstance(answer.get("decisions"), list):
+            raise CtlError("GET /api/v1/policy: unexpected answer shape")
+        return answer
+
     def hint(self, guest: str) -> dict:
         return self._call("POST", f"/api/v1/guests/{urllib.parse.quote(guest, safe='')}/hint", {})
 
@@ -494,6 +500,75 @@ def cmd_wait(client: AdminClient, args) -> int:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def _policy_note(decision: dict) -> str:
+    detail = decision.get("detail") or {}
+    if "blocked_for_s" in detail:
+        return f"{detail.get('wanted')} held {detail['blocked_for_s']:.0f}s more"
+    if detail.get("signals"):
+        return ",".join(map(str, detail["signals"]))
+    if "wanted_bytes" in detail:
+        return f"wanted {human_bytes(detail['wanted_bytes'])}"
+    return "step-limited" if detail.get("step_limited") else ""
+
+
+POLICY_COLUMNS = (
+    ("guest", 0, lambda d: str(d.get("guest")), True),
+    ("decision", 0, lambda d: str(d.get("direction")), True),
+    ("target", 1, lambda d: human_bytes(d.get("target_bytes")), False),
+    ("was", 3, lambda d: human_bytes(d.get("previous_bytes")), False),
+    ("balloon", 2, lambda d: human_bytes((d.get("detail") or {}).get("balloon_bytes")), False),
+    ("available", 2, lambda d: human_bytes((d.get("detail") or {}).get("available_bytes")), False),
+    ("floor", 3, lambda d: human_bytes((d.get("detail") or {}).get("floor_bytes")), False),
+    ("reason", 0, lambda d: str(d.get("reason")), True),
+    ("rule", 4, lambda d: str(d.get("rule")), True),
+    ("note", 5, _policy_note, True),
+)
+
+
+def render_policy(answer: dict, width: int | None) -> list[str]:
+    """GET /api/v1/policy as a title line and one aligned line per guest's decision."""
+    host = answer.get("host") or {}
+    source = answer.get("source")
+    if source == "budget":
+        source = f"budget {human_bytes(answer.get('guest_memory_budget'))}"
+    title = f"policy {answer.get('policy')} ({source}, every {answer.get('interval_s')}s)"
+    if host:
+        title += (f": host available {human_bytes(host.get('available_bytes'))} of "
+                  f"{human_bytes(host.get('total_bytes'))} ({100 * (host.get('free_ratio') or 0):.1f}% free), "
+                  f"PSI some {100 * (host.get('pressure_some') or 0):.1f}% full {100 * (host.get('pressure_full') or 0):.1f}%")
+    age = answer.get("last_tick_age_s")
+    title += "; no tick yet" if age is None else f"; last tick {human_duration(age)} ago"
+    lines = [clip(title, width)]
+    if answer.get("last_error"):
+        lines.append(clip(f"last tick skipped: {answer['last_error']}", width))
+    decisions = answer.get("decisions") or []
+    if not decisions:
+        return lines + ["(no guests)"]
+    header = [c[0] for c in POLICY_COLUMNS]
+    rows = [[c[2](d) or "-" for c in POLICY_COLUMNS] for d in decisions]
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows]) for i in range(len(header))]
+    kept = fit_columns(widths, [c[1] for c in POLICY_COLUMNS], width)
+
+    def line(cells: list[str]) -> str:
+        return (" " * GAP).join(cells[i].ljust(widths[i]) if POLICY_COLUMNS[i][3] else cells[i].rjust(widths[i])
+                                for i in kept).rstrip()
+
+    return lines + [line(header)] + [line(row) for row in rows]
+
+
+def cmd_policy(client: AdminClient, args) -> int:
+    answer = client.policy()
+    if args.guest is not None:
+        answer["decisions"] = [d for d in answer["decisions"] if d.get("guest") == args.guest]
+        if not answer["decisions"]:
+            raise CtlError(f"the policy has no decision for guest {args.guest!r}")
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        print("\n".join(render_policy(answer, terminal_width(sys.stdout))))
+    return EXIT_OK
+
+
 def cmd_hint(client: AdminClient, args) -> int:
     answer = client.hint(args.guest)
     if args.json:
@@ -538,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "reached its target; exit 1 if the host says it is unreachable)")
     wait.add_argument("--max-wait", dest="timeout_wait", type=argument_type(parse_duration, "duration"),
                       default=30.0, metavar="DURATION", help="give up after this long (default 30s; exit 1)")
+    policy = sub.add_parser("policy", parents=[common],
+                            help="the balloon policy's last decisions: target, direction, reason and inputs per guest")
+    policy.add_argument("guest", nargs="?", help="only this guest")
+    policy.add_argument("--json", action="store_true", help="GET /api/v1/policy as is")
     for name, helptext in (("setmem", "set the memory a guest keeps (virsh setmem; balloon = memory - SIZE)"),
                            ("target", "set a guest's balloon size (the memory taken from it)"),
                            ("hint", "start free page hinting")):
@@ -572,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CtlError(f"the token file {token_file} is empty")
         client = AdminClient(host, token, getattr(args, "timeout", 5.0))
         handler = {"status": cmd_status, "top": cmd_top, "target": cmd_target, "setmem": cmd_setmem,
-                   "wait": cmd_wait, "hint": cmd_hint}[args.command]
+                   "wait": cmd_wait, "hint": cmd_hint, "policy": cmd_policy}[args.command]
         return handler(client, args)
     except UsageError as error:
         print(f"balloonctl: error: {error}", file=sys.stderr)

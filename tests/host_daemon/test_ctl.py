@@ -227,3 +227,40 @@ def test_setmem_sets_the_memory_the_guest_keeps(host):
     assert too_much.returncode == 2 and too_much.stderr.count("\n") == 1 and "cannot keep 2GiB" in too_much.stderr
     ambiguous = ctl("--host", host.url, "setmem", "load-0", "512MB")
     assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr and ambiguous.stderr.count("\n") == 1
+
+
+def test_policy_shows_each_decision_with_its_reason(tmp_path):
+    host = Host(tmp_path, "--policy", "mom", "--policy-interval", "0.2s")
+    try:
+        host.load("--guests", "2", "--batches", "5", "--rate", "20", background=True)
+        _poll(lambda: len(json.loads(ctl("--host", host.url, "policy", "--json").stdout)["decisions"]) == 2,
+              what="two decisions")
+        table = ctl("--host", host.url, "policy")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].startswith("policy mom (meminfo, every 0.2s): host available")
+        assert lines[1].split()[:2] == ["guest", "decision"] and "reason" in lines[1]
+        # load guests send no STATS (and end after their batches): the policy refuses to act blind
+        assert all(line.split()[1] == "hold" and "rail:freeze" in line for line in lines[2:]), table.stdout
+        one = json.loads(ctl("--host", host.url, "policy", "load-0", "--json").stdout)
+        assert [d["guest"] for d in one["decisions"]] == ["load-0"]
+        missing = ctl("--host", host.url, "policy", "nope")
+        assert missing.returncode == 1 and "no decision for guest 'nope'" in missing.stderr
+    finally:
+        host.stop()
+
+
+def test_render_policy_drops_columns_on_narrow_terminals():
+    from host_daemon.ctl import render_policy
+
+    answer = {"policy": "balance", "source": "budget", "guest_memory_budget": 1 << 30, "interval_s": 5.0,
+              "last_tick_age_s": 1.0, "host": {"available_bytes": 1 << 28, "total_bytes": 1 << 30,
+                                               "free_ratio": 0.25, "pressure_some": 0.0, "pressure_full": 0.0},
+              "decisions": [{"guest": "vm-with-a-long-name", "direction": "hold", "target_bytes": 0,
+                             "previous_bytes": 0, "reason": "blocked", "rule": "rail:blocker",
+                             "detail": {"blocked_for_s": 42.0, "wanted": "inflate", "available_bytes": 1 << 29,
+                                        "floor_bytes": 1 << 28, "balloon_bytes": 0}}]}
+    wide = render_policy(answer, None)
+    assert "inflate held 42s more" in wide[2] and "budget 1GiB" in wide[0]
+    narrow = render_policy(answer, 40)
+    assert "vm-with-a-long-name" in narrow[2] and "blocked" in narrow[2] and "note" not in narrow[1]
