@@ -12,6 +12,8 @@ Names follow DESIGN §5: ``balloon_*``, base units, ``_total``/``_bytes``/``_sec
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -21,6 +23,7 @@ from shared.standard_metrics import register_standard
 from shared.vocabulary import PAGE_SIZE
 
 from .guest_session import RESULTS
+from .registry import STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 from .tracker import KINDS
 
 #: old name -> its replacement; both are exported through the 0.2 releases, the old one goes in 0.3.
@@ -127,6 +130,7 @@ class HostCollector(Collector):
         yield from (rejected, received, up, memory, reported, inflated, hinted, target, inflight,
                     reclaimed, resident)
         yield from deprecated_aliases((target,))
+        yield from vmm_vocabulary(records, time.monotonic())
         yield from discard.values()
         policy = getattr(host, "policy", None)
         if policy is not None:
@@ -138,6 +142,41 @@ class HostCollector(Collector):
                                           "discard) until its ACK is ready.")
         histogram.add_metric([], apply.cumulative(), apply.sum)
         yield histogram
+
+
+def vmm_vocabulary(records, now: float):
+    """Per guest, the figures dashboards built for libvirt/KubeVirt already chart, under their
+    names (``libvirt_domain_memory_stats_actual_balloon_bytes``, ``kubevirt_vmi_memory_usable_bytes``
+    ...) with our prefix: actual = RAM − balloon (QEMU's ``info balloon``), and the guest's own
+    STATS (virtio MEMTOT/AVAIL/MEMFREE), absent until the guest sent that tag."""
+    actual = GaugeMetricFamily("balloon_guest_actual_balloon_bytes",
+                               "Memory the guest keeps: RAM minus balloon (libvirt's actual_balloon).", labels=["guest"])
+    stats = {
+        STAT_TOTAL: GaugeMetricFamily("balloon_guest_available_bytes",
+                                      "Memory the guest's OS can use, from its last STATS (virtio MEMTOT).", labels=["guest"]),
+        STAT_AVAILABLE: GaugeMetricFamily("balloon_guest_usable_bytes",
+                                          "Memory the guest could still allocate, from its last STATS (virtio AVAIL).",
+                                          labels=["guest"]),
+        STAT_FREE: GaugeMetricFamily("balloon_guest_unused_bytes",
+                                     "Memory unused by the guest, from its last STATS (virtio MEMFREE).", labels=["guest"]),
+    }
+    age = GaugeMetricFamily("balloon_guest_stats_age_seconds", "Seconds since the guest's last STATS.", labels=["guest"])
+    unreachable = GaugeMetricFamily("balloon_guest_target_unreachable",
+                                    "1 while the balloon is short of its target and stopped moving (see target_state).",
+                                    labels=["guest"])
+    shortfall = GaugeMetricFamily("balloon_target_shortfall_bytes",
+                                  "Distance between the balloon and its target (0: reached or none).", labels=["guest"])
+    for r in records:
+        g = r.id
+        actual.add_metric([g], r.actual_pages * PAGE_SIZE)
+        for tag, family in stats.items():
+            if tag in r.stats:
+                family.add_metric([g], r.stats[tag])
+        if r.stats_at is not None:
+            age.add_metric([g], max(0.0, now - r.stats_at))
+        unreachable.add_metric([g], 1 if r.target_state(now) == "unreachable" else 0)
+        shortfall.add_metric([g], (r.target_shortfall_pages or 0) * PAGE_SIZE)
+    yield from (actual, *stats.values(), age, unreachable, shortfall)
 
 
 def deprecated_aliases(families):
