@@ -244,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="an open-mode guest whose session ended with BYE, or applied no batch, is forgotten this "
              "soon (at most --retention), so throwaway ids do not hold --max-guests")
     add("--token-file", type=Path, default=None, metavar="FILE",
-        help="per-guest secrets, one 'guest-id token' per line; a listed guest must send its token in "
-             "HELLO, and every TCP guest must be listed (ERROR auth-failed otherwise)")
+        help="secrets for open-mode (unprovisioned) guests, one 'guest-id token' per line: a listed guest "
+             "must send its token in HELLO on any transport; on TCP an unlisted, unprovisioned guest is "
+             "refused unless --allow-open-tcp (ERROR auth-failed). Provisioned guests keep their token "
+             "in --guests")
     add("--admin-token-file", type=Path, default=None, metavar="FILE",
         help="bearer token required by mutating admin calls (POST /api/v1/...)")
     add("--ram-dir", type=Path, default=None, metavar="DIR",

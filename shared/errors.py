@@ -24,7 +24,7 @@ CODES: dict[str, str] = {
     "window-overrun": "more batches are unacknowledged than WELCOME's window allows",
     "bad-seq": "a batch's sequence number is not the next one expected",
     "bad-ack": "an ACK names a sequence number that is not awaiting an ack",
-    "auth-failed": "the guest's token is missing or wrong",
+    "auth-failed": "the connection does not prove the guest id (its listener, token or peer uid)",
     "guest-busy": "another live session already holds this guest id",
     "too-many-guests": "the host already serves its maximum number of guests",
     "bad-size": "HELLO claims more pages than the host allows for this guest",
