@@ -37,6 +37,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from bench.common import claim
 from shared.vocabulary import RANGES52
 
 REPORT, REUSE, ACK, HELLO, WELCOME, ERROR, BYE = 3, 5, 4, 1, 2, 15, 17
@@ -415,6 +416,9 @@ def render_markdown(summary: dict) -> str:
                         f"(full daemon − no-op tracker), protocol checks + decoding + session ≈ {shell:.1f} µs "
                         "(no-op tracker − bare).")
             break
+    for guest, table in summary["guests"].items():
+        rows.append(claim(f"channel, {guest} guest: full daemon vs bare asyncio+msgpack", ">= 0.80 of bare",
+                          f"{table['ratio']:.2f}", table["ratio"] >= 0.8))
     return "\n".join(rows)
 
 

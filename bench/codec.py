@@ -34,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import best_of, machine_info, machine_line  # noqa: E402
+from bench.common import best_of, claim, machine_info, machine_line  # noqa: E402
 from shared.ranges import decode_ranges, encode_ranges  # noqa: E402
 
 COPY_TARGET = 3.0
@@ -223,6 +223,11 @@ def render(result: dict, batch: dict | None, markdown: bool) -> str:
         if batch_lines:
             out.append("")
             out += _markdown(batch_columns, batch_lines)
+        for op, row in result["rows"].items():
+            out.append(claim(f"codec {op}: time vs a numpy copy", f"<= {COPY_TARGET:g}x", f"{row['vs_copy']:.2f}x",
+                             row["vs_copy"] <= COPY_TARGET))
+            out.append(claim(f"codec {op}: speedup vs a per-range loop", f">= {LOOP_TARGET:g}x",
+                             f"{row['loop_speedup']:.0f}x", row["loop_speedup"] >= LOOP_TARGET))
     else:
         out.append(machine_line())
         out.append(head)

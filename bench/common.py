@@ -64,3 +64,12 @@ def machine_line() -> str:
     info = machine_info()
     return (f"{info['date']} · {info['cpu']} · nproc {info['nproc']} · Python {info['python']}"
             f" · numpy {info['numpy']} · Linux {info['kernel']}")
+
+
+def claim(claim: str, target: str, measured: str, met: bool) -> str:
+    """One speed claim as a hidden markdown line that ``bench.run_all`` collects into the
+    summary table ``make bench`` prints (claim, target, measured, met/MISSED)."""
+    import json
+
+    record = {"claim": claim, "target": target, "measured": measured, "met": bool(met)}
+    return f"<!-- claim: {json.dumps(record, ensure_ascii=False)} -->"

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine_line
+from bench.common import claim, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "PERFORMANCE.md"
@@ -49,6 +49,8 @@ SECTIONS = (
     ("load", "Load", None),  # measured by this module
 )
 TIMEOUT_S = 1800
+#: what bench.common.claim writes into a section
+CLAIM = re.compile(r"<!-- claim: (\{.*?\}) -->")
 
 
 def start_marker(name: str) -> str:
@@ -193,8 +195,57 @@ def measure_load(quick: bool) -> str:
               + ("meets the 0.8 target." if verdict >= 0.8 else
                  "meets the 0.5 bar, not the 0.8 target." if verdict >= 0.5 else
                  "below the 0.5 bar: the host's per-batch work (validation, decode, tracker, "
-                 "metrics) costs more than the bare loop's framing; see ## Channel.")]
+                 "metrics) costs more than the bare loop's framing; see ## Channel."),
+              claim("load: balloon-load → balloon-host vs the bare channel", ">= 0.8 of bare (bar 0.5)",
+                    f"{verdict:.3f}", verdict >= 0.8)]
     return "\n".join(lines)
+
+
+# -- the summary ---------------------------------------------------------------------------
+
+
+def claims_of(doc: str) -> list[tuple[str, dict]]:
+    """(section name, claim) for every claim line inside a section's markers, in doc order."""
+    found = []
+    for name, _, _ in SECTIONS:
+        start, end = start_marker(name), end_marker(name)
+        if start in doc and end in doc:
+            body = doc.split(start, 1)[1].split(end, 1)[0]
+            found += [(name, json.loads(match)) for match in CLAIM.findall(body)]
+    return found
+
+
+def summary_table(claims: list[tuple[str, dict]], machine: str) -> str:
+    """Every claim, its target, what was measured and met/MISSED, as markdown."""
+    if not claims:
+        return "No benchmark declared a claim."
+    met = sum(1 for _, c in claims if c["met"])
+    lines = [f"{met} of {len(claims)} claims met on {machine}. Ratios (vs a copy, a loop, the bare "
+             "channel, the legacy mode) are what carries over to another CPU; absolute times do not.", "",
+             "| section | claim | target | measured | verdict |", "|---|---|---|---|---|"]
+    for name, c in claims:
+        lines.append(f"| {name} | {c['claim']} | {c['target']} | {c['measured']} | "
+                     f"{'met' if c['met'] else '**MISSED**'} |")
+    return "\n".join(lines)
+
+
+def put_summary(doc: str, table: str) -> str:
+    """The summary goes right under the document's title (markers added the first time)."""
+    start, end = start_marker("summary"), end_marker("summary")
+    block = f"{start}\n{table}\n{end}"
+    if start in doc and end in doc:
+        before, rest = doc.split(start, 1)
+        return before + block + rest.split(end, 1)[1]
+    title, sep, rest = doc.partition("\n")
+    return f"{title}{sep}\n## Summary\n\n{block}\n{rest}"
+
+
+def plain_table(claims: list[tuple[str, dict]]) -> str:
+    """The summary for the terminal: aligned columns, one claim a line."""
+    rows = [("section", "claim", "target", "measured", "verdict")]
+    rows += [(name, c["claim"], c["target"], c["measured"], "met" if c["met"] else "MISSED") for name, c in claims]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -212,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     new_doc = "# Performance\n\nEvery figure below is rewritten by `make bench` (`python -m bench.run_all`).\n"
     failed = []
+    printed = []  # --dry-run: the sections as printed
     for name, title, module in SECTIONS:
         if args.only and name not in args.only:
             continue
@@ -241,11 +293,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: done in {seconds:.0f} s", file=sys.stderr)
         if args.dry_run:
             print(f"## {title}\n\n{section}\n")
+            printed.append(f"{start_marker(name)}\n{section}\n{end_marker(name)}")
         else:
             # read-modify-write per section: edits made meanwhile (by people) are kept, and a
             # later failure keeps what was measured so far
             doc = args.doc.read_text() if args.doc.exists() else new_doc
             args.doc.write_text(replace_section(doc, name, title, section))
+    doc = "\n".join(printed) if args.dry_run else (args.doc.read_text() if args.doc.exists() else "")
+    claims = claims_of(doc)
+    if not args.dry_run and claims:
+        args.doc.write_text(put_summary(doc, summary_table(claims, machine_line())))
+    print(f"\nSummary ({sum(1 for _, c in claims if c['met'])} of {len(claims)} claims met; "
+          f"figures and commands in {args.doc}):\n{plain_table(claims)}")
     if failed:
         print(f"run_all: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

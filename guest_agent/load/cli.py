@@ -127,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "every range lies inside it")
     output = parser.add_argument_group("output and gates")
     output.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
-    output.add_argument("--plot", metavar="FILE.png", help="plot throughput and latency over time")
+    output.add_argument("--plot", metavar="FILE.png",
+                        help="PNG of acked batches/s and ack latency (p50, p99, max) per second of the run "
+                             "(matplotlib: the 'plot' extra); a last partial second under 0.25 s is left out, "
+                             "a longer one is scaled to a full second")
     output.add_argument("--max-p99", type=duration, metavar="DURATION",
                         help="exit 1 when the p99 ack latency exceeds DURATION (e.g. 10ms)")
     output.add_argument("--max-errors", type=int, metavar="N", help="exit 1 when more than N errors happened")

@@ -38,12 +38,35 @@ def record_seconds(histogram: HdrHistogram, latencies: list[float]) -> None:
 
 
 def latency_summary(histogram: HdrHistogram) -> dict[str, float | None]:
-    """p50/p90/p99/p99.9/max in seconds (None when nothing was recorded)."""
+    """p50/p90/p99/p99.9/max, mean and stdev in seconds (None when nothing was recorded).
+
+    Mean and stdev come from the histogram too (HdrHistogram's ``get_mean_value`` /
+    ``get_stddev``), so they merge across processes exactly like the percentiles.
+    """
     if histogram.get_total_count() == 0:
-        return {**{key: None for key in PERCENTILES}, "max": None}
+        return {**{key: None for key in PERCENTILES}, "max": None, "min": None, "mean": None, "stdev": None}
     summary = {key: histogram.get_value_at_percentile(p) / 1e6 for key, p in PERCENTILES.items()}
     summary["max"] = histogram.get_max_value() / 1e6
+    summary["min"] = histogram.get_min_value() / 1e6
+    summary["mean"] = histogram.get_mean_value() / 1e6
+    summary["stdev"] = histogram.get_stddev() / 1e6
     return summary
+
+
+#: The percentiles of the full distribution, as HdrHistogram's percentile output spaces
+#: them: halving the distance to 100 % each step (50, 75, 87.5, ...), then the maximum.
+DISTRIBUTION_PERCENTILES = (0.0, 10.0, 25.0, 50.0, 75.0, 87.5, 93.75, 96.875, 98.4375, 99.21875, 99.609375,
+                            99.8046875, 99.90234375, 99.951171875, 99.9755859375, 99.98779296875, 100.0)
+
+
+def latency_distribution(histogram: HdrHistogram) -> list[dict]:
+    """[{"percentile", "value_s", "count"}]: the latency at each percentile and the acks at
+    or below it (HdrHistogram's percentile distribution: Value, Percentile, TotalCount)."""
+    total = histogram.get_total_count()
+    if total == 0:
+        return []
+    return [{"percentile": percentile, "value_s": histogram.get_value_at_percentile(percentile) / 1e6,
+             "count": min(total, round(total * percentile / 100))} for percentile in DISTRIBUTION_PERCENTILES]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from shared.vocabulary import RANGES52
 
 from .guest import LoadGuest, Plan
 from .payloads import build_pool
-from .stats import Recorder, Timeline, Totals, latency_summary, new_histogram
+from .stats import Recorder, Timeline, Totals, latency_distribution, latency_summary, new_histogram
 
 TICK_S = 1.0
 START_MARGIN_S = 0.05
@@ -69,6 +69,10 @@ class LoadResult:
     @property
     def latency_s(self) -> dict:
         return latency_summary(self.histogram)
+
+    @property
+    def latency_distribution(self) -> list[dict]:
+        return latency_distribution(self.histogram)
 
 
 async def _run_guests(config: LoadConfig, indices: list[int], epoch_wall: float,

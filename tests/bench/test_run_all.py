@@ -66,3 +66,29 @@ def test_run_all_writes_a_section_of_a_copy(tmp_path: Path):
     generated = text.split("<!-- bench:encodings:start -->", 1)[1].split("<!-- bench:encodings:end -->")[0]
     assert "`python -m bench.encodings --markdown --quick`" in generated
     assert "| layout | encoding |" in generated and "Where each encoding wins" in generated
+
+
+def test_make_bench_prints_every_claim_with_its_target_and_a_verdict(tmp_path: Path):
+    from bench.run_all import claims_of, put_summary, summary_table
+
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text(DOC)
+    result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--only", "codec", "--doc", str(doc)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = doc.read_text()
+    claims = claims_of(out)
+    assert {c["claim"] for _, c in claims} >= {"codec encode (reporting): time vs a numpy copy",
+                                              "codec decode (mixed): speedup vs a per-range loop"}
+    assert all(c["target"] and c["measured"] for _, c in claims)
+    # the terminal gets the table; the doc gets it under its title, once
+    assert "Summary (" in result.stdout and "claims met" in result.stdout
+    for _, c in claims:
+        assert c["claim"] in result.stdout
+        line = next(line for line in result.stdout.splitlines() if c["claim"] in line)
+        assert line.rstrip().endswith("met" if c["met"] else "MISSED") and c["target"] in line
+    assert out.index("## Summary") < out.index("## Codec") and out.count("<!-- bench:summary:start -->") == 1
+    again = put_summary(out, summary_table(claims, "here"))
+    assert again.count("bench:summary:start") == 1 and "on here" in again
+    missed = summary_table([("load", {"claim": "c", "target": ">= 0.8", "measured": "0.2", "met": False})], "m")
+    assert "| load | c | >= 0.8 | 0.2 | **MISSED** |" in missed and "0 of 1 claims met" in missed

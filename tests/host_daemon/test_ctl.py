@@ -264,3 +264,14 @@ def test_render_policy_drops_columns_on_narrow_terminals():
     assert "inflate held 42s more" in wide[2] and "budget 1GiB" in wide[0]
     narrow = render_policy(answer, 40)
     assert "vm-with-a-long-name" in narrow[2] and "blocked" in narrow[2] and "note" not in narrow[1]
+
+
+def test_load_guests_say_bye_and_the_host_forgets_them_soon(host):
+    """Item 7: balloon-load ends every guest with BYE; an open guest that said BYE is forgotten
+    after the host's --forget-after (10 s by default), not kept for --retention."""
+    host.load("--guests", "4", "--batches", "20")
+    guests = json.loads(ctl("--host", host.url, "status", "--json").stdout)["guests"]
+    assert {g["id"] for g in guests} <= {f"load-{i}" for i in range(4)}
+    assert not any(g["connected"] for g in guests)
+    _poll(lambda: json.loads(ctl("--host", host.url, "status", "--json").stdout)["guests"] == [], timeout=30,
+          what="the host forgets the load guests")

@@ -53,6 +53,19 @@ def test_closed_loop_against_a_bare_host(bare_host, load_cli, tmp_path):
     assert data["errors"] == {} and data["reconnects"] == 0 and data["offered_rate"] is None
     assert "Ack latency" in result.stdout and "batches/s" in result.stdout
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    # mean, stdev and the full HdrHistogram distribution; when and with what
+    latency = data["latency_s"]
+    assert latency["min"] <= latency["mean"] <= latency["max"] and latency["stdev"] >= 0
+    distribution = data["latency_distribution"]
+    assert distribution[0]["percentile"] == 0 and distribution[-1]["percentile"] == 100
+    assert [row["value_s"] for row in distribution] == sorted(row["value_s"] for row in distribution)
+    assert distribution[-1]["count"] == data["batches"] and distribution[-1]["value_s"] == latency["max"]
+    assert data["timestamp"].endswith("+00:00") and data["version"] not in ("", None)
+    assert "Ack latency distribution (HdrHistogram)" in result.stdout and "stdev" in result.stdout
+    # the last second of a 1.5 s run is half a second: its rate is over what it covered
+    last = data["timeline"][-1]
+    assert 0 < last["seconds"] < 1 and last["batches_per_s"] == last["batches"] / last["seconds"]
+    assert all(row["seconds"] == 1 for row in data["timeline"][:-1])
 
 
 def test_batches_per_guest_are_exact_and_processes_merge(bare_host, load_cli, tmp_path):
@@ -95,7 +108,7 @@ def test_thresholds_set_the_exit_code(bare_host, load_cli):
 def test_errors_from_a_host_that_sends_error_are_counted(bare_host, load_cli, tmp_path):
     address = bare_host("--error-after", "20", "--error-code", "internal")
     out = tmp_path / "out.json"
-    result = load_cli("--connect", address, "--duration", "1s", "--json", str(out), "--max-errors", "0",
+    result = load_cli("--connect", address, "--batches", "60", "--json", str(out), "--max-errors", "0",
                       "--quiet")
     assert result.returncode == 1
     data = load_json(out)
@@ -132,12 +145,13 @@ def test_bad_arguments_exit_2(load_cli):
 def test_against_the_real_host(real_host, load_cli, tmp_path, kind, extra):
     address, _url, _process = real_host()
     out = tmp_path / "out.json"
-    result = load_cli("--connect", address, "--guests", "3", "--duration", "1s", "--kind", kind, *extra,
+    # a batch count, not a duration: on a loaded machine 1 s may end before a guest is connected
+    result = load_cli("--connect", address, "--guests", "3", "--batches", "40", "--kind", kind, *extra,
                       "--json", str(out), "--max-errors", "0")
     assert result.returncode == 0, result.stdout + result.stderr
     data = load_json(out)
     check_sane(data, 3)
-    assert data["batches"] > 0 and data["errors"] == {}
+    assert data["batches"] == 120 and data["errors"] == {}
     assert data["rejected_pages"] == 0  # every generated range lies inside the guest's RAM
 
 
