@@ -13,7 +13,7 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shared.config import parse_size
+from shared.config import format_size, parse_size
 from shared.messages import valid_guest_id
 from shared.vocabulary import HINTING, PAGE_SIZE
 
@@ -123,7 +123,8 @@ class AdminApp:
             return _error(400, str(error))
         pages = size // PAGE_SIZE
         if pages > record.pages:
-            return _error(400, f"target {size} bytes exceeds the guest's {record.pages * PAGE_SIZE} bytes")
+            return _error(400, f"a balloon of {format_size(size)} exceeds the guest's "
+                               f"{format_size(record.pages * PAGE_SIZE)} of memory")
         self.host.set_target(record.id, pages)  # a disconnected guest gets it after its next WELCOME
         return web.json_response({"target_pages": pages}, status=202)
 

@@ -21,7 +21,8 @@ admin token comes from ``--token-file`` (or $BALLOON_CTL_TOKEN_FILE): the file h
 the token alone, the same file the host reads with ``--admin-token-file``.
 
 Exit codes: 0 done; 1 the host is unreachable or refused the request (one line on
-stderr says why); 2 bad command line.
+stderr says why); 2 bad command line, or a request the host calls malformed (HTTP 400,
+e.g. a balloon larger than the guest).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class AdminClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
-            raise CtlError(f"{method} {path}: HTTP {error.code}: {_error_text(error)}") from None
+            kind = UsageError if error.code == 400 else CtlError  # 400: what we asked for is wrong (exit 2)
+            raise kind(f"{method} {path}: HTTP {error.code}: {_error_text(error)}") from None
         except urllib.error.URLError as error:
             raise CtlError(f"cannot reach the host at {self.base}: {_reason(error.reason)}") from None
         except (TimeoutError, OSError) as error:

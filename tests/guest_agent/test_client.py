@@ -60,3 +60,32 @@ async def test_a_target_sent_in_the_same_write_as_welcome_reaches_the_balloon(tm
         await asyncio.wait_for(task, 5)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_missing_socket_is_named_once_not_a_bare_errno_every_retry(tmp_path, caplog):
+    import logging
+
+    agent = Agent(allocator=FakeBuddy(1024), total_pages=1024)
+    missing = tmp_path / "nowhere" / "host.sock"
+    client = GuestClient(agent, Address("unix", path=str(missing)), "g1", ("ranges52",), reconnect_max=0.05)
+    with caplog.at_level(logging.DEBUG, logger="guest_agent.client"):
+        task = asyncio.create_task(client.run())
+        assert await until(lambda: agent.metrics.value("balloon_guest_connect_failures_total") >= 3)
+        client.stop()
+        await task
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # the same failure again is not repeated at warning level
+    assert f"cannot connect to unix:{missing}: no such socket" in client.last_error
+    assert "FileNotFoundError" not in client.last_error
+
+
+def test_each_phase_of_a_failure_is_said_in_words():
+    client = GuestClient(Agent(allocator=FakeBuddy(1024), total_pages=1024), Address("unix", path="/run/x.sock"),
+                         "g1", ("ranges52",), handshake_timeout=5.0)
+    client._phase = "connect"
+    assert client.describe(TimeoutError()) == "connecting to unix:/run/x.sock timed out after 5s"
+    assert client.describe(ConnectionRefusedError(111, "Connection refused")).endswith("Connection refused")
+    client._phase = "handshake"
+    assert client.describe(TimeoutError()).startswith("no WELCOME from unix:/run/x.sock within 5s")
+    client._phase = "session"
+    assert client.describe(EOFError()) == "EOFError: no details (session, unix:/run/x.sock)"

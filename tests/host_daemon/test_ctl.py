@@ -117,6 +117,9 @@ def test_target_needs_the_admin_token(host):
     done = ctl("--host", host.url, "target", "load-0", "128MiB", "--token-file", str(host.token_file))
     assert done.returncode == 0, done.stderr
     assert "32768 pages" in done.stdout
+    too_big = ctl("--host", host.url, "target", "load-0", "2GiB", "--token-file", str(host.token_file))
+    assert too_big.returncode == 2 and too_big.stderr.count("\n") == 1
+    assert "a balloon of 2GiB exceeds the guest's 1GiB of memory" in too_big.stderr
     guest = json.loads(ctl("--host", host.url, "status", "load-0", "--json").stdout)
     assert guest["target_bytes"] == 128 << 20
 
