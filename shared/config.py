@@ -62,6 +62,8 @@ def format_size(value: int | float | None) -> str:
         return "-"
     sign = "-" if value < 0 else ""
     value = abs(value)
+    if value > MAX_SIZE:  # a client's 400-digit number: no float can hold it
+        return f"{sign}more than 16EiB"
     for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if value >= factor:
             scaled = value / factor

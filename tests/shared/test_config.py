@@ -79,6 +79,10 @@ def test_decimal_looking_units_are_refused_as_ambiguous_with_the_fix_in_the_mess
         parse_size(text)
 
 
+def test_format_size_of_an_absurd_number_does_not_overflow():
+    assert format_size(10 ** 400) == "more than 16EiB"
+
+
 @pytest.mark.parametrize("value, text", [(0, "0B"), (812, "812B"), (4096, "4KiB"), (256 << 20, "256MiB"),
                                          (3 << 29, "1.5GiB"), (2 << 40, "2TiB"), (-(64 << 20), "-64MiB")])
 def test_format_size_reads_back_through_parse_size(value, text):
