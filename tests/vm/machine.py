@@ -202,7 +202,7 @@ class Machine:
 
     def agent_command(self, *options: str) -> str:
         return (f"chroot /mnt {GUEST_ENV} {REPO}/.venv/bin/balloon-guest --connect serial:{PORT} "
-                f"--id {self.name} --memory {self.memory_mib}MiB --http off " + " ".join(options))
+                f"--id {self.name} --http off " + " ".join(options))
 
     def pid_of(self, pattern: str) -> list[int]:
         out = self.run(f"pgrep -f {shlex.quote(pattern)} || true")

@@ -1,10 +1,11 @@
 """A host daemon and one real guest wired together, as an operator would run them.
 
-Today's host (open mode, docs/OPERATIONS.md "Real VMs"): ``balloon-host --listen
-unix:DIR/vm1.sock --ram-dir DIR --retention 1h``; QEMU's guest RAM is ``DIR/vm1.ram`` and its
-virtio-serial chardev dials ``DIR/vm1.sock``. The agent announces the guest's exact RAM size
-(``--memory``), so the host reopens QEMU's file instead of resizing it, and the long
-retention keeps the host from deleting a file QEMU has mapped.
+The VM is a provisioned guest (docs/OPERATIONS.md "Real VMs"): the host's inventory
+(``balloon-host --guests DIR/guests.toml``) says ``[guest.vm1] memory``, its own listener
+``listen = "unix:DIR/vm1.sock"`` — whoever connects there *is* vm1, as QEMU's chardev does —
+and ``ram_file = "DIR/vm1.ram"``, the file QEMU created as the guest's RAM, which the host
+opens but never creates, resizes or removes. The agent in the guest announces what it can
+see of its RAM; the host's size is the one that counts.
 """
 
 from __future__ import annotations
@@ -68,10 +69,17 @@ class Stack:
 
     # -- the host daemon -----------------------------------------------------------------
 
+    def inventory(self) -> Path:
+        path = self.folder / "guests.toml"
+        path.write_text(f'[guest.{self.name}]\nmemory = "{self.vm.memory_mib}MiB"\n'
+                        f'listen = "unix:{self.socket}"\nram_file = "{self.vm.ram_file}"\n')
+        return path
+
     def start_host(self) -> None:
-        argv = [sys.executable, "-m", "host_daemon", "--listen", f"unix:{self.socket}",
-                "--http", f"127.0.0.1:{self.http_port}", "--ram-dir", str(self.folder),
-                "--retention", "1h", *self.host_args]
+        # --listen: the host wants one shared listener; --max-guests 0 admits no open guest on it.
+        argv = [sys.executable, "-m", "host_daemon", "--guests", str(self.inventory()), "--max-guests", "0",
+                "--listen", f"unix:{self.folder}/shared.sock",
+                "--http", f"127.0.0.1:{self.http_port}", *self.host_args]
         with open(self.host_log, "ab") as out:
             self.host = subprocess.Popen(["timeout", "-s", "KILL", "1200", *argv], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
