@@ -38,6 +38,7 @@ import ctypes.util
 import logging
 import mmap
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,10 @@ class LinuxPages:
         self.root = Path(root)
         self.pagemap = pagemap
         self.mapped_pages = 0
+        # Where the agent's time goes (bench/vm.py): faulting+zeroing+pinning, pagemap, unmapping.
+        self.pin_seconds = 0.0
+        self.pagemap_seconds = 0.0
+        self.unmap_seconds = 0.0
 
     def prepare(self) -> None:
         """Check root and pagemap; stop compaction from moving mlocked pages."""
@@ -139,6 +144,7 @@ class LinuxPages:
     def map(self, length: int) -> Chunk:
         """``length`` bytes of anonymous memory, faulted in (the kernel zeroes it) and locked."""
         length -= length % PAGE_SIZE
+        t0 = time.perf_counter()
         address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE,
                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if address in (None, _MAP_FAILED):
@@ -149,10 +155,12 @@ class LinuxPages:
             _libc.munmap(address, length)
             raise LinuxSourceError(error.errno, f"{error.strerror} (--source linux needs root: CAP_IPC_LOCK)")
         self.mapped_pages += length // PAGE_SIZE
+        self.pin_seconds += time.perf_counter() - t0
         return Chunk(address, length)
 
     def read(self, chunk: Chunk) -> Chunk:
         """Re-read the chunk's PFNs from pagemap (right before they are sent)."""
+        t0 = time.perf_counter()
         fd = os.open(self.pagemap, os.O_RDONLY | os.O_CLOEXEC)
         try:
             want = chunk.pages * 8
@@ -165,13 +173,20 @@ class LinuxPages:
         finally:
             os.close(fd)
         chunk.pfns, chunk.counts = pfn_ranges(np.frombuffer(bytes(data), dtype="<u8"))
+        self.pagemap_seconds += time.perf_counter() - t0
         return chunk
 
     def unmap(self, chunk: Chunk) -> None:
         """Give the memory back to the guest kernel (munmap also unlocks it)."""
+        t0 = time.perf_counter()
         if _libc.munmap(chunk.address, chunk.length) != 0:
             raise _errno_error("munmap")
         self.mapped_pages -= chunk.pages
+        self.unmap_seconds += time.perf_counter() - t0
+
+    def timings(self) -> dict[str, float]:
+        return {"pin_s": round(self.pin_seconds, 3), "pagemap_s": round(self.pagemap_seconds, 3),
+                "unmap_s": round(self.unmap_seconds, 3)}
 
 
 # -- /proc/meminfo, /proc/vmstat ---------------------------------------------------------
@@ -248,6 +263,7 @@ class LinuxBalloon:
         self.target = 0
         self.deflate_on_oom = False  # a real guest's OOM killer is the kernel's business
         self.stuck = False
+        self._settled = True  # logged "balloon at target" since the last TARGET
         self._held: list[Chunk] = []  # acked INFLATE in this session
         self._unsent: list[Chunk] = []  # locked; the host does not know (yet, or any more)
         self.inflating_pages = 0
@@ -262,6 +278,13 @@ class LinuxBalloon:
     def set_target(self, pages: int) -> None:
         self.target = max(0, min(int(pages), self.total_pages))
         self.stuck = False
+        self._settled = False
+
+    def _check_settled(self) -> None:
+        if not self._settled and not self._unsent and not self.inflating_pages and not self.deflating_pages \
+                and self.pages == self.target:
+            self._settled = True
+            log.info("balloon at target", extra={"pages": self.pages, **self.mem.timings()})
 
     def negotiated(self, features) -> None:
         pass
@@ -310,6 +333,7 @@ class LinuxBalloon:
         def acked(op: Op) -> None:
             self.inflating_pages -= chunk.pages
             self._held.append(chunk)
+            self._check_settled()
 
         def aborted(op: Op) -> None:  # the host may have discarded them: stay in the balloon
             self.inflating_pages -= chunk.pages
@@ -324,6 +348,7 @@ class LinuxBalloon:
         def acked(op: Op) -> None:  # only now is the host done with them
             self.deflating_pages -= chunk.pages
             self.mem.unmap(chunk)
+            self._check_settled()
 
         def aborted(op: Op) -> None:
             self.deflating_pages -= chunk.pages

@@ -4,8 +4,9 @@
 back and print ``memcheck ok pages=N bad_words=0`` — after a deflate this is memory the host
 had punched, so any page it still discarded would read zero.
 
-``hold MIB``: write the pattern once, then verify it every second until SIGTERM, printing a
-line per round — a canary that lives through inflates, deflates and host restarts.
+``hold MIB --until FILE``: write the pattern once, then verify it every second until FILE
+exists (or SIGTERM), printing a line per round — a canary that lives through inflates,
+deflates and host restarts.
 
 Exit status 0 only when every word matched.
 """
@@ -17,6 +18,7 @@ import mmap
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,11 +62,13 @@ def check(mib: int, seed: int) -> int:
     return 0 if bad == 0 else 1
 
 
-def hold(mib: int, seed: int) -> int:
+def hold(mib: int, seed: int, until: str | None) -> int:
     area, words = _region(mib)
     _fill(words, seed)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    if until:
+        stop_file = Path(until)
     rounds = bad_total = 0
     print(f"memcheck holding pages={words.size // WORDS_PER_PAGE}", flush=True)
     while True:
@@ -72,7 +76,7 @@ def hold(mib: int, seed: int) -> int:
         rounds += 1
         bad_total += bad
         print(f"memcheck round={rounds} bad_words={bad}", flush=True)
-        if stop:
+        if stop or (until and stop_file.exists()):
             break
         time.sleep(1.0)
     print(f"memcheck {'ok' if bad_total == 0 else 'FAILED'} rounds={rounds} bad_words={bad_total}", flush=True)
@@ -84,8 +88,11 @@ def main(argv=None) -> int:
     parser.add_argument("mode", choices=("check", "hold"))
     parser.add_argument("mib", type=int)
     parser.add_argument("--seed", type=int, default=0x5EED)
+    parser.add_argument("--until", default=None, help="hold: stop once this file exists")
     args = parser.parse_args(argv)
-    return (check if args.mode == "check" else hold)(args.mib, args.seed)
+    if args.mode == "check":
+        return check(args.mib, args.seed)
+    return hold(args.mib, args.seed, args.until)
 
 
 if __name__ == "__main__":

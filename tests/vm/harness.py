@@ -65,7 +65,9 @@ fi
 stty -echo -onlcr 2>/dev/null
 export PS1=
 echo "BALLOON-VM-READY $(cut -d' ' -f1 /proc/uptime)"
-exec sh
+# PID 1 must never exit (the kernel panics): ash without job control on a console sometimes
+# ends when a background job dies, so the shell is restarted.
+while true; do sh; echo "init: shell exited, restarting"; done
 """
 
 

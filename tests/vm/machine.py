@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -194,7 +193,7 @@ class Machine:
     def spawn(self, command: str, log: str) -> None:
         """Start ``command`` in the background, output to guest file ``log`` (busybox ash on
         a console without job control exits when a plain ``cmd &`` job ends: subshell it)."""
-        self.run(f"( {{ {command} ; }} > {log} 2>&1 & )")
+        self.run(f"( {{ {command} ; }} < /dev/null > {log} 2>&1 & )")
 
     def python(self, args: str) -> str:
         """``python ARGS`` inside the chroot with this checkout's venv, as a command line."""
@@ -205,8 +204,14 @@ class Machine:
                 f"--id {self.name} --http off " + " ".join(options))
 
     def pid_of(self, pattern: str) -> list[int]:
-        out = self.run(f"pgrep -f {shlex.quote(pattern)} || true")
-        return [int(p) for p in out.split() if p.isdigit()]
+        """Guest processes whose command line contains ``pattern`` (busybox pgrep -f does not
+        see a Python script's arguments, so read ps)."""
+        pids = []
+        for line in self.run("ps -o pid,args | cat").splitlines()[1:]:  # a pipe: no 80-column cut
+            pid, _, args = line.strip().partition(" ")
+            if pattern in args and pid.isdigit() and not args.startswith("ps "):
+                pids.append(int(pid))
+        return pids
 
     def meminfo(self) -> dict[str, int]:
         out = self.run("cat /proc/meminfo")

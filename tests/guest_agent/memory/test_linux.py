@@ -95,6 +95,9 @@ class FakePages:
     def mapped_pages(self) -> int:
         return sum(c.pages for c in self.mapped.values())
 
+    def timings(self) -> dict:
+        return {}
+
 
 def payload_ranges(op) -> list[tuple[int, int]]:
     out = []
