@@ -71,3 +71,17 @@ async def test_manual_policy_never_sends_targets(make_host):
     host = await make_host()
     assert host.policy.config.policy == "manual"
     assert await host.policy.tick() == []
+
+
+async def test_the_inventory_limits_reach_the_policy(make_host):
+    from host_daemon.inventory import parse_entry
+
+    host = await make_host(policy="mom")
+    host.registry.provision(parse_entry("vm1", {"memory": "1GiB", "min_memory": "256MiB", "max_memory": "768MiB",
+                                                "token": "at-least-8-chars"}))
+    _, guests, _ = host.policy.measure(0.0)
+    (vm1,) = guests
+    assert (vm1.memory_bytes, vm1.min_memory, vm1.max_memory) == (1 << 30, 256 << 20, 768 << 20)
+    assert not vm1.connected and vm1.stats_age is None
+    (decision,) = await host.policy.tick()
+    assert (decision.direction, decision.reason) == ("hold", "disconnected")
