@@ -3,6 +3,7 @@
     python -m bench.policy                 # every scenario, PNGs into docs/policy/
     python -m bench.policy --scenario burst --out /tmp/plots
     python -m bench.policy --no-plot       # the text summary only (matplotlib not needed)
+    python -m bench.policy --quick         # the same (what tests/bench runs: docs/ stays as it is)
 
 Each scenario is a small model of guests and a host, stepped once per policy interval:
 a guest's workload sets how much memory it uses; its balloon follows the target (up to
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scenario", action="append", help="run only these (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("docs/policy"), help="where the PNGs go")
     parser.add_argument("--no-plot", action="store_true", help="print the summary only")
+    parser.add_argument("--quick", action="store_true", help="smoke test: the summary only, no pictures")
     parser.add_argument("--interval", type=float, default=5.0, help="policy interval in seconds")
     args = parser.parse_args(argv)
     chosen = scenarios()
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     for scenario in chosen:
         trace = run(scenario, args.interval)
         print(summary(scenario, trace))
-        if not args.no_plot:
+        if not (args.no_plot or args.quick):
             path = args.out / f"{scenario.name}.png"
             plot(scenario, trace, path)
             print(f"  -> {path}")
