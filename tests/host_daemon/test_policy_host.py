@@ -73,7 +73,9 @@ async def test_manual_policy_never_sends_targets(make_host):
     assert await host.policy.tick() == []
 
 
-async def test_the_inventory_limits_reach_the_policy(make_host):
+async def test_the_inventory_limits_reach_the_policy(make_host, caplog):
+    import logging
+
     from host_daemon.inventory import parse_entry
 
     host = await make_host(policy="mom")
@@ -83,5 +85,13 @@ async def test_the_inventory_limits_reach_the_policy(make_host):
     (vm1,) = guests
     assert (vm1.memory_bytes, vm1.min_memory, vm1.max_memory) == (1 << 30, 256 << 20, 768 << 20)
     assert not vm1.connected and vm1.stats_age is None
-    (decision,) = await host.policy.tick()
+    with caplog.at_level(logging.DEBUG, logger="balloon.host.policy"):
+        (decision,) = await host.policy.tick()
+        await host.policy.tick()
     assert (decision.direction, decision.reason) == ("hold", "disconnected")
+    lines = [r for r in caplog.records if r.getMessage() == "policy decision"]
+    # one structured line per decision: inputs, rule, result; a repeated hold drops to debug
+    assert [r.levelno for r in lines] == [logging.INFO, logging.DEBUG]
+    first = lines[0]
+    assert (first.guest, first.reason, first.rule, first.direction) == ("vm1", "disconnected", "rail:freeze", "hold")
+    assert first.in_memory_bytes == 1 << 30 and first.policy == "mom"
