@@ -186,6 +186,10 @@
       }
       cell(tr, "reported_bytes", values.reported, bytes(values.reported));
       cell(tr, "reclaimed_bytes", values.reclaimed, bytes(values.reclaimed));
+      const usable = cell(tr, "usable_bytes", g.usable_bytes, bytes(g.usable_bytes));
+      if (g.stats_age_seconds !== null && g.stats_age_seconds !== undefined) {
+        usable.title = `from STATS ${g.stats_age_seconds.toFixed(0)} s ago`;
+      }
       cell(tr, "released_bytes_per_second", values.released, values.released === null ? "–" : bytes(values.released) + "/s");
       const w = g.window || { in_use: 0, size: 0 };
       cell(tr, "window", w.in_use, `${w.in_use}/${w.size}`);

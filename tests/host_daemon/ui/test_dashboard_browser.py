@@ -89,6 +89,11 @@ async def test_dashboard_shows_every_guest_with_the_hosts_numbers_and_survives_a
             assert cells["reclaimed_bytes"]["value"] > 0, (guest, cells)
             assert cells["actual_bytes"]["value"] == 128 * MIB  # no balloon yet
             assert cells["window"]["text"].endswith(f"/{api[guest]['window']['size']}"), cells["window"]
+        # STATS reach the page: what the guest could still allocate, with the age of the figure
+        await page.wait_for("document.querySelector('tr[data-guest=idle] td[data-field=usable_bytes]')"
+                            "?.dataset.value > 0", 30, "idle's usable bytes from its STATS")
+        rows = {row["guest"]: row["cells"] for row in await page.evaluate(ROWS)}
+        api = _api_guests(host)
         # idle converged before the page opened: the page shows exactly the host's number
         assert rows["idle"]["reported_bytes"]["value"] == api["idle"]["reported_bytes"]
 
