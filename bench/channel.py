@@ -252,6 +252,7 @@ def _shell_host(path: str, window: int, max_ranges: int) -> None:
         server = HostServer(HostSettings(listen=(Address("unix", path=path),), http=None, window=window,
                                          max_ranges=max_ranges, idle_timeout=600))
         await server.start()
+        await server.wait_warm()
         print("ready", flush=True)
         await server.wait_stopped()
 

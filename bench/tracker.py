@@ -7,9 +7,10 @@ batches of 256 consecutive single pages — and the memory the sets take per gue
 The set-structure variants plug into the same GuestTracker (``page_set``), so their
 validation and bookkeeping are identical; only the set structure differs. Two ways to
 feed BitMap64 are measured: one ``add_range`` call per range (RoaringPageSet, the
-tracker for guests past ``pageset.FLAT_LIMIT`` or without numba) and building a bitmap
-from the expanded page array (no Python loop, but work per page). ``BitmapTracker``
-(host_daemon/pageset.py, the default) validates and applies a batch in one numba call.
+tracker before the flat bitmaps; bench/tracker_alternatives.py) and building a bitmap
+from the expanded page array (no Python loop, but work per page). The daemon's tracker
+(host_daemon/tracker.py over host_daemon/pageset.py) validates and applies a batch in one
+numba call; this bench is why that kernel exists (docs/PERFORMANCE.md ``## Tracker``).
 
     python -m bench.tracker            # 8 GiB guest
     python -m bench.tracker --quick    # 1 GiB guest, fewer batches (smoke test)
@@ -25,8 +26,8 @@ import time
 import numpy as np
 from pyroaring import BitMap64
 
-from host_daemon import pageset
-from host_daemon.tracker import BitmapTracker, GuestTracker, IntervalSet, RoaringPageSet
+from bench.tracker_alternatives import IntervalSet, RoaringPageSet, SetTracker
+from host_daemon import tracker as host_tracker
 from shared.ranges import expand_pages
 
 U64 = np.uint64
@@ -47,17 +48,22 @@ class RoaringFromPages(RoaringPageSet):
 
 
 def tracker_class(page_set):
-    return type(f"Tracker_{page_set.__name__}", (GuestTracker,), {"page_set": page_set})
+    return type(f"Tracker_{page_set.__name__}", (SetTracker,), {"page_set": page_set})
+
+
+def _interpreted(pages: int):
+    """The daemon's tracker with its loops as plain Python (what runs without numba)."""
+    return host_tracker.GuestTracker(pages)
 
 
 STRUCTURES = {
-    "flat bitmap, numba (default)": BitmapTracker,
-    "bitmap64 add_range (large guests)": tracker_class(RoaringPageSet),
+    "flat bitmap, numba (the daemon's)": host_tracker.GuestTracker,
+    "bitmap64 add_range": tracker_class(RoaringPageSet),
     "bitmap64 from pages": tracker_class(RoaringFromPages),
     "numpy intervals": tracker_class(IntervalSet),
 }
-if not pageset.AVAILABLE:  # numba missing or BALLOON_TRACKER=roaring
-    del STRUCTURES["flat bitmap, numba (default)"]
+if not host_tracker.load_kernels():  # numba missing or BALLOON_TRACKER=python
+    STRUCTURES = {"flat bitmap, interpreted (no numba)": _interpreted, **dict(list(STRUCTURES.items())[1:])}
 
 
 def workloads(pages: int, rng: np.random.Generator, scattered_ranges: int):

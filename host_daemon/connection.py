@@ -18,7 +18,7 @@ import struct
 from shared.addresses import Address
 
 from .admission import Peer
-from .flow_control import DISCARD, WRITING, FlowControl
+from .flow_control import DISCARD, WARMING, WRITING, FlowControl
 from .guest_session import GuestSession, Output
 
 log = logging.getLogger("balloon.host.session")
@@ -68,14 +68,28 @@ class GuestProtocol(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.flow = FlowControl(transport)
+        warm = self.host.warm
+        if warm is not None and not warm.done():  # the host has just started: wait, unread
+            self.flow.hold(WARMING)
+            warm.add_done_callback(self._warmed)
+        self._start()
+
+    def _warmed(self, _future) -> None:
+        if not self.transport.is_closing():
+            self.session.started = self.session.last_message = self._loop.time()
+            self.flow.release(WARMING)
+            self._arm()
+
+    def _start(self) -> None:
         host = self.host
-        peer = peer_of(transport, self.listener, self.guest_id)
+        peer = peer_of(self.transport, self.listener, self.guest_id)
         self.session = GuestSession(host.settings, host.admitter, host.stats, peer, self._loop.time(), owner=self)
         refusal = host.connection_opened(self)
         if refusal is not None:
             self._handle(self.session.refuse(refusal))
             return
-        self._arm()
+        if not self.flow.read_paused:
+            self._arm()
 
     def data_received(self, data: bytes) -> None:
         session = self.session

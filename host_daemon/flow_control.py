@@ -6,6 +6,7 @@ Reading pauses while any *hold* is on and resumes when the last one is released:
   (``pause_writing``): the guest does not read its ACKs, so reading more of its batches
   would only grow host memory (DESIGN §4 invariant 4). The guest's own socket buffer then
   fills and it stalls itself — TCP/Unix backpressure, as a full virtqueue stalls a driver.
+- ``WARMING``: the host has just started and its tracker kernels are still loading.
 - ``DISCARD``: a large discard (or a debug delay) runs outside the event loop; the rest of
   the chunk and anything after it waits, so ACKs stay in order.
 """
@@ -13,6 +14,7 @@ Reading pauses while any *hold* is on and resumes when the last one is released:
 from __future__ import annotations
 
 WRITING = "writing"
+WARMING = "warming"
 DISCARD = "discard"
 
 

@@ -229,6 +229,8 @@ class GuestSession:
         return output
 
     def _pack(self, out: list[bytes], acks: list[Ack]) -> bytes:
+        if self.conn.state is State.CLOSED:  # the chunk ended with the guest's BYE or ERROR:
+            return b""  # nothing more may be sent on this connection
         if acks:
             send = self.conn.send
             out.extend([send(ack) for ack in acks])
@@ -269,6 +271,8 @@ class GuestSession:
 
     def _control(self, event, out: list[bytes]) -> tuple[str, str] | None:
         """Non-batch messages; ``(result, reason)`` when the message ends the session."""
+        if self.conn.state is State.CLOSED and not isinstance(event, ENDINGS):
+            return None  # a BYE or ERROR later in this chunk ended it: no reply can be sent
         if isinstance(event, Hello):
             out.extend(self._welcome(event))
         elif isinstance(event, Ping):

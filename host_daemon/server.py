@@ -85,6 +85,7 @@ class HostServer:
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
         self._stopping = False
+        self.warm: asyncio.Future | None = None  # the kernels are loaded (see start)
         #: hole punching of large discards, off the event loop (guest_session.OFFLOAD_PAGES)
         self.discard_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="discard")
         self.policy = PolicyDriver(self, *policy_settings(settings))  # automatic sizing (--policy)
@@ -92,15 +93,6 @@ class HostServer:
     async def start(self) -> None:
         settings = self.settings
         _raise_fd_limit()
-        # Compile (or load from numba's cache) the codec and tracker kernels before the
-        # first listener exists: done lazily, the first guest's HELLO would stall the loop
-        # for up to seconds and other guests' handshakes could time out behind it.
-        from shared import _kernels
-
-        from . import pageset
-
-        _kernels.warm_up()
-        pageset.warm_up()
         if settings.ram_dir is not None:
             from .reclaim import RamDirError, validate_ram_dir
 
@@ -124,7 +116,10 @@ class HostServer:
                 await self._runner.cleanup()
             raise
         self.policy.start()
-        self.ready = True
+        # The tracker's compiled kernels load off the loop (numba: ~0.5 s from its cache, seconds
+        # cold), so the host listens at once; connections accepted meanwhile wait, unread.
+        self.warm = asyncio.get_running_loop().run_in_executor(None, _load_kernels)
+        self.warm.add_done_callback(self._warmed)
         if settings.allow_open_tcp and any(a.kind == "tcp" for a in settings.listen):
             log.warning("--allow-open-tcp: anyone who reaches the TCP port may claim any unprovisioned "
                         "guest id; use the inventory's tokens outside demos and load tests")
@@ -134,6 +129,17 @@ class HostServer:
             "http": "off" if self.http_address is None else f"{self.http_address[0]}:{self.http_address[1]}",
             "window": settings.window, "max_ranges": settings.max_ranges, "backlog": settings.backlog,
             "ram_dir": str(settings.ram_dir) if settings.ram_dir else None})
+
+    def _warmed(self, future: asyncio.Future) -> None:
+        """/readyz turns 200 once the kernels are loaded (connections were held until then)."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:  # the first batch loads them again (or runs them interpreted)
+            log.error("cannot load the tracker kernels", extra={"error": f"{type(error).__name__}: {error}"})
+        if not self._stopping:
+            self.ready = True
+            log.info("host warm", extra={"kernels": "compiled" if _compiled() else "interpreted"})
 
     # -- listeners ----------------------------------------------------------------------
 
@@ -347,8 +353,28 @@ class HostServer:
         log.info("host stopped")
         self._stopped.set()
 
+    async def wait_warm(self) -> None:
+        """Until the kernels are loaded and /readyz says 200 (tests and embedders)."""
+        if self.warm is not None:
+            await asyncio.shield(self.warm)
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _load_kernels() -> None:
+    from shared import _kernels
+
+    from . import tracker
+
+    _kernels.warm_up()
+    tracker.load_kernels()
+
+
+def _compiled() -> bool:
+    from . import tracker
+
+    return tracker._compiled
 
 
 def _raise_fd_limit() -> None:

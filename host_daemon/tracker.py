@@ -1,394 +1,221 @@
-"""Per-guest page tracker: which pages the guest reported free, put in the balloon, or hinted.
+"""The rules of a batch: which ranges a guest may report, reuse, inflate, deflate or hint.
 
 The guest is untrusted (DESIGN §2: Firecracker checks every range against guest memory,
 QEMU skips bad ranges and still acks). ``GuestTracker.apply`` therefore validates every
 range of a batch, skips and counts the bad ones by reason, and never raises on guest
 data; the session acks the batch with ``rejected_pages`` either way.
 
-Rules, applied in this order; a range gets at most one rejection reason and a rejected
-range changes nothing (it is skipped whole, never clipped):
+The rules are applied **in one pass, in batch order** — what a C device model or driver
+can do with one loop and a bitmap — and a range gets at most one rejection reason; a
+rejected range changes nothing (it is skipped whole, never clipped) and does not count
+against later ranges:
 
 ``zero-length``
     count == 0 (the decoder already refuses escaped zero counts; kept for direct callers).
 ``out-of-range``
-    pfn >= 2**52, pfn >= pages, or the range runs past the guest's last page. Checked as
-    ``count <= pages - pfn`` so a count up to 2**64-1 cannot wrap ``pfn + count`` around.
+    pfn >= pages, or the range runs past the guest's last page. Checked as
+    ``count - 1 < pages - pfn`` so a count up to 2**64-1 cannot wrap ``pfn + count``.
 ``overlap``
-    The batch's remaining ranges are taken in PFN order (ties: batch order); a range whose
-    first page lies inside an earlier range of the same batch is rejected (the earlier one
-    stays, even if it was itself rejected as an overlap). Touching ranges do not overlap.
+    The range shares a page with a range accepted earlier in the same batch:
+    REPORT (3000,10),(2995,10) accepts (3000,10) and rejects (2995,10), 10 pages.
 ``conflict``
     A REPORT or REUSE range that touches any page in the balloon (inflated): a page the
     guest gave away can be neither free in the guest nor taken back without DEFLATE.
 ``stale``
     HINT batches whose cmd_id is not the current hinting command (virtio-balloon: hints
-    for an old command id are ignored). The whole batch is skipped. Stale hints are
-    counted like rejections so the guest learns they were ignored.
+    for an old command id are ignored). The whole batch is skipped and counted.
 
 What an accepted range does (every operation is idempotent — repeating a report of
 pages that are already reported is accepted and changes nothing):
 
-- REPORT adds the pages to ``reported``.
-- REUSE removes them from ``reported`` (pages not reported are a no-op).
+- REPORT adds the pages to ``reported``; REUSE removes them (pages not reported: no-op).
 - INFLATE adds them to ``inflated`` and removes them from ``reported``: a ballooned page
-  is no longer "free and reported" but given away, and the two sets stay disjoint, so
-  ``reported_pages + inflated_pages`` is what the host may reclaim. As in Linux,
-  inflating a page that was reported is legal (the balloon takes pages from the buddy
-  allocator, reported or not).
-- DEFLATE removes them from ``inflated`` (pages not inflated are a no-op).
+  is given away, not "free and reported", so the two sets stay disjoint and
+  ``reported_pages + inflated_pages`` is what the host may reclaim. As in Linux, inflating
+  a reported page is legal (the balloon takes pages from the buddy allocator).
+- DEFLATE removes them from ``inflated`` (pages not inflated: no-op).
 - HINT adds them to ``hinted``, the set of the current command; a new command starts an
   empty set. Hints are "possibly reclaimable" only, never discarded.
 
-``ApplyResult.discard`` holds the merged ranges that are now safe to give back to the
-kernel: the accepted REPORT ranges not wholly reported before, the accepted INFLATE
-ranges not wholly inflated before (whole ranges: a range partly given back already is
-punched again in full, which is harmless and cheaper than splitting it; pages that were
-reported are included on inflate, the guest may have written them since). A repeated
-report or inflate discards nothing. Empty for REUSE, DEFLATE and HINT.
+``ApplyResult.discard`` holds the ranges now safe to give back to the kernel: the accepted
+REPORT ranges not wholly reported before and the accepted INFLATE ranges not wholly
+inflated before (whole ranges: punching a partly punched range again is harmless and
+cheaper than splitting it), joined where one ends where the next starts.
 
-Two implementations keep these rules, and the tests hold both to one set model:
-
-- ``BitmapTracker`` (the default: numba available, guest up to ``pageset.FLAT_LIMIT`` =
-  2**32 pages): three flat bitmaps, 1 bit per guest page each, and one compiled call per
-  batch that validates, sorts only when needed, applies, counts and writes the discard
-  ranges (host_daemon/pageset.py). ~2-3 µs per clean 32-range batch where roaring takes
-  ~20 µs; 3 bits per guest page of address space (an 8 GiB guest: 768 KiB), calloc'd,
-  so resident only where batches wrote.
-- ``GuestTracker`` over pyroaring ``BitMap64`` (``RoaringPageSet``) for bigger guests (a
-  flat bitmap cannot span 2**52 pages), without numba, or with ``BALLOON_TRACKER=roaring``.
-  Its memory is bounded near one bit per page the guest used whatever it sends. It was
-  chosen over sorted numpy interval arrays (``IntervalSet``, kept as the measured
-  alternative: 16 bytes per interval, ~10x slower on scattered pages). Validation is
-  vectorized, a clean batch takes a fast path of a dozen numpy passes, and each range is
-  one C call into roaring (``add_range``, ``remove_range``), which pyroaring offers no
-  bulk form of.
-
+One implementation: ``apply_batch`` below, over the flat bitmaps of host_daemon/pageset.py,
+compiled with them by numba (``load_kernels``) and the same code interpreted without it.
 Figures: bench/tracker.py, docs/PERFORMANCE.md ``## Tracker``.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from pyroaring import BitMap64
 
-from shared.ranges import coalesce_ranges, pages_to_ranges
-from shared.vocabulary import BATCH_KINDS, HINT, INFLATE, MAX_GUEST_PAGES, PFN_BITS, REPORT, REUSE
+from shared.vocabulary import BATCH_KINDS, DEFLATE, HINT, INFLATE, REPORT, REUSE, U64_MAX
 
 from . import pageset
+from .pageset import (
+    BATCH,
+    FLAT_LIMIT,
+    HINTED,
+    INFLATED,
+    LIMIT,
+    REPORTED,
+    SET_FIELDS,
+    any_in_range,
+    clear_range,
+    set_range,
+    widen,
+)
 
-MAX_PAGES = MAX_GUEST_PAGES
+MAX_PAGES = FLAT_LIMIT
 KINDS = BATCH_KINDS
 REASONS = ("zero-length", "out-of-range", "overlap", "conflict", "stale")
+KIND_CODES = {kind: code for code, kind in enumerate(BATCH_KINDS)}
+_REPORT, _REUSE, _INFLATE = KIND_CODES[REPORT], KIND_CODES[REUSE], KIND_CODES[INFLATE]
+_DEFLATE, _HINT = KIND_CODES[DEFLATE], KIND_CODES[HINT]
+
+# ``result`` (uint64), rewritten by every batch: accepted pages, rejected ranges, then per
+# reason (zero-length, out-of-range, overlap, conflict): ranges, low and high 32 bits of pages.
+ACCEPTED, REJECTED, REASONS_AT = 0, 1, 2
+RESULT_SIZE = REASONS_AT + 3 * 4
+ZERO_LENGTH, OUT_OF_RANGE, OVERLAP, CONFLICT = 0, 1, 2, 3
+
 U64 = np.uint64
 _EMPTY = np.empty(0, dtype=U64)
+_U0 = np.uint64(0)
+_U1 = np.uint64(1)
+_U32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
-def _total(counts: np.ndarray) -> int:
-    """Exact sum of uint64 counts as a Python int (a batch of 2**64-1 counts must not wrap)."""
-    if not counts.size:
-        return 0
-    if counts.size < 4096 and counts.max() < _SMALL:  # cannot reach 2**64: one pass
-        return int(counts.sum(dtype=U64))
-    low = (counts & U64(0xFFFFFFFF)).sum(dtype=U64)
-    high = (counts >> U64(32)).sum(dtype=U64)
-    return (int(high) << 32) + int(low)
+def reject(result, reason, count):
+    at = REASONS_AT + 3 * reason
+    result[at] += _U1
+    result[at + 1] += count & _LOW32  # exact even when counts sum past 2**64
+    result[at + 2] += count >> _U32
+    result[REJECTED] += _U1
 
 
-_SMALL = U64(1 << 52)
-_ZERO = U64(0)
-_ONE = U64(1)
+def apply_batch(kind, pfns, counts, bits, sets, result, out, accepted):
+    """Validate and apply one batch in batch order (rules: the module docstring).
 
-
-def _sweep(a_starts, a_ends, b_starts, b_ends):
-    """Walk the boundaries of two sorted interval lists (each disjoint, touching allowed).
-
-    Returns the distinct boundary points and, for the segment from each point to the
-    next, whether it lies in A and in B. The boundary array is the concatenation of two
-    sorted runs, so the stable sort (timsort) is a single linear merge.
+    Writes the discard ranges to ``out`` (pfns at [0, k), counts at [n, n + k); REPORT and
+    INFLATE only) and returns k; accepted pages and rejections by reason go to ``result``.
+    ``accepted`` (n intp) holds the indexes of the accepted ranges. The exact overlap test
+    needs the ``BATCH`` row only once a range starts below the end of an accepted one and
+    ends above the start of another — never for a batch in address order.
     """
-    na, nb = a_starts.size, b_starts.size
-    coords = np.empty(2 * (na + nb), dtype=U64)
-    coords[0 : 2 * na : 2] = a_starts
-    coords[1 : 2 * na : 2] = a_ends
-    coords[2 * na :: 2] = b_starts
-    coords[2 * na + 1 :: 2] = b_ends
-    delta = np.empty(coords.size, dtype=np.int32)  # A counts in units of 1, B of 1 << 16
-    delta[0 : 2 * na : 2] = 1
-    delta[1 : 2 * na : 2] = -1
-    delta[2 * na :: 2] = 1 << 16
-    delta[2 * na + 1 :: 2] = -(1 << 16)
-    order = np.argsort(coords, kind="stable")
-    coords = coords[order]
-    cover = np.cumsum(delta[order])
-    # The state after the last event at a coordinate holds up to the next coordinate.
-    last = np.empty(coords.size, dtype=bool)
-    np.not_equal(coords[1:], coords[:-1], out=last[:-1])
-    last[-1] = True
-    cover = cover[last]
-    return coords[last], (cover & 0xFFFF) > 0, cover > 0xFFFF
+    n = pfns.size
+    for i in range(RESULT_SIZE):
+        result[i] = _U0
+    limit = sets[LIMIT]
+    reported = bits[REPORTED]
+    inflated = bits[INFLATED]
+    hinted = bits[HINTED]
+    batch = bits[BATCH]
+    check_balloon = (kind == _REPORT or kind == _REUSE) and sets[INFLATED * SET_FIELDS] != _U0
+    reach = _U0  # highest end of an accepted range
+    lowest = limit  # lowest start of an accepted range
+    exact = False  # the BATCH row holds every accepted range
+    taken = 0
+    pages = _U0
+    k = 0
+    for i in range(n):
+        start = pfns[i]
+        count = counts[i]
+        if count == _U0:
+            reject(result, ZERO_LENGTH, count)
+            continue
+        if start >= limit or count - _U1 >= limit - start:
+            reject(result, OUT_OF_RANGE, count)
+            continue
+        end = start + count
+        if taken > 0 and start < reach and end > lowest:
+            if not exact:
+                for j in range(taken):
+                    a = accepted[j]
+                    set_range(batch, pfns[a], pfns[a] + counts[a])
+                exact = True
+            if any_in_range(batch, start, end):
+                reject(result, OVERLAP, count)
+                continue
+        if check_balloon and any_in_range(inflated, start, end):
+            reject(result, CONFLICT, count)
+            continue
+        accepted[taken] = i
+        taken += 1
+        if exact:
+            set_range(batch, start, end)
+        if end > reach:
+            reach = end
+        if start < lowest:
+            lowest = start
+        pages += count
+        fresh = False
+        if kind == _REPORT:
+            added = set_range(reported, start, end)
+            if added:
+                sets[REPORTED * SET_FIELDS] += added
+                widen(sets, REPORTED, start, end)
+                fresh = True
+        elif kind == _REUSE:
+            if sets[REPORTED * SET_FIELDS]:
+                sets[REPORTED * SET_FIELDS] -= clear_range(reported, start, end)
+        elif kind == _INFLATE:
+            added = set_range(inflated, start, end)
+            if added:
+                sets[INFLATED * SET_FIELDS] += added
+                widen(sets, INFLATED, start, end)
+                fresh = True
+            if sets[REPORTED * SET_FIELDS]:
+                sets[REPORTED * SET_FIELDS] -= clear_range(reported, start, end)
+        elif kind == _DEFLATE:
+            if sets[INFLATED * SET_FIELDS]:
+                sets[INFLATED * SET_FIELDS] -= clear_range(inflated, start, end)
+        else:  # hint
+            added = set_range(hinted, start, end)
+            if added:
+                sets[HINTED * SET_FIELDS] += added
+                widen(sets, HINTED, start, end)
+        if fresh:  # discard the whole range, joined to the previous one if touching
+            if k and out[k - 1] + out[n + k - 1] == start:
+                out[n + k - 1] += count
+            else:
+                out[k] = start
+                out[n + k] = count
+                k += 1
+    if exact:  # leave the scratch row empty for the next batch
+        for j in range(taken):
+            a = accepted[j]
+            clear_range(batch, pfns[a], pfns[a] + counts[a])
+    result[ACCEPTED] = pages
+    return k
 
 
-def _segments(points: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maximal runs of segments marked inside, as (starts, ends)."""
-    before = np.empty_like(inside)
-    before[0] = False
-    before[1:] = inside[:-1]
-    return points[inside & ~before], points[~inside & before]
+_compiled = False
 
 
-def _join_touching(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge sorted, disjoint intervals where one ends exactly where the next starts."""
-    if starts.size <= 1:
-        return starts, ends
-    gap = starts[1:] != ends[:-1]
-    if np.count_nonzero(gap) == gap.size:
-        return starts, ends
-    first = np.empty(starts.size, dtype=bool)
-    first[0] = True
-    first[1:] = gap
-    last = np.empty(starts.size, dtype=bool)
-    last[-1] = True
-    last[:-1] = gap
-    return starts[first], ends[last]
-
-
-class IntervalSet:
-    """A set of page numbers as sorted, disjoint, non-touching [start, end) uint64 arrays.
-
-    Operations touch only the window of stored intervals that meets the batch, then
-    splice the recombined window back (one array copy, at memcpy speed).
-    """
-
-    __slots__ = ("starts", "ends", "_pages")
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.starts = _EMPTY
-        self.ends = _EMPTY
-        self._pages = 0
-
-    @property
-    def pages(self) -> int:
-        return self._pages
-
-    @property
-    def ranges(self) -> int:
-        return int(self.starts.size)
-
-    def memory_bytes(self) -> int:
-        return int(self.starts.nbytes + self.ends.nbytes)
-
-    def as_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.starts.copy(), self.ends - self.starts
-
-    def _window(self, starts: np.ndarray, ends: np.ndarray) -> tuple[int, int]:
-        """Stored intervals that overlap or touch [starts[0], ends[-1]] (inputs sorted)."""
-        low = int(self.ends.searchsorted(starts[0], side="left"))
-        high = int(self.starts.searchsorted(ends[-1], side="right"))
-        return low, max(low, high)
-
-    def _splice(self, low: int, high: int, starts: np.ndarray, ends: np.ndarray) -> None:
-        if high > low:
-            self._pages -= int((self.ends[low:high] - self.starts[low:high]).sum(dtype=U64))
-        self._pages += int((ends - starts).sum(dtype=U64))
-        self.starts = np.concatenate((self.starts[:low], starts, self.starts[high:]))
-        self.ends = np.concatenate((self.ends[:low], ends, self.ends[high:]))
-
-    def update(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Add sorted, disjoint intervals (touching allowed)."""
-        if not starts.size:
-            return
-        low, high = self._window(starts, ends)
-        if low == high:  # nothing stored nearby: the batch goes in as it is
-            self._splice(low, high, *_join_touching(starts, ends))
-            return
-        # Union: merge the two sorted runs, then join where an interval starts at or
-        # before the furthest end seen so far.
-        all_starts = np.concatenate((self.starts[low:high], starts))
-        all_ends = np.concatenate((self.ends[low:high], ends))
-        order = np.argsort(all_starts, kind="stable")
-        all_starts = all_starts[order]
-        reach = np.maximum.accumulate(all_ends[order])
-        breaks = np.flatnonzero(all_starts[1:] > reach[:-1])
-        first = np.empty(breaks.size + 1, dtype=np.intp)
-        first[0] = 0
-        first[1:] = breaks + 1
-        last = np.empty(breaks.size + 1, dtype=np.intp)
-        last[:-1] = breaks
-        last[-1] = reach.size - 1
-        self._splice(low, high, all_starts[first], reach[last])
-
-    def add(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
-        """``update``, returning which intervals were wholly in the set before (None: none)."""
-        covered = self.covers(starts, ends) if self.starts.size else None
-        self.update(starts, ends)
-        return covered if covered is not None and covered.any() else None
-
-    def difference_update(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Remove sorted, disjoint intervals."""
-        if not starts.size or not self.starts.size:
-            return
-        low, high = self._window(starts, ends)
-        if low == high:
-            return
-        points, in_batch, in_set = _sweep(starts, ends, self.starts[low:high], self.ends[low:high])
-        self._splice(low, high, *_segments(points, in_set & ~in_batch))
-
-    def covers(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Per interval: is every page of it in this set already? (vectorized)"""
-        if not self.starts.size:
-            return np.zeros(starts.size, dtype=bool)
-        index = self.starts.searchsorted(starts, side="right").astype(np.intp) - 1
-        return (index >= 0) & (self.ends[np.maximum(index, 0)] >= ends)
-
-    def touches(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Per interval: does it share a page with this set? (any order, vectorized)"""
-        if not self.starts.size:
-            return np.zeros(starts.size, dtype=bool)
-        # The last stored interval starting before `end` is the one reaching furthest
-        # right among those that could overlap, since stored intervals are disjoint.
-        index = self.starts.searchsorted(ends, side="left").astype(np.intp) - 1
-        reach = self.ends[np.maximum(index, 0)]
-        return (index >= 0) & (reach > starts)
-
-
-class RoaringPageSet:
-    """A set of page numbers in a pyroaring ``BitMap64`` (64-bit: ``BitMap`` would drop
-    every PFN >= 2**32 without a word).
-
-    Roaring keeps 2**16-page chunks as run, array or bitset containers, so its size is
-    bounded by about one bit per guest page whatever the guest sends (every other page
-    reported: 0.125 byte/page), where interval arrays pay 16 bytes per interval. Ranges
-    go in with one C call each (``add_range``/``remove_range``): pyroaring has no bulk
-    range call, and expanding ranges to pages would cost work per page instead.
-    """
-
-    __slots__ = ("bitmap",)
-
-    #: Rough per-container overhead of CRoaring's 64-bit map (ART leaf + container header).
-    CONTAINER_OVERHEAD = 48
-
-    def __init__(self) -> None:
-        self.bitmap = BitMap64()
-
-    def clear(self) -> None:
-        self.bitmap.clear()
-
-    @property
-    def pages(self) -> int:
-        return len(self.bitmap)
-
-    @property
-    def ranges(self) -> int:
-        return int(self.as_ranges()[0].size)
-
-    def memory_bytes(self) -> int:
-        stats = self.bitmap.get_statistics()
-        return (
-            stats["n_bytes_array_containers"]
-            + stats["n_bytes_run_containers"]
-            + stats["n_bytes_bitset_containers"]
-            + stats["n_containers"] * self.CONTAINER_OVERHEAD
-        )
-
-    def as_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        return _bitmap_ranges(self.bitmap)
-
-    @staticmethod
-    def _bitmap_of(starts: np.ndarray, ends: np.ndarray) -> BitMap64:
-        bitmap = BitMap64()
-        add = bitmap.add_range
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            add(start, end)
-        if starts.size > 64:
-            # Many short ranges (pfn32 batches: single pages) land in array containers;
-            # as runs they stay runs after the union (65 KiB -> 0.4 KiB for 2 GiB of pfn32
-            # inflate, +4 us per batch).
-            bitmap.run_optimize()
-        return bitmap
-
-    def update(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        add = self.bitmap.add_range
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            add(start, end)
-
-    def difference_update(self, starts: np.ndarray, ends: np.ndarray) -> None:
-        remove = self.bitmap.remove_range
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            remove(start, end)
-
-    def add(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
-        """``update``, returning which intervals were wholly in the set before (None: none).
-
-        One C call per range builds the batch's bitmap; when it shares no page with the
-        set (the usual fresh report or inflate) no per-range test is needed at all.
-        """
-        batch = self._bitmap_of(starts, ends)
-        covered = None
-        if self.bitmap and self.bitmap.intersect(batch):
-            covered = self.covers(starts, ends)
-        self.bitmap |= batch
-        return covered
-
-    def covers(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Per interval: is every page of it in this set already?"""
-        if not self.bitmap:
-            return np.zeros(starts.size, dtype=bool)
-        contains = self.bitmap.contains_range
-        return np.fromiter(
-            (contains(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)),
-            dtype=bool,
-            count=starts.size,
-        )
-
-    def touches(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Per interval: does it share a page with this set? One bulk test first."""
-        if not self.bitmap or not self.bitmap.intersect(self._bitmap_of(starts, ends)):
-            return np.zeros(starts.size, dtype=bool)
-        cardinality = self.bitmap.range_cardinality
-        return np.fromiter(
-            (cardinality(s, e) > 0 for s, e in zip(starts.tolist(), ends.tolist(), strict=True)),
-            dtype=bool,
-            count=starts.size,
-        )
-
-
-def _bitmap_ranges(bitmap: BitMap64) -> tuple[np.ndarray, np.ndarray]:
-    """The runs of a bitmap as (pfns, counts), without expanding huge sets to pages."""
-    if not bitmap:
-        return _EMPTY, _EMPTY
-    if len(bitmap) <= _EXPAND_LIMIT:
-        return pages_to_ranges(np.frombuffer(bitmap.to_array(), dtype=U64))
-    # Huge sets: list one aligned window of pages at a time, skipping empty stretches
-    # with next_set_bit and taking full windows whole, then join runs across windows.
-    window = _EXPAND_LIMIT
-    stop = bitmap.max() + 1
-    pfns, counts = [], []
-    position = bitmap.min()
-    while True:
-        low = position - position % window
-        high = min(low + window, stop)
-        span = BitMap64()
-        span.add_range(low, high)
-        part = bitmap & span
-        if len(part) == high - low:
-            pfns.append(np.array([low], dtype=U64))
-            counts.append(np.array([high - low], dtype=U64))
-        else:
-            run_pfns, run_counts = pages_to_ranges(np.frombuffer(part.to_array(), dtype=U64))
-            pfns.append(run_pfns)
-            counts.append(run_counts)
-        if high >= stop:
-            break
-        position = bitmap.next_set_bit(high)
-    return coalesce_ranges(np.concatenate(pfns), np.concatenate(counts))
-
-
-_EXPAND_LIMIT = 1 << 22  # pages; past this, walk runs instead of listing every page
+def load_kernels() -> bool:
+    """Compile the page-set loops and ``apply_batch`` (numba, from its on-disk cache when it
+    is warm); True when compiled. Thread-safe; the host calls it off the event loop at start,
+    and the first batch calls it if nobody did."""
+    global _compiled, apply_batch, any_in_range, clear_range, set_range, widen
+    if _compiled:
+        return True
+    if not pageset.compile_kernels():
+        return False
+    module = sys.modules[__name__]
+    with pageset._lock:
+        if not _compiled:
+            any_in_range, clear_range = pageset.any_in_range, pageset.clear_range
+            set_range, widen = pageset.set_range, pageset.widen
+            pageset.compile_kernels(module, ("reject", "apply_batch"), frozenset({"reject"}))
+            _compiled = True
+    return True
 
 
 @dataclass(slots=True)
@@ -407,38 +234,72 @@ class ApplyResult:
     @property
     def ack_rejected_pages(self) -> int:
         """``rejected_pages`` clamped to what an ACK's uint64 field can carry."""
-        return min(self.rejected_pages, (1 << 64) - 1)
+        return min(self.rejected_pages, U64_MAX)
 
     @property
     def discard_pages(self) -> int:
         return int(self.discard[1].sum(dtype=U64)) if self.discard[1].size else 0
 
 
+def _total(counts: np.ndarray) -> int:
+    """Exact sum of uint64 counts as a Python int (a batch of 2**64-1 counts must not wrap)."""
+    low = (counts & U64(0xFFFFFFFF)).sum(dtype=U64)
+    high = (counts >> U64(32)).sum(dtype=U64)
+    return (int(high) << 32) + int(low)
+
+
+class PageSetView:
+    """One set of a tracker, read side: page count, maximal runs, the span it wrote."""
+
+    __slots__ = ("owner", "row")
+
+    def __init__(self, owner: GuestTracker, row: int) -> None:
+        self.owner = owner
+        self.row = row
+
+    def clear(self) -> None:
+        pageset.clear_set(self.owner._bits, self.owner._sets, self.row)
+
+    @property
+    def pages(self) -> int:
+        return int(self.owner._sets[self.row * SET_FIELDS])
+
+    @property
+    def ranges(self) -> int:
+        return int(self.as_ranges()[0].size)
+
+    def memory_bytes(self) -> int:
+        """The span of the bitmap this set wrote since it was cleared (what can be resident)."""
+        return pageset.span_bytes(self.owner._sets, self.row)
+
+    def as_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        sets = self.owner._sets
+        base = self.row * SET_FIELDS
+        if not sets[base]:
+            return _EMPTY, _EMPTY
+        return pageset.set_runs(self.owner._bits[self.row], int(sets[base + 1]), int(sets[base + 2]))
+
+
+_U64_DTYPE = np.dtype(U64)
+
+
+def _as_words(values) -> np.ndarray:
+    """Any int sequence as a contiguous 1-D uint64 array (the hot path skips this)."""
+    return np.ascontiguousarray(np.asarray(values).astype(U64, copy=False).ravel())
+
+
 class GuestTracker:
-    """The host's view of one guest's pages in this session (see the module docstring).
-
-    ``GuestTracker(pages)`` builds a ``BitmapTracker`` (compiled flat bitmaps) when numba
-    is available and the guest has at most ``pageset.FLAT_LIMIT`` pages; otherwise, and
-    for every subclass (``RoaringTracker``, the benches' variants), this class itself
-    over ``page_set``.
-    """
-
-    #: The page-set class, picked by bench/tracker.py (IntervalSet is the measured alternative).
-    page_set = RoaringPageSet
-
-    def __new__(cls, pages: int):
-        if cls is GuestTracker and pageset.AVAILABLE and 0 < pages <= pageset.FLAT_LIMIT:
-            cls = BitmapTracker
-        return object.__new__(cls)
+    """The host's view of one guest's pages in this session (rules: the module docstring)."""
 
     def __init__(self, pages: int) -> None:
         if not 0 < pages <= MAX_PAGES:
-            raise ValueError(f"a guest has 1..2**{PFN_BITS} pages, got {pages}")
+            raise ValueError(f"the host tracks guests of 1..{MAX_PAGES} pages, got {pages}")
         self._pages = int(pages)
-        self._limit = U64(pages)
-        self.reported = self.page_set()
-        self.inflated = self.page_set()
-        self.hinted = self.page_set()
+        self._bits, self._sets = pageset.new_sets(self._pages)
+        self._result = np.zeros(RESULT_SIZE, dtype=U64)
+        self.reported = PageSetView(self, REPORTED)
+        self.inflated = PageSetView(self, INFLATED)
+        self.hinted = PageSetView(self, HINTED)
         self.hint_command: int | None = None
 
     # --- views ------------------------------------------------------------------------
@@ -469,9 +330,7 @@ class GuestTracker:
         return self.hinted.as_ranges()
 
     def memory_bytes(self) -> int:
-        return (
-            self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
-        )
+        return self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
 
     # --- commands ---------------------------------------------------------------------
 
@@ -489,227 +348,15 @@ class GuestTracker:
         self.hinted.clear()
 
     def reset(self) -> None:
-        """A new session: the guest re-reports and re-inflates everything."""
-        self.reported.clear()
-        self.inflated.clear()
-        self.hinted.clear()
+        """A new session: fresh (calloc) bitmaps, so the old ones' pages go back to the OS."""
+        self._bits, self._sets = pageset.new_sets(self._pages)
         self.hint_command = None
 
     # --- the hot path -----------------------------------------------------------------
 
     def apply(self, kind: str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
-        """Validate and apply one decoded batch; never raises on what the guest sent.
-
-        A clean batch (valid, sorted, no overlap — what a well-behaved guest sends) takes
-        a fast path of a dozen numpy passes; anything else takes the general path.
-        """
-        if kind not in KINDS:
-            raise ValueError(f"unknown batch kind {kind!r}")
-        pfns = np.asarray(pfns).astype(U64, copy=False).ravel()
-        counts = np.asarray(counts).astype(U64, copy=False).ravel()
-        if pfns.shape != counts.shape:
-            raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
-        result = ApplyResult(kind=kind, ranges=int(pfns.size))
-        if not pfns.size:
-            return result
-        if kind == "hint" and (cmd_id is None or cmd_id != self.hint_command):
-            result.pages = _total(counts)
-            verdict = _Verdicts(counts)
-            verdict.mark(np.arange(pfns.size), "stale")
-            verdict.count(result)
-            return result
-        # The fast path: ends > pfns means every count >= 1 and no pfn + count wrapped
-        # past 2**64; ends[i] <= pfns[i+1] means sorted and disjoint; then the last end
-        # is the highest and bounds the whole batch.
-        # (np.count_nonzero is a plain C loop; .all()/.any() cost ~3 us through ufunc
-        # reduction machinery on arrays this small.)
-        ends = pfns + counts
-        if (
-            not np.count_nonzero(ends <= pfns)
-            and not np.count_nonzero(ends[:-1] > pfns[1:])
-            and ends[-1] <= self._limit
-        ):
-            if kind in (REPORT, REUSE) and self.inflated.pages:
-                conflict = self.inflated.touches(pfns, ends)
-                if np.count_nonzero(conflict):
-                    return self._general(result, kind, pfns, counts)
-            result.accepted_pages = result.pages = int(counts.sum(dtype=U64))
-            self._change(result, pfns, ends)
-            return result
-        return self._general(result, kind, pfns, counts)
-
-    def _general(self, result, kind, pfns, counts) -> ApplyResult:
-        """Every verdict of the module docstring, for batches with something to reject."""
-        result.pages = _total(counts)
-        verdict = _Verdicts(counts)
-        # Valid iff 1 <= count <= limit - pfn: count - 1 wraps to 2**64-1 for a zero count,
-        # and the room is 0 for pfn >= limit, so one comparison flags both.
-        limit = self._limit
-        bad = (counts - _ONE) >= (limit - np.minimum(pfns, limit))
-        if bad.any():
-            zero = counts == _ZERO
-            verdict.mark(np.flatnonzero(zero), "zero-length")
-            verdict.mark(np.flatnonzero(bad & ~zero), "out-of-range")
-            index = np.flatnonzero(~bad)
-            starts = pfns[index]
-        else:
-            index, starts = None, pfns
-        if starts.size > 1 and not (starts[1:] >= starts[:-1]).all():
-            order = np.argsort(starts, kind="stable")
-            index = order if index is None else index[order]
-            starts = starts[order]
-        ends = starts + (counts if index is None else counts[index])  # no wrap: count <= room
-        if starts.size > 1:
-            reach = np.maximum.accumulate(ends)
-            overlap = np.empty(starts.size, dtype=bool)
-            overlap[0] = False
-            np.less(starts[1:], reach[:-1], out=overlap[1:])
-            if overlap.any():
-                index, starts, ends = self._drop(verdict, "overlap", overlap, index, starts, ends)
-        if kind in (REPORT, REUSE) and starts.size and self.inflated.pages:
-            conflict = self.inflated.touches(starts, ends)
-            if conflict.any():
-                index, starts, ends = self._drop(verdict, "conflict", conflict, index, starts, ends)
-        verdict.count(result)
-        if starts.size:
-            result.accepted_pages = int((ends - starts).sum(dtype=U64))
-            self._change(result, starts, ends)
-        return result
-
-    @staticmethod
-    def _drop(verdict, reason, mask, index, starts, ends):
-        positions = np.flatnonzero(mask)
-        verdict.mark(positions if index is None else index[positions], reason)
-        keep = ~mask
-        return (np.flatnonzero(keep) if index is None else index[keep]), starts[keep], ends[keep]
-
-    def _change(self, result: ApplyResult, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Change the sets with the accepted ranges (sorted, disjoint)."""
-        kind = result.kind
-        if kind == "report":
-            result.discard = _given_back(self.reported.add(starts, ends), starts, ends)
-        elif kind == "reuse":
-            self.reported.difference_update(starts, ends)
-        elif kind == INFLATE:
-            result.discard = _given_back(self.inflated.add(starts, ends), starts, ends)
-            if self.reported.pages:
-                self.reported.difference_update(starts, ends)
-        elif kind == "deflate":
-            self.inflated.difference_update(starts, ends)
-        else:  # hint
-            self.hinted.update(starts, ends)
-
-
-def _given_back(covered, starts, ends) -> tuple[np.ndarray, np.ndarray]:
-    """Accepted ranges that were not wholly in the set before, merged, as (pfns, counts)."""
-    if covered is not None:
-        fresh = ~covered
-        starts, ends = starts[fresh], ends[fresh]
-    starts, ends = _join_touching(starts, ends)
-    return starts, ends - starts
-
-
-class _Verdicts:
-    """Rejections of one batch by reason, filled only when something is rejected."""
-
-    __slots__ = ("counts", "found")
-
-    def __init__(self, counts: np.ndarray) -> None:
-        self.counts = counts
-        self.found: list[tuple[str, np.ndarray]] = []
-
-    def mark(self, positions: np.ndarray, reason: str) -> None:
-        if positions.size:
-            self.found.append((reason, positions))
-
-    def count(self, result: ApplyResult) -> None:
-        for reason, positions in self.found:
-            result.rejected[reason] = _total(self.counts[positions])
-            result.rejected_ranges[reason] = int(positions.size)
-        result.rejected_pages = sum(result.rejected.values())
-
-
-class RoaringTracker(GuestTracker):
-    """The pyroaring tracker whatever the guest's size (tests and benches pick it by name)."""
-
-
-class BitmapPageSet:
-    """One row of a ``BitmapTracker``'s bitmaps, with the read side of the page-set API."""
-
-    __slots__ = ("owner", "row")
-
-    def __init__(self, owner: BitmapTracker, row: int) -> None:
-        self.owner = owner
-        self.row = row
-
-    def clear(self) -> None:
-        pageset.clear_set(self.owner._bits, self.owner._state, self.row)
-
-    @property
-    def pages(self) -> int:
-        return int(self.owner._state[self.row * pageset.SET_FIELDS])
-
-    @property
-    def ranges(self) -> int:
-        return int(self.as_ranges()[0].size)
-
-    def memory_bytes(self) -> int:
-        """The span of the bitmap this set wrote since it was cleared (what can be resident)."""
-        return pageset.span_bytes(self.owner._state, self.row)
-
-    def as_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Maximal runs, found by a kernel over the written span only."""
-        state = self.owner._state
-        base = self.row * pageset.SET_FIELDS
-        if not state[base]:
-            return _EMPTY, _EMPTY
-        return pageset.set_runs(
-            self.owner._bits[self.row], int(state[base + 1]), int(state[base + 2])
-        )
-
-
-_U64_DTYPE = np.dtype(U64)
-_KIND_CODES = pageset.KIND_CODES
-_REPORT, _INFLATE, _HINT = _KIND_CODES[REPORT], _KIND_CODES[INFLATE], _KIND_CODES[HINT]
-_NO_OUT = np.empty(0, dtype=U64)
-_warm = False
-
-
-def _as_words(values) -> np.ndarray:
-    """Any int sequence as a contiguous 1-D uint64 array (the hot path skips this)."""
-    return np.ascontiguousarray(np.asarray(values).astype(U64, copy=False).ravel())
-
-
-class BitmapTracker(GuestTracker):
-    """The tracker over flat bitmaps (host_daemon/pageset.py): one compiled call per batch.
-
-    Same rules, results and views as the roaring tracker (the tests run the set model on
-    both); only the storage and the hot path differ.
-    """
-
-    def __init__(self, pages: int) -> None:
-        global _warm
-        if not 0 < pages <= pageset.FLAT_LIMIT:
-            raise ValueError(f"a flat bitmap covers 1..{pageset.FLAT_LIMIT} pages, got {pages}")
-        if not _warm:  # load the kernels from numba's cache now, not on a guest's first batch
-            pageset.warm_up()
-            _warm = True
-        self._pages = int(pages)
-        self._limit = U64(pages)
-        self._bits, self._state = pageset.new_state(self._pages)
-        self.reported = BitmapPageSet(self, pageset.REPORTED)
-        self.inflated = BitmapPageSet(self, pageset.INFLATED)
-        self.hinted = BitmapPageSet(self, pageset.HINTED)
-        self.hint_command = None
-
-    def reset(self) -> None:
-        """A new session: fresh (calloc) bitmaps, so the old ones' pages go back to the OS."""
-        self._bits, self._state = pageset.new_state(self._pages)
-        self.hint_command = None
-
-    def apply(self, kind: str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
         """Validate and apply one decoded batch in one kernel call; never raises on guest data."""
-        code = _KIND_CODES.get(kind)
+        code = KIND_CODES.get(kind)
         if code is None:
             raise ValueError(f"unknown batch kind {kind!r}")
         if pfns.__class__ is not np.ndarray or pfns.dtype is not _U64_DTYPE or pfns.ndim != 1:
@@ -722,31 +369,28 @@ class BitmapTracker(GuestTracker):
         if not n:
             return ApplyResult(kind, 0)
         if code == _HINT and (cmd_id is None or cmd_id != self.hint_command):
-            result = ApplyResult(kind, n, _total(counts))
-            verdict = _Verdicts(counts)
-            verdict.mark(np.arange(n), "stale")
-            verdict.count(result)
-            return result
-        if code == _REPORT or code == _INFLATE:
-            out = np.empty(2 * n, dtype=U64)
-            k = pageset.apply_batch(code, pfns, counts, self._bits, self._state, out)
-            discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
-        else:
-            pageset.apply_batch(code, pfns, counts, self._bits, self._state, _NO_OUT)
-            discard = (_EMPTY, _EMPTY)
-        state = self._state
-        accepted = int(state[pageset.ACCEPTED])
-        if not state[pageset.REJECTED]:
+            pages = _total(counts)
+            return ApplyResult(kind, n, pages, 0, pages, {"stale": pages}, {"stale": n})
+        if not _compiled:
+            load_kernels()
+        out = np.empty(2 * n, dtype=U64) if code == _REPORT or code == _INFLATE else _EMPTY
+        result = self._result
+        if _compiled:
+            k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, np.empty(n, np.intp))
+        else:  # the same loop, interpreted (numpy scalars wrap where the kernel's words do)
+            with np.errstate(over="ignore"):
+                k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, np.empty(n, np.intp))
+        discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
+        accepted = int(result[ACCEPTED])
+        if not result[REJECTED]:
             return ApplyResult(kind, n, accepted, accepted, 0, {}, {}, discard)
         rejected, rejected_ranges = {}, {}
-        at = pageset.REASONS_AT
+        at = REASONS_AT
         for reason in REASONS[:4]:
-            ranges = int(state[at])
+            ranges = int(result[at])
             if ranges:
-                rejected[reason] = (int(state[at + 2]) << 32) + int(state[at + 1])
+                rejected[reason] = (int(result[at + 2]) << 32) + int(result[at + 1])
                 rejected_ranges[reason] = ranges
             at += 3
         total = sum(rejected.values())
-        return ApplyResult(
-            kind, n, accepted + total, accepted, total, rejected, rejected_ranges, discard
-        )
+        return ApplyResult(kind, n, accepted + total, accepted, total, rejected, rejected_ranges, discard)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: scripts whose quick mode starts daemons for several seconds
 SLOW = {"scale", "channel", "inflate"}
 SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py")
-                 if path.stem not in ("__init__", "common", "run_all"))
+                 if path.stem not in ("__init__", "common", "run_all", "tracker_alternatives"))
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name

@@ -23,6 +23,7 @@ async def make_host(tmp_path: Path):
         options.update(overrides)
         server = HostServer(HostSettings(**options))
         await server.start()
+        await server.wait_warm()
         hosts.append(server)
         units = [a for a in server.addresses if a.kind == "unix"]
         tcps = [a for a in server.addresses if a.kind == "tcp"]

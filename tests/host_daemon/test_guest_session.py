@@ -201,3 +201,19 @@ async def test_target_is_sent_after_welcome():
     second = host.session(2.0)
     messages = decode(second.receive(hello(), 2.0).data)
     assert [m[0] for m in messages] == [WELCOME, 8] and messages[1][1] == 100
+
+
+async def test_hello_and_bye_in_one_chunk_end_quietly():
+    host = Host()
+    session = host.session(0.0)
+    out = session.receive(hello() + msgpack.packb([BYE, "changed my mind"]), 0.0)
+    assert out.close and out.data == b"" and session.result == "bye"
+    assert host.stats.sessions["internal"] == 0 and host.registry.get("g1") is None
+
+
+async def test_batches_then_bye_in_one_chunk_are_applied():
+    host = Host()
+    session = welcomed(host)
+    out = session.receive(batch(REPORT, 0, [(0, 8)]) + msgpack.packb([BYE, ""]), 1.0)
+    assert out.close and out.data == b"" and session.result == "bye"
+    assert host.registry.get("g1").batches["report"] == 1

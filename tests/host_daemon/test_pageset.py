@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_daemon import pageset
+from host_daemon import pageset, tracker
 from shared.ranges import pages_to_ranges
 
-pytestmark = pytest.mark.skipif(not pageset.AVAILABLE, reason="numba not installed")
+tracker.load_kernels()  # compiled when numba is there; the same loops interpreted otherwise
 
 PAGES = 640  # ten words
 operation = st.tuples(
@@ -23,7 +22,7 @@ operation = st.tuples(
 @settings(max_examples=200, deadline=None)
 @given(ops=st.lists(operation, max_size=30))
 def test_word_ops_match_a_bool_array(ops):
-    bits, _ = pageset.new_state(PAGES)
+    bits, _ = pageset.new_sets(PAGES)
     row = bits[0]
     model = np.zeros(PAGES, dtype=bool)
     for op, start, count in ops:
@@ -48,25 +47,22 @@ def test_word_ops_match_a_bool_array(ops):
 
 def test_runs_within_a_span():
     """Listing reads only the written span, and a run ending at the span's last word ends there."""
-    bits, state = pageset.new_state(1 << 12)
-    out = np.empty(4, dtype=np.uint64)
-    pfns = np.array([130, 1000], dtype=np.uint64)
-    counts = np.array([60, 24], dtype=np.uint64)
-    assert pageset.apply_batch(0, pfns, counts, bits, state, out) == 2
-    assert int(state[0]) == 84
-    assert (int(state[1]), int(state[2])) == (130 // 64, 1024 // 64)
-    assert pageset.span_bytes(state, 0) == (1024 // 64 - 130 // 64) * 8
-    starts, lengths = pageset.set_runs(bits[0], int(state[1]), int(state[2]))
+    guest = tracker.GuestTracker(1 << 12)
+    assert guest.apply("report", np.array([130, 1000], np.uint64), np.array([60, 24], np.uint64)).accepted_pages == 84
+    sets = guest._sets
+    assert int(sets[0]) == 84
+    assert (int(sets[1]), int(sets[2])) == (130 // 64, 1024 // 64)
+    assert pageset.span_bytes(sets, 0) == (1024 // 64 - 130 // 64) * 8
+    starts, lengths = guest.reported_ranges()
     assert starts.tolist() == [130, 1000] and lengths.tolist() == [60, 24]
-    pageset.clear_set(bits, state, 0)
-    assert not bits.any() and pageset.span_bytes(state, 0) == 0 and int(state[0]) == 0
+    pageset.clear_set(guest._bits, sets, 0)
+    assert not guest._bits.any() and pageset.span_bytes(sets, 0) == 0 and int(sets[0]) == 0
 
 
 def test_discard_ranges_join_when_touching():
-    bits, state = pageset.new_state(1 << 12)
-    out = np.empty(8, dtype=np.uint64)
-    pfns = np.array([0, 64, 200, 128], dtype=np.uint64)  # unsorted: sorted in the kernel
+    guest = tracker.GuestTracker(1 << 12)
+    pfns = np.array([0, 64, 200, 128], dtype=np.uint64)  # out of order: joined in batch order
     counts = np.array([64, 64, 8, 64], dtype=np.uint64)
-    k = pageset.apply_batch(0, pfns, counts, bits, state, out)
-    assert (out[:k].tolist(), out[4 : 4 + k].tolist()) == ([0, 200], [192, 8])
-    assert int(state[pageset.ACCEPTED]) == 200 and int(state[pageset.REJECTED]) == 0
+    result = guest.apply("report", pfns, counts)
+    assert [a.tolist() for a in result.discard] == [[0, 200, 128], [128, 8, 64]]
+    assert result.accepted_pages == 200 and result.rejected_pages == 0
