@@ -116,8 +116,21 @@ class Demo:
             if self.shared_ram:
                 argv.append("--shared-ram")
             self._spawn(f"guest-{name}", argv)
+        self._wait_guests()
 
-    def _wait_ready(self, deadline: float = 15.0) -> None:
+    def _wait_guests(self, deadline: float = 60.0) -> None:
+        """The demo's clock starts once every guest is connected: on a busy machine starting three
+        Python processes takes seconds, and a demo that ends before its guests arrive shows nothing."""
+        names = {name for name, _ in GUESTS}
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            self.check_children()
+            if names <= {g.get("id") for g in self.guests() if g.get("connected")}:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the guests did not connect within {deadline:g}s")
+
+    def _wait_ready(self, deadline: float = 60.0) -> None:
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             self.check_children()
