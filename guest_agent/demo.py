@@ -116,9 +116,8 @@ class Demo:
             if self.shared_ram:
                 argv.append("--shared-ram")
             self._spawn(f"guest-{name}", argv)
-        self._wait_guests()
 
-    def _wait_guests(self, deadline: float = 60.0) -> None:
+    def wait_guests(self, deadline: float = 60.0) -> None:
         """The demo's clock starts once every guest is connected: on a busy machine starting three
         Python processes takes seconds, and a demo that ends before its guests arrive shows nothing."""
         names = {name for name, _ in GUESTS}
@@ -291,6 +290,7 @@ def run(demo: Demo, name: str = "demo") -> int:
     try:
         demo.start()
         demo.print_urls()
+        demo.wait_guests()
         demo.show()
     except KeyboardInterrupt:
         print("\nstopping", file=sys.stderr)
