@@ -223,9 +223,8 @@ class Agent:
         op = self._next_op(now)
         if op is None:
             return None
-        message = op.next_message()
-        data = self.conn.send(message)
-        self._inflight[message.seq] = (op, now)
+        data = self.conn.send(op.next_message())
+        self._inflight[self.conn.last_seq] = (op, now)
         self.inflight_max = max(self.inflight_max, len(self._inflight))
         self.metrics.batches.labels(op.kind).inc()
         return data

@@ -33,17 +33,64 @@ def block_counts(orders: np.ndarray) -> np.ndarray:
     return np.left_shift(np.uint64(1), np.asarray(orders, dtype=np.uint64))
 
 
-def ranges52_payloads(pfns: np.ndarray, counts: np.ndarray, buffer: RangeBuffer) -> Iterator[bytes]:
-    """Fill the fixed buffer, hand it out, refill — never a bigger buffer (the seed's rule)."""
-    start = 0
-    total = int(pfns.size)
-    while start < total:
+class Ranges52Payloads:
+    """The payloads of one operation in ``ranges52``, encoded one at a time into the fixed buffer.
+
+    The seed's rule: one preallocated buffer per queue, filled, sent, refilled — never a
+    bigger one, never a copy. ``next()`` encodes the next batch's ranges straight into the
+    buffer and returns a view of it; the caller sends it (msgpack packs the message from
+    the view) before asking for the next one.
+    """
+
+    __slots__ = ("_pfns", "_counts", "_buffer", "_start")
+
+    def __init__(self, pfns: np.ndarray, counts: np.ndarray, buffer: RangeBuffer) -> None:
+        self._pfns = pfns
+        self._counts = counts
+        self._buffer = buffer
+        self._start = 0
+
+    @property
+    def more(self) -> bool:
+        return self._start < self._pfns.size
+
+    def next(self) -> memoryview:
+        buffer = self._buffer
         buffer.clear()
-        taken = buffer.extend(pfns[start:], counts[start:])
+        taken = buffer.extend(self._pfns[self._start :], self._counts[self._start :])
         if taken == 0:  # cannot happen with capacity >= 2 words; guard against a spin
             raise ValueError("range buffer refused a range")
-        start += taken
-        yield buffer.take()
+        self._start += taken
+        return buffer.view()
+
+
+class Pfn32Payloads:
+    """The legacy encoding's messages, 256 PFNs each, expanded a bounded chunk at a time."""
+
+    __slots__ = ("_messages", "_next")
+
+    def __init__(self, pfns: np.ndarray, counts: np.ndarray) -> None:
+        self._messages = pfn32_payloads(pfns, counts)
+        self._next = next(self._messages, None)
+
+    @property
+    def more(self) -> bool:
+        return self._next is not None
+
+    def next(self) -> bytes:
+        payload = self._next
+        self._next = next(self._messages, None)
+        return payload
+
+
+class NoPayloads:
+    """What is left of an operation whose unsent part was dropped."""
+
+    __slots__ = ()
+    more = False
+
+    def next(self):
+        raise RuntimeError("no payload left in this operation")
 
 
 def split_ranges(pfns: np.ndarray, counts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,21 +120,22 @@ def pfn32_payloads(pfns: np.ndarray, counts: np.ndarray) -> Iterator[bytes]:
         i = j
 
 
-def payloads_for(pfns, counts, encoding: str, buffer: RangeBuffer) -> Iterator[bytes]:
+def payloads_for(pfns, counts, encoding: str, buffer: RangeBuffer):
+    """The payload source of one operation: ``.more`` and ``.next()``."""
     pfns = np.asarray(pfns, dtype=np.uint64)
     counts = np.asarray(counts, dtype=np.uint64)
     if encoding == PFN32:
-        return pfn32_payloads(pfns, counts)
-    return ranges52_payloads(pfns, counts, buffer)
+        return Pfn32Payloads(pfns, counts)
+    return Ranges52Payloads(pfns, counts, buffer)
 
 
 class Op:
     """One logical batch awaiting its acks; see the module docstring."""
 
-    __slots__ = ("kind", "pages", "cmd_id", "on_ack", "on_abort", "_payloads", "_next",
+    __slots__ = ("kind", "pages", "cmd_id", "on_ack", "on_abort", "_payloads",
                  "outstanding", "sent", "rejected_pages", "aborted")
 
-    def __init__(self, kind: str, pages: int, payloads: Iterator[bytes],
+    def __init__(self, kind: str, pages: int, payloads,
                  on_ack: Callable[[Op], None] | None = None,
                  on_abort: Callable[[Op], None] | None = None, cmd_id: int | None = None) -> None:
         if kind not in BATCH_CLASSES:
@@ -97,8 +145,7 @@ class Op:
         self.cmd_id = cmd_id
         self.on_ack = on_ack
         self.on_abort = on_abort
-        self._payloads = iter(payloads)
-        self._next = next(self._payloads, None)
+        self._payloads = payloads
         self.outstanding = 0
         self.sent = 0
         self.rejected_pages = 0
@@ -106,18 +153,18 @@ class Op:
 
     @property
     def has_unsent(self) -> bool:
-        return self._next is not None
+        return self._payloads.more
 
     @property
     def done(self) -> bool:
-        return self._next is None and self.outstanding == 0
+        return not self._payloads.more and self.outstanding == 0
 
     def next_message(self):
-        """The next message of this op (its seq is assigned by the connection)."""
-        payload = self._next
-        if payload is None:
+        """The next message of this op, to be sent at once (its payload may be a view of
+        the shared buffer); its seq is assigned by the connection (``conn.last_seq``)."""
+        if not self._payloads.more:
             raise RuntimeError("no payload left in this operation")
-        self._next = next(self._payloads, None)
+        payload = self._payloads.next()
         self.outstanding += 1
         self.sent += 1
         if self.kind == HINT:
@@ -132,8 +179,7 @@ class Op:
 
     def drop_unsent(self) -> None:
         """Stop sending what is left (a hint command was stopped)."""
-        self._next = None
-        self._payloads = iter(())
+        self._payloads = NoPayloads()
 
     def __repr__(self) -> str:
         return f"Op({self.kind}, pages={self.pages}, outstanding={self.outstanding})"

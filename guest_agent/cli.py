@@ -195,9 +195,6 @@ def main(argv=None) -> int:
         print(f"balloon-guest: error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    from shared import _kernels
-
-    _kernels.warm_up()  # compile the codec now, not inside the first session's handshake
     loop_factory = asyncio.new_event_loop
     if settings.connect.kind not in ("vsock", "serial"):  # uvloop: no AF_VSOCK; a char device: stock loop
         try:

@@ -363,11 +363,8 @@ class HostServer:
 
 
 def _load_kernels() -> None:
-    from shared import _kernels
-
     from . import tracker
 
-    _kernels.warm_up()
     tracker.load_kernels()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 #: Every code this project sends, with the one-line meaning docs/PROTOCOL.md repeats.
 CODES: dict[str, str] = {
     "bad-msgpack": "the bytes are not valid msgpack",
-    "too-large": "a message (or its announced length) exceeds the receiver's maximum message size",
+    "too-large": "a message (or its announced length) exceeds the receiver's maximum message size or a structural limit (str, array, map, depth, objects)",
     "bad-shape": "a message is not an array of the documented shape and field types",
     "unknown-type": "the message type number is not defined in protocol v1",
     "bad-state": "the message is not allowed in the connection's current state or direction",
@@ -24,6 +24,7 @@ CODES: dict[str, str] = {
     "window-overrun": "more batches are unacknowledged than WELCOME's window allows",
     "bad-seq": "a batch's sequence number is not the next one expected",
     "bad-ack": "an ACK names a sequence number that is not awaiting an ack",
+    "feature-not-negotiated": "the message belongs to a feature (hinting, stats) that WELCOME did not accept",
     "auth-failed": "the connection does not prove the guest id (its listener, token or peer uid)",
     "guest-busy": "another live session already holds this guest id",
     "too-many-guests": "the host already serves its maximum number of guests",

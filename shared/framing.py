@@ -1,58 +1,182 @@
-"""Read the size a peer announces in the first bytes of an incomplete msgpack message.
+"""Where each message ends, and what it may cost, decided before msgpack builds anything.
 
-msgpack's ``Unpacker`` checks ``max_bin_len``/``max_str_len`` only once the whole body
-has arrived, so a frame announcing a 200 MB bin would be buffered up to
-``max_buffer_size`` before it is refused (and a peer that then goes quiet would never
-be told). Like nats.py, which checks every size limit before the payload is read, the
-connection walks the headers in the first few bytes of each incomplete message and
-refuses it as soon as an announced length cannot fit.
+msgpack's ``Unpacker`` checks ``max_bin_len``/``max_str_len`` only once a body has
+arrived and builds every object of an incomplete message as its bytes come in: ~1 MiB of
+nested empty arrays, sent without its last byte, holds ~60 MiB of half-built lists. So,
+like nats.py, which checks every size limit before it reads a payload, the connection walks
+the msgpack *headers* of the stream first (:class:`Framer`) and hands the unpacker only
+bytes that passed. The walk never looks inside a ``bin``/``str`` body — it steps over it
+by its announced length — so a batch costs four header tokens whatever its payload.
+
+Limits (docs/PROTOCOL.md §2.1), each refused as soon as a header shows it is exceeded:
+
+- message size: ``max_message_bytes`` — a ``bin``/``str`` header whose announced length
+  cannot fit is refused on the header, as is a message still incomplete past the limit;
+- ``str`` length, array and map element counts;
+- nesting depth (a v1 message nests at most 3 deep: ``[13, [[tag, value], ...]]``) and
+  objects per message (every container, key and value counts), so what a message can
+  cost in Python objects is bounded by a constant, not by its size;
+- extension types and the never-used byte 0xc1 are not msgpack this protocol speaks.
 """
 
 from __future__ import annotations
 
-#: Bytes of an incomplete message kept for the check: a batch's bin header sits within
-#: the first 15 (``[type, seq, bin32]``); a HELLO map's fields within the first 64.
-HEAD_BYTES = 64
+from .errors import RemoteProtocolError
+from .vocabulary import MAX_ARRAY_LEN, MAX_DEPTH, MAX_MAP_LEN, MAX_OBJECTS, MAX_STR_BYTES
 
-# Header byte -> bytes that follow it with no length field (scalars, container counts).
-_FIXED = {
-    0xC0: 0, 0xC2: 0, 0xC3: 0,  # nil, false, true
-    0xCA: 4, 0xCB: 8,  # float32/64
-    0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,  # uint8..64
-    0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # int8..64
-    0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,  # fixext 1..16 (type byte + data)
-    0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4,  # array16/32, map16/32: elements follow inline
-}
-# Header byte -> width of its big-endian length field, then (ext only) one type byte.
-_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC7: 1, 0xC8: 2, 0xC9: 4}
-_EXT = frozenset({0xC7, 0xC8, 0xC9})
+# What each first byte of a msgpack token is, as (kind, n):
+_SCALAR = 0  # n body bytes follow the header byte (fixint, nil, bool, int, float)
+_STR = 1  # n is the width of the big-endian length field (0: fixstr, length in the byte)
+_BIN = 2  # n is the width of the length field
+_ARRAY = 3  # n is the width of the count field (0: fixarray)
+_MAP = 4  # n is the width of the count field (0: fixmap)
+_EXT = 5  # extension types: not part of this protocol
+_INVALID = 6  # 0xc1
 
 
-def announced_size(head: bytes) -> int:
-    """The fewest bytes the message starting with ``head`` can take, by its headers.
+def _token_table() -> tuple:
+    table = [None] * 256
+    for byte in range(0x00, 0x80):
+        table[byte] = (_SCALAR, 0)  # positive fixint
+    for byte in range(0xE0, 0x100):
+        table[byte] = (_SCALAR, 0)  # negative fixint
+    for byte in range(0x80, 0x90):
+        table[byte] = (_MAP, 0)
+    for byte in range(0x90, 0xA0):
+        table[byte] = (_ARRAY, 0)
+    for byte in range(0xA0, 0xC0):
+        table[byte] = (_STR, 0)
+    fixed = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+             0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+    for byte, size in fixed.items():
+        table[byte] = (_SCALAR, size)
+    for byte, width in {0xC4: 1, 0xC5: 2, 0xC6: 4}.items():
+        table[byte] = (_BIN, width)
+    for byte, width in {0xD9: 1, 0xDA: 2, 0xDB: 4}.items():
+        table[byte] = (_STR, width)
+    for byte, width in {0xDC: 2, 0xDD: 4}.items():
+        table[byte] = (_ARRAY, width)
+    for byte, width in {0xDE: 2, 0xDF: 4}.items():
+        table[byte] = (_MAP, width)
+    for byte in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8):
+        table[byte] = (_EXT, 0)
+    table[0xC1] = (_INVALID, 0)
+    return tuple(table)
 
-    msgpack is a prefix encoding, so a linear walk over the tokens in ``head`` sees every
-    length field in order; the walk stops where ``head`` ends or at an invalid byte
-    (which the unpacker itself reports as bad msgpack).
+
+_TOKENS = _token_table()
+
+
+def _too_large(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError("too-large", detail)
+
+
+class Framer:
+    """Incremental msgpack header walker: message boundaries and structural limits.
+
+    ``scan(chunk)`` walks the chunk's tokens, continuing the message the previous chunk
+    left incomplete, and returns how many messages it completed. On a violation it raises
+    ``RemoteProtocolError`` with ``boundary`` set to the offset just past the last message
+    it completed in that chunk, so the caller can still deliver the good ones first.
     """
-    pos = 0
-    size = 0
-    end = len(head)
-    while pos < end:
-        byte = head[pos]
-        if byte <= 0x9F or byte >= 0xE0:  # fixint, fixmap, fixarray, negative fixint
-            pos += 1
-        elif byte <= 0xBF:  # fixstr
-            pos += 1 + (byte & 0x1F)
-        elif byte in _FIXED:
-            pos += 1 + _FIXED[byte]
-        elif byte in _SIZED:
-            width = _SIZED[byte]
-            if pos + 1 + width > end:
+
+    __slots__ = ("max_message_bytes", "max_depth", "max_objects", "boundary",
+                 "_stack", "_skip", "_carry", "_size", "_objects")
+
+    def __init__(self, max_message_bytes: int, max_depth: int = MAX_DEPTH,
+                 max_objects: int = MAX_OBJECTS) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_depth = max_depth
+        self.max_objects = max_objects
+        self.boundary = 0
+        self._stack: list[int] = []  # elements still due in each open container, outermost first
+        self._skip = 0  # body bytes of the current str/bin still to step over
+        self._carry = b""  # a token header split across chunks
+        self._size = 0  # bytes of the current message so far
+        self._objects = 0
+
+    def scan(self, chunk) -> int:
+        base = len(self._carry)  # offsets in ``data`` minus this are offsets in ``chunk``
+        data = self._carry + bytes(chunk) if base else chunk
+        self._carry = b""
+        self.boundary = 0
+        end = len(data)
+        limit = self.max_message_bytes
+        max_depth = self.max_depth
+        max_objects = self.max_objects
+        stack = self._stack
+        skip = self._skip
+        size = self._size
+        objects = self._objects
+        pos = 0
+        completed = 0
+        while True:
+            if skip:  # inside a str/bin body: step over what this chunk holds of it
+                step = min(skip, end - pos)
+                pos += step
+                skip -= step
+                if skip:
+                    break
+            elif pos >= end:
                 break
-            length = int.from_bytes(head[pos + 1 : pos + 1 + width], "big")
-            pos += 1 + width + (byte in _EXT) + length
-        else:  # 0xc1 is never used
-            break
-        size = max(size, pos)
-    return size
+            else:
+                byte = data[pos]
+                kind, width = _TOKENS[byte]
+                header = 1 + width
+                if pos + header > end:  # the header itself is split: finish it with the next chunk
+                    self._carry = bytes(data[pos:end])
+                    break
+                objects += 1
+                if objects > max_objects:
+                    raise _too_large(f"a message holds more than {max_objects} msgpack objects")
+                if kind == _SCALAR:
+                    pos += header
+                    size += header
+                    if size > limit:
+                        raise _too_large(f"a message exceeds {limit} bytes")
+                elif kind == _STR or kind == _BIN:
+                    length = (byte & 0x1F) if width == 0 else int.from_bytes(data[pos + 1 : pos + header], "big")
+                    if kind == _STR and length > MAX_STR_BYTES:
+                        raise _too_large(f"a str of {length} bytes exceeds {MAX_STR_BYTES}")
+                    size += header + length
+                    if size > limit:
+                        raise _too_large(f"a message announcing at least {size} bytes exceeds {limit}")
+                    pos += header
+                    if length:
+                        skip = length
+                        continue  # complete once the body is stepped over
+                elif kind == _ARRAY or kind == _MAP:
+                    count = (byte & 0x0F) if width == 0 else int.from_bytes(data[pos + 1 : pos + header], "big")
+                    if kind == _ARRAY and count > MAX_ARRAY_LEN:
+                        raise _too_large(f"an array of {count} elements exceeds {MAX_ARRAY_LEN}")
+                    if kind == _MAP and count > MAX_MAP_LEN:
+                        raise _too_large(f"a map of {count} entries exceeds {MAX_MAP_LEN}")
+                    if len(stack) >= max_depth:
+                        raise _too_large(f"a message nests deeper than {max_depth} levels")
+                    pos += header
+                    size += header
+                    if size > limit:
+                        raise _too_large(f"a message exceeds {limit} bytes")
+                    if count:
+                        stack.append(count if kind == _ARRAY else 2 * count)
+                        continue
+                elif kind == _EXT:
+                    raise RemoteProtocolError(
+                        "bad-msgpack", f"byte {byte:#04x} starts a msgpack extension type; v1 uses none")
+                else:
+                    raise RemoteProtocolError("bad-msgpack", "byte 0xc1 is never used in msgpack")
+            # An element is complete: close every container it completes.
+            while stack:
+                stack[-1] -= 1
+                if stack[-1]:
+                    break
+                stack.pop()
+            if not stack:  # a whole message
+                completed += 1
+                self.boundary = pos - base
+                size = 0
+                objects = 0
+        self._skip = skip
+        self._size = size
+        self._objects = objects
+        return completed

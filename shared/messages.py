@@ -10,8 +10,10 @@ so that later minor versions can add optional fields.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +23,8 @@ from .errors import RemoteProtocolError
 from .vocabulary import MAX_FEATURES, MAX_NAME_LEN, MAX_STATS, MAX_TEXT_LEN, U64_MAX
 
 GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+#: ``decode(seq, payload) -> (pfns, counts)``: the receiving side's batch check (protocol.py).
+Decoder = Callable[[int, bytes], tuple]
 
 
 class MessageType(IntEnum):
@@ -50,9 +54,24 @@ def _bad(detail: str) -> RemoteProtocolError:
     return RemoteProtocolError("bad-shape", detail)
 
 
+def describe(value: Any) -> str:
+    """A short, depth-safe description of a peer's value for an error message.
+
+    Only scalars are shown; a container is named by its type and length, never repr'd, so
+    a deeply nested or huge value costs nothing to describe (and never hits the recursion
+    limit).
+    """
+    if value is None or type(value) in (bool, int, float) or (type(value) is str and len(value) <= 64):
+        text = repr(value)
+        return text if len(text) <= 70 else f"{text[:67]}..."
+    if type(value) in (str, bytes, list, dict):
+        return f"{type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
 def _uint(value: Any, what: str, maximum: int = U64_MAX) -> int:
     if type(value) is not int or not 0 <= value <= maximum:
-        raise _bad(f"{what} must be an integer in 0..{maximum}, got {value!r:.60}")
+        raise _bad(f"{what} must be an integer in 0..{maximum}, got {describe(value)}")
     return value
 
 
@@ -94,7 +113,7 @@ def valid_guest_id(name: str) -> bool:
 # --- message classes ----------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     TYPE: ClassVar[MessageType]
     WIRE_TYPE: ClassVar[int]  # int(TYPE), cached: hashing and comparing a plain int is cheaper
@@ -108,7 +127,7 @@ class Message:
         raise NotImplementedError
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Hello(Message):
     """Guest → host, first message: who I am, how much RAM, which features I offer."""
 
@@ -147,7 +166,7 @@ class Hello(Message):
         )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """Host → guest: the accepted features, the window and the batch limit."""
 
@@ -199,12 +218,14 @@ class Welcome(Message):
         )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Batch(Message):
     """A batch of ranges that the host must ACK: ``[type, seq, payload]``.
 
-    ``pfns``/``counts`` are filled in by the receiving connection after it decodes the
-    payload with the negotiated encoding; they are not part of the wire form.
+    A guest builds one without ``seq`` (its connection numbers batches as they go out and
+    says which number it used in ``last_seq``). A received batch is built already decoded:
+    ``pfns``/``counts`` hold its ranges in the negotiated encoding (not part of the wire
+    form, so they do not take part in equality).
     """
 
     ARITY: ClassVar = 3
@@ -214,15 +235,23 @@ class Batch(Message):
     pfns: np.ndarray | None = field(default=None, compare=False, repr=False)
     counts: np.ndarray | None = field(default=None, compare=False, repr=False)
 
-    def to_wire(self) -> list:
-        return [self.WIRE_TYPE, self.seq, self.payload]
+    def to_wire(self, seq: int | None = None) -> list:
+        """The wire form, numbered ``seq`` (default: the message's own)."""
+        return [self.WIRE_TYPE, self.seq if seq is None else seq, self.payload]
 
     @classmethod
-    def parse(cls, fields: list) -> Batch:
-        return cls(seq=_uint(fields[1], "seq"), payload=_payload(fields[2]))
+    def parse(cls, fields: list, decode: Decoder | None = None) -> Batch:
+        """Check the fields; ``decode(seq, payload)`` (the receiving connection's) checks the
+        batch against the session and returns its ranges, before the message is built."""
+        seq = _uint(fields[1], "seq")
+        payload = _payload(fields[2])
+        if decode is None:
+            return cls(payload, seq)
+        pfns, counts = decode(seq, payload)
+        return cls(payload, seq, pfns, counts)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Report(Batch):
     """Free page report; the guest keeps the pages isolated until the ACK."""
 
@@ -230,7 +259,7 @@ class Report(Batch):
     KIND: ClassVar = v.REPORT
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Reuse(Batch):
     """The guest takes back pages it reported earlier (before it touches them)."""
 
@@ -238,7 +267,7 @@ class Reuse(Batch):
     KIND: ClassVar = v.REUSE
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Inflate(Batch):
     """Pages the guest put into the balloon: the host may discard them."""
 
@@ -246,7 +275,7 @@ class Inflate(Batch):
     KIND: ClassVar = v.INFLATE
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Deflate(Batch):
     """Pages the guest takes out of the balloon; it frees them only after the ACK."""
 
@@ -254,7 +283,7 @@ class Deflate(Batch):
     KIND: ClassVar = v.DEFLATE
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Hint(Batch):
     """Free page hints for migration command ``cmd_id``: ``[10, seq, cmd_id, payload]``."""
 
@@ -263,19 +292,21 @@ class Hint(Batch):
     ARITY: ClassVar = 4
     cmd_id: int = 0
 
-    def to_wire(self) -> list:
-        return [self.WIRE_TYPE, self.seq, self.cmd_id, self.payload]
+    def to_wire(self, seq: int | None = None) -> list:
+        return [self.WIRE_TYPE, self.seq if seq is None else seq, self.cmd_id, self.payload]
 
     @classmethod
-    def parse(cls, fields: list) -> Hint:
-        return cls(
-            seq=_uint(fields[1], "seq"),
-            cmd_id=_uint(fields[2], "cmd_id", v.MAX_CMD_ID),
-            payload=_payload(fields[3]),
-        )
+    def parse(cls, fields: list, decode: Decoder | None = None) -> Hint:
+        seq = _uint(fields[1], "seq")
+        cmd_id = _uint(fields[2], "cmd_id", v.MAX_CMD_ID)
+        payload = _payload(fields[3])
+        if decode is None:
+            return cls(payload, seq, cmd_id=cmd_id)
+        pfns, counts = decode(seq, payload)
+        return cls(payload, seq, pfns, counts, cmd_id)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Ack(Message):
     """Host → guest: batch ``seq`` is applied; ``rejected_pages`` of it were skipped."""
 
@@ -292,7 +323,7 @@ class Ack(Message):
         return cls(seq=_uint(fields[1], "seq"), rejected_pages=_uint(fields[2], "rejected_pages"))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Target(Message):
     """Host → guest: hold this many pages in the balloon."""
 
@@ -308,7 +339,7 @@ class Target(Message):
         return cls(pages=_uint(fields[1], "pages", v.MAX_GUEST_PAGES))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Command(Message):
     ARITY: ClassVar = 2
     cmd_id: int
@@ -321,28 +352,28 @@ class _Command(Message):
         return cls(cmd_id=_uint(fields[1], "cmd_id", v.MAX_CMD_ID))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class HintStart(_Command):
     """Host → guest: start hinting free pages for migration command ``cmd_id``."""
 
     TYPE: ClassVar = MessageType.HINT_START
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class HintDone(_Command):
     """Guest → host: every free block has been hinted for ``cmd_id``."""
 
     TYPE: ClassVar = MessageType.HINT_DONE
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class HintStop(_Command):
     """Host → guest: command ``cmd_id`` is over; hints tagged with it are now stale."""
 
     TYPE: ClassVar = MessageType.HINT_STOP
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Stats(Message):
     """Guest → host: virtio-balloon stats as ``[[tag, value], ...]``.
 
@@ -352,7 +383,10 @@ class Stats(Message):
 
     TYPE: ClassVar = MessageType.STATS
     ARITY: ClassVar = 2
-    values: dict[int, int] = field(default_factory=dict)
+    values: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))  # read-only, like the rest
 
     def to_wire(self) -> list:
         return [self.WIRE_TYPE, [[tag, value] for tag, value in self.values.items()]]
@@ -370,7 +404,7 @@ class Stats(Message):
         return cls(values=values)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Either way: keepalive; the peer answers PONG with the same nonce."""
 
@@ -386,12 +420,12 @@ class Ping(Message):
         return cls(nonce=_uint(fields[1], "nonce"))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Pong(Ping):
     TYPE: ClassVar = MessageType.PONG
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Bye(Message):
     """Either way: orderly goodbye; the sender closes after it."""
 
@@ -407,7 +441,7 @@ class Bye(Message):
         return cls(reason=_text(fields[1], "reason"))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Error(Message):
     """Either way: fatal error with a stable code; the sender closes after it."""
 
@@ -439,16 +473,34 @@ for _cls in MESSAGE_CLASSES.values():
 _BY_INT: dict[int, type[Message]] = {int(kind): cls for kind, cls in MESSAGE_CLASSES.items()}
 
 
-def from_wire(obj: Any) -> Message:
-    """Build a message from one unpacked msgpack object, checking every field."""
+def message_type(obj: Any) -> int:
+    """The type number of one unpacked msgpack object, after checking it is a message at all.
+
+    The first checks of every receive (docs/PROTOCOL.md §5.1): a non-empty array whose first
+    element is an integer (else ``bad-shape``) naming a v1 type (else ``unknown-type``,
+    negative numbers included).
+    """
     if type(obj) is not list or not obj:
-        raise _bad("a message must be a non-empty msgpack array")
+        raise _bad(f"a message must be a non-empty msgpack array, got {describe(obj)}")
     kind = obj[0]
     if type(kind) is not int:
-        raise _bad("the first element of a message must be its integer type")
-    cls = _BY_INT.get(kind)
-    if cls is None:
-        raise RemoteProtocolError("unknown-type", f"message type {kind} is not defined in v1")
+        raise _bad(f"the first element of a message must be its integer type, got {describe(kind)}")
+    if kind not in _BY_INT:
+        raise RemoteProtocolError("unknown-type", f"message type {describe(kind)} is not defined in v1")
+    return kind
+
+
+def check_arity(cls: type[Message], obj: list) -> None:
     if len(obj) != cls.ARITY:
         raise _bad(f"{cls.TYPE.name} has {cls.ARITY} elements, got {len(obj)}")
+
+
+def from_wire(obj: Any) -> Message:
+    """Build a message from one unpacked msgpack object, checking every field.
+
+    Batches come back undecoded (``pfns``/``counts`` None): decoding needs the session's
+    encoding and limits, which only a connection has.
+    """
+    cls = _BY_INT[message_type(obj)]
+    check_arity(cls, obj)
     return cls.parse(obj)

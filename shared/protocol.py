@@ -1,45 +1,68 @@
-"""Sans-IO guest and host connections, in the style of h11.
+"""Sans-IO guest and host connections, in the style of h11 and h2.
 
-``receive_data(bytes)`` only buffers and splits the stream into msgpack objects;
-``next_event()`` validates one message at a time and moves the state machine;
-``send(message)`` checks that this side may send it now and returns the bytes to
-write. The caller owns the socket, the clock and the event loop.
+``receive_data(bytes)`` walks the msgpack headers (``framing.Framer``: sizes, depth and
+object counts bounded before anything is built) and splits the stream into objects;
+``next_event()`` validates one message and moves the state machine; ``send(message)``
+checks that this side may send it now and returns the bytes to write. The caller owns
+the socket, the clock and the event loop.
 
-The state machine is data: :data:`RECEIVE_RULES` and :data:`SEND_RULES` map
-``(role, state, message type)`` to the next state. Anything not in the tables is a
-protocol error — local when we try it, remote when the peer does — and a connection
-that saw a remote error is dead: a msgpack ``Unpacker`` must not be reused after an
-error, so every later call raises the same error again.
+The state machine is data. :data:`RECEIVE_RULES` and :data:`SEND_RULES` map ``(role,
+state)`` to ``{message type: Move}``, and a :class:`Move` carries everything that message
+needs in that state, as h2's transition table does: the next state, the feature it
+requires, and the one function that parses (receive) or checks and numbers it (send). There
+is one receive path and one send path; a batch takes the same steps as a HELLO. Anything
+not in the tables is a protocol error — local when we try it, remote when the peer does —
+and a connection that saw a remote error is dead: every later call raises the same error.
+
+Receive checks run in this order (docs/PROTOCOL.md §5.1): framing limits; a non-empty array
+with an integer type (``bad-shape``); a v1 type (``unknown-type``); allowed in this state
+and direction (``bad-state``); its feature negotiated (``feature-not-negotiated``); element
+count and fields (``bad-shape`` or the field's own code); then the session's rules (seq,
+window, ranges). A message is built only once all of them passed, and never changes after.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import msgpack
 
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, as_remote
-from .framing import HEAD_BYTES, announced_size
+from .framing import Framer
 from .messages import (
+    BATCH_TYPES,
+    MESSAGE_CLASSES,
     Ack,
     Batch,
-    Deflate,
     Error,
     Hello,
-    Hint,
-    Inflate,
     Message,
     MessageType,
-    Report,
-    Reuse,
     Welcome,
-    from_wire,
+    check_arity,
+    describe,
+    message_type,
     valid_guest_id,
 )
-from .ranges import MAX_INLINE_COUNT, PFN32_MAX_PER_MESSAGE, decode_pfn32, decode_ranges
-from .vocabulary import DEFAULT_MAX_MESSAGE_BYTES, PAGE_SIZE, PFN32, PROTOCOL_VERSION, RANGES52
+from .ranges import MAX_INLINE_COUNT, decode_pfn32, decode_ranges
+from .vocabulary import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HINTING,
+    MAX_ARRAY_LEN,
+    MAX_MAP_LEN,
+    MAX_STR_BYTES,
+    PAGE_SIZE,
+    PFN32,
+    PFN32_MAX_PER_MESSAGE,
+    PROTOCOL_VERSION,
+    RANGES52,
+    STATS,
+    U64_MAX,
+)
 from .window import FlowWindow, UnknownSequence, WindowFull
 
 M = MessageType
@@ -47,6 +70,9 @@ BATCH_KINDS = frozenset({M.REPORT, M.REUSE, M.INFLATE, M.DEFLATE, M.HINT})
 GUEST_SENDS = BATCH_KINDS | {M.HINT_DONE, M.STATS, M.PING, M.PONG}
 HOST_SENDS = frozenset({M.ACK, M.TARGET, M.HINT_START, M.HINT_STOP, M.PING, M.PONG})
 ENDINGS = frozenset({M.BYE, M.ERROR})
+#: Messages that exist only with a negotiated feature (the feature's whole vocabulary).
+NEEDS_FEATURE = {M.HINT: HINTING, M.HINT_START: HINTING, M.HINT_DONE: HINTING, M.HINT_STOP: HINTING,
+                 M.STATS: STATS}
 
 
 class Role(Enum):
@@ -73,40 +99,125 @@ NEED_DATA = _Sentinel("NEED_DATA")
 CONNECTION_CLOSED = _Sentinel("CONNECTION_CLOSED")
 
 
-def _rules(table: dict[tuple[Role, State], dict[MessageType, State]]):
-    """Add BYE and ERROR (allowed in every open state, always ending it) to a table.
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One table entry: what a message of ``cls`` does in one role and state.
+
+    ``handle`` is the message's one parser (receive: ``(connection, wire list) ->
+    message``) or its one emitter (send: ``(connection, message) -> wire list``), with the
+    role's checks and bookkeeping bound in; ``feature`` is the negotiated feature the
+    message needs, if any; ``after`` is the state once it has gone through.
+    """
+
+    after: State
+    cls: type[Message]
+    handle: Callable[[Any, Any], Any]
+    feature: str | None = None
+
+
+# -- handlers: each is the whole of one message's work in one role --------------------
+
+
+def _parse(connection, obj: list) -> Message:
+    cls = MESSAGE_CLASSES[obj[0]]
+    check_arity(cls, obj)
+    return cls.parse(obj)
+
+
+def _emit(connection, message: Message) -> list:
+    return message.to_wire()
+
+
+def _host_receives_hello(host, obj: list) -> Message:
+    return host._accept_hello(_parse(host, obj))
+
+
+def _host_receives_batch(cls: type[Batch]):
+    parse = cls.parse
+    arity = cls.ARITY
+
+    def receive(host, obj: list) -> Batch:
+        if len(obj) != arity:
+            check_arity(cls, obj)
+        return parse(obj, host._accept_batch)
+
+    return receive
+
+
+def _host_sends_welcome(host, welcome: Welcome) -> list:
+    return host._welcome_sent(welcome)
+
+
+def _host_sends_ack(host, ack: Ack) -> list:
+    return host._ack_sent(ack)
+
+
+def _guest_receives_welcome(guest, obj: list) -> Message:
+    return guest._accept_welcome(_parse(guest, obj))
+
+
+def _guest_receives_ack(guest, obj: list) -> Message:
+    return guest._accept_ack(_parse(guest, obj))
+
+
+def _guest_sends_batch(guest, batch: Batch) -> list:
+    return guest._batch_sent(batch)
+
+
+_HANDLERS: dict[tuple[Role, str, MessageType], Callable] = {
+    (Role.HOST, "receive", M.HELLO): _host_receives_hello,
+    **{(Role.HOST, "receive", cls.TYPE): _host_receives_batch(cls) for cls in BATCH_TYPES},
+    (Role.HOST, "send", M.WELCOME): _host_sends_welcome,
+    (Role.HOST, "send", M.ACK): _host_sends_ack,
+    (Role.GUEST, "receive", M.WELCOME): _guest_receives_welcome,
+    (Role.GUEST, "receive", M.ACK): _guest_receives_ack,
+    **{(Role.GUEST, "send", cls.TYPE): _guest_sends_batch for cls in BATCH_TYPES},
+}
+
+
+def _rules(direction: str, table: dict[tuple[Role, State], dict[MessageType, State]]):
+    """Build the Move tables; BYE and ERROR are allowed in every open state and end it.
 
     Keys become plain ints: the tables are consulted for every message, and hashing an
     IntEnum member runs Python code while hashing an int does not.
     """
-    for (_role, state), moves in table.items():
+    default = _parse if direction == "receive" else _emit
+    rules = {}
+    for (role, state), moves in table.items():
         if state is not State.CLOSED:
-            for ending in ENDINGS:
-                moves[ending] = State.CLOSED
-    return {key: {int(kind): after for kind, after in moves.items()} for key, moves in table.items()}
+            moves = {**moves, **dict.fromkeys(ENDINGS, State.CLOSED)}
+        rules[(role, state)] = {
+            int(kind): Move(after, MESSAGE_CLASSES[kind], _HANDLERS.get((role, direction, kind), default),
+                            NEEDS_FEATURE.get(kind))
+            for kind, after in moves.items()
+        }
+    return rules
 
 
-SEND_RULES = _rules({
+SEND_RULES = _rules("send", {
     (Role.GUEST, State.IDLE): {M.HELLO: State.HANDSHAKE},
     (Role.GUEST, State.HANDSHAKE): {},
-    (Role.GUEST, State.READY): {kind: State.READY for kind in GUEST_SENDS},
+    (Role.GUEST, State.READY): dict.fromkeys(GUEST_SENDS, State.READY),
     (Role.GUEST, State.CLOSED): {},
     (Role.HOST, State.IDLE): {},
     (Role.HOST, State.HANDSHAKE): {M.WELCOME: State.READY},
-    (Role.HOST, State.READY): {kind: State.READY for kind in HOST_SENDS},
+    (Role.HOST, State.READY): dict.fromkeys(HOST_SENDS, State.READY),
     (Role.HOST, State.CLOSED): {},
 })
 
-RECEIVE_RULES = _rules({
+RECEIVE_RULES = _rules("receive", {
     (Role.GUEST, State.IDLE): {},
     (Role.GUEST, State.HANDSHAKE): {M.WELCOME: State.READY},
-    (Role.GUEST, State.READY): {kind: State.READY for kind in HOST_SENDS},
+    (Role.GUEST, State.READY): dict.fromkeys(HOST_SENDS, State.READY),
     (Role.GUEST, State.CLOSED): {},
     (Role.HOST, State.IDLE): {M.HELLO: State.HANDSHAKE},
     (Role.HOST, State.HANDSHAKE): {},
-    (Role.HOST, State.READY): {kind: State.READY for kind in GUEST_SENDS},
+    (Role.HOST, State.READY): dict.fromkeys(GUEST_SENDS, State.READY),
     (Role.HOST, State.CLOSED): {},
 })
+
+#: What a dead connection may still send: the ERROR that reports why it died.
+_LAST_WORDS = Move(State.CLOSED, Error, _emit)
 
 
 def negotiate_features(offered, supported) -> tuple[str, ...]:
@@ -128,32 +239,25 @@ class Connection:
         if max_message_bytes < 64:
             raise ValueError("max_message_bytes must be at least 64")
         self.max_message_bytes = max_message_bytes
-        # msgpack checks container counts as their headers arrive, but bin/str lengths only
-        # once the body is complete; _check_announced refuses an oversized announcement
-        # from the header (shared/framing.py), so a frame claiming 200 MB costs us nothing.
-        # The buffer may hold one incomplete message plus one fed chunk; receive_data feeds
-        # at most max_message_bytes at a time.
+        # The framer sees every byte first and enforces every structural limit, so the
+        # unpacker only ever holds bounded, already-checked structure; its own limits are
+        # the same numbers, as configuration of the C decoder.
+        self._framer = Framer(max_message_bytes)
         self._unpacker = msgpack.Unpacker(
             raw=False,
             use_list=True,
             strict_map_key=False,
             max_buffer_size=2 * max_message_bytes,
             max_bin_len=max_message_bytes,
-            max_str_len=64 * 1024,
-            max_array_len=1024,
-            max_map_len=64,
+            max_str_len=MAX_STR_BYTES,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
         )
         self._objects: deque[Any] = deque()
         self._pending_error: RemoteProtocolError | None = None
         self._dead: RemoteProtocolError | None = None
         self._eof = False
-        # The first bytes of the incomplete message at stream offset _head_start, so an
-        # announced length that cannot fit is refused before its body is buffered.
-        self._fed = 0
-        self._message_start = 0
-        self._head = bytearray()
-        self._head_start = -1
         self._packer = msgpack.Packer(use_bin_type=True)
         self.state = State.IDLE
         self.features: tuple[str, ...] = ()
@@ -170,12 +274,10 @@ class Connection:
     @state.setter
     def state(self, state: State) -> None:
         if state is getattr(self, "_state", None):
-            return  # READY -> READY on every batch: keep the hot path free of enum hashing
+            return  # READY -> READY on every batch: the tables need no new lookup
         self._state = state
         self._receive_moves = RECEIVE_RULES[(self.role, state)]
         self._send_moves = SEND_RULES[(self.role, state)]
-
-    # -- receiving ------------------------------------------------------------------
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -190,6 +292,8 @@ class Connection:
     def encoding(self) -> str:
         return PFN32 if self._pfn32 else RANGES52
 
+    # -- receiving ------------------------------------------------------------------
+
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer; ``b""`` means the peer closed its side."""
         if self._dead is not None or self._pending_error is not None:
@@ -198,69 +302,30 @@ class Connection:
             self._eof = True
             return
         self.bytes_received += len(data)
-        step = self.max_message_bytes
+        step = self.max_message_bytes  # the unpacker holds at most one message plus one step
         view = memoryview(data) if len(data) > step else None
         for start in range(0, len(data), step):
+            chunk = data if view is None else view[start : start + step]
             try:
-                chunk = data if view is None else view[start : start + step]
-                self._unpacker.feed(chunk)
-                self._fed += len(chunk)
-                self._split()
-                self._check_announced(chunk)
+                self._framer.scan(chunk)
             except RemoteProtocolError as error:
-                self._pending_error = error
+                self._unpack(chunk[: self._framer.boundary])  # the whole messages before it
+                self._pending_error = self._pending_error or error
                 return
-            except msgpack.BufferFull:
-                self._pending_error = RemoteProtocolError(
-                    "too-large", f"an incomplete message exceeds {self.max_message_bytes} bytes")
+            self._unpack(chunk)
+            if self._pending_error is not None:
                 return
 
-    def _split(self) -> None:
-        unpacker = self._unpacker
-        while True:
-            try:
-                obj = unpacker.unpack()
-            except msgpack.OutOfData:
-                return
-            except ValueError as error:
-                code = "too-large" if "exceeds max" in str(error) else "bad-msgpack"
-                raise RemoteProtocolError(code, str(error)[:200]) from None
-            except Exception as error:  # FormatError, StackError, unhashable keys, ...
-                raise RemoteProtocolError("bad-msgpack", f"{type(error).__name__}: {error}"[:200]) from None
-            # tell() also counts bytes of a partly parsed message, so sizes are measured
-            # from where the previous message ended, not from before this unpack().
-            end = unpacker.tell()
-            size = end - self._message_start
-            self._message_start = end
-            if size > self.max_message_bytes:
-                raise RemoteProtocolError(
-                    "too-large", f"a {size}-byte message exceeds {self.max_message_bytes} bytes")
-            self._objects.append(obj)
-
-    def _check_announced(self, chunk) -> None:
-        """Refuse an incomplete message whose headers announce more than the limit."""
-        start = self._message_start
-        if start >= self._fed:
-            return  # nothing incomplete is buffered
-        if self._fed - start > self.max_message_bytes:
-            # The unpacker keeps a partly parsed message as objects, not buffered bytes,
-            # so max_buffer_size alone does not bound a message that trickles in.
-            raise RemoteProtocolError(
-                "too-large", f"an incomplete message exceeds {self.max_message_bytes} bytes")
-        if start != self._head_start:
-            self._head_start = start
-            self._head.clear()
-        have = len(self._head)
-        if have >= HEAD_BYTES:
+    def _unpack(self, chunk) -> None:
+        """Feed framed bytes to msgpack and take the messages they complete."""
+        if not chunk:
             return
-        offset = start + have - (self._fed - len(chunk))  # where the head continues in chunk
-        if offset < 0:
-            return
-        self._head += chunk[offset : offset + HEAD_BYTES - have]
-        size = announced_size(self._head)
-        if size > self.max_message_bytes:
-            raise RemoteProtocolError(
-                "too-large", f"a message announcing at least {size} bytes exceeds {self.max_message_bytes}")
+        self._unpacker.feed(chunk)
+        try:
+            self._objects.extend(self._unpacker)
+        except Exception as error:  # invalid UTF-8, unhashable map keys, ...
+            self._pending_error = RemoteProtocolError(
+                "bad-msgpack", f"{type(error).__name__}: {error}"[:200])
 
     def next_event(self):
         """The next validated message, ``NEED_DATA`` or ``CONNECTION_CLOSED``."""
@@ -275,16 +340,18 @@ class Connection:
             return NEED_DATA
         obj = self._objects.popleft()
         try:
-            message = from_wire(obj)
-            next_state = self._receive_moves.get(obj[0])
-            if next_state is None:
+            move = self._receive_moves.get(message_type(obj))
+            if move is None:
                 raise RemoteProtocolError(
-                    "bad-state",
-                    f"a {self.role.value} in state {self.state.value} cannot receive {message.TYPE.name}")
-            self._on_receive(message)
+                    "bad-state", f"a {self.role.value} in state {self.state.value} cannot receive "
+                                 f"{MessageType(obj[0]).name}")
+            if move.feature is not None and move.feature not in self._features:
+                raise RemoteProtocolError(
+                    "feature-not-negotiated", f"{move.cls.TYPE.name} needs the {move.feature!r} feature")
+            message = move.handle(self, obj)
         except ProtocolError as error:
             self._die(as_remote(error))
-        self.state = next_state
+        self.state = move.after
         self.messages_received += 1
         return message
 
@@ -302,22 +369,28 @@ class Connection:
         self._objects.clear()
         raise error
 
-    def _on_receive(self, message: Message) -> None:
-        """Role-specific checks and bookkeeping for a message that the table allowed."""
-
     # -- sending --------------------------------------------------------------------
 
     def send(self, message: Message) -> bytes:
-        """Check that we may send ``message`` now and return its bytes."""
-        if self._dead is not None and message.WIRE_TYPE != M.ERROR:
-            raise LocalProtocolError("bad-state", "the connection is dead after a protocol error")
-        next_state = self._send_moves.get(message.WIRE_TYPE)
-        if next_state is None and not (message.WIRE_TYPE == M.ERROR and self._dead is not None):
-            raise LocalProtocolError(
-                "bad-state", f"a {self.role.value} in state {self.state.value} cannot send {message.TYPE.name}")
-        self._on_send(message)
-        data = self._packer.pack(message.to_wire())
-        self.state = State.CLOSED if next_state is None else next_state
+        """Check that we may send ``message`` now and return its bytes.
+
+        Nothing changes unless every check passed: a refused send leaves the state, the
+        window and the sequence numbers as they were, so it can be retried as is.
+        """
+        if self._dead is not None:
+            if type(message) is not Error:
+                raise LocalProtocolError("bad-state", "the connection is dead after a protocol error")
+            move = _LAST_WORDS
+        else:
+            move = self._send_moves.get(message.WIRE_TYPE)
+            if move is None:
+                raise LocalProtocolError(
+                    "bad-state", f"a {self.role.value} in state {self.state.value} cannot send {message.TYPE.name}")
+            if move.feature is not None and move.feature not in self._features:
+                raise LocalProtocolError(
+                    "feature-not-negotiated", f"{message.TYPE.name} needs the {move.feature!r} feature")
+        data = self._packer.pack(move.handle(self, message))
+        self.state = move.after
         self.bytes_sent += len(data)
         return data
 
@@ -325,12 +398,13 @@ class Connection:
         """The ERROR message for ``error`` (allowed even on a dead connection)."""
         return self.send(Error(error.code, error.detail[:1000]))
 
-    def _on_send(self, message: Message) -> None:
-        """Role-specific checks and bookkeeping before ``message`` goes out."""
-
 
 class GuestConnection(Connection):
-    """The guest (driver) side: sends HELLO and batches, receives WELCOME and ACKs."""
+    """The guest (driver) side: sends HELLO and batches, receives WELCOME and ACKs.
+
+    Batches are built without a sequence number; ``send`` numbers each one as it goes out
+    (after every check passed) and records the number in ``last_seq``.
+    """
 
     role = Role.GUEST
 
@@ -344,6 +418,7 @@ class GuestConnection(Connection):
         self.offered = tuple(features)
         self.token = token
         self.next_seq = 0
+        self.last_seq: int | None = None
         self.peer_max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.welcome: Welcome | None = None
 
@@ -355,73 +430,54 @@ class GuestConnection(Connection):
     def can_send_batch(self) -> bool:
         return self.state is State.READY and not self.window.full
 
-    def send(self, message: Message) -> bytes:
-        """As ``Connection.send``, with a short path for batches once READY."""
-        if type(message) in _SHORT_PATH_SENDS and self._state is State.READY and self._dead is None:
-            self._on_send(message)  # seq, size and window checks, exactly as the general path
-            data = self._packer.pack(message.to_wire())
-            self.bytes_sent += len(data)
-            return data
-        return super().send(message)
+    def _batch_sent(self, batch: Batch) -> list:
+        seq = self.next_seq
+        if batch.seq is not None and batch.seq != seq:
+            raise LocalProtocolError("bad-seq", f"seq {batch.seq} is not the next ({seq})")
+        self._check_payload(batch.payload)
+        try:
+            self.window.consume(seq)
+        except WindowFull as error:
+            raise LocalProtocolError("window-overrun", str(error)) from None
+        self.next_seq = seq + 1
+        self.last_seq = seq
+        return batch.to_wire(seq)
 
-    def next_event(self):
-        """As ``Connection.next_event``, with a short path for a well-formed ACK of a batch in flight."""
-        objects = self._objects
-        if objects and self._state is State.READY and self._dead is None:
-            obj = objects[0]
-            if type(obj) is list and len(obj) == 3 and obj[0] == ACK_TYPE and type(obj[0]) is int:
-                seq = obj[1]
-                rejected = obj[2]
-                if (type(seq) is int and type(rejected) is int and 0 <= rejected <= U64_MAX
-                        and seq in self.window):
-                    objects.popleft()
-                    self.window.release(seq)
-                    self.messages_received += 1
-                    return Ack(seq, rejected)
-        return super().next_event()
-
-    def _on_send(self, message: Message) -> None:
-        if isinstance(message, Batch):
-            if message.seq is None:
-                message.seq = self.next_seq
-            elif message.seq != self.next_seq:
-                raise LocalProtocolError("bad-seq", f"seq {message.seq} is not the next ({self.next_seq})")
-            self._check_batch_size(message.payload)
-            try:
-                self.window.consume(message.seq)
-            except WindowFull as error:
-                raise LocalProtocolError("window-overrun", str(error)) from None
-            self.next_seq += 1
-
-    def _check_batch_size(self, payload: bytes) -> None:
+    def _check_payload(self, payload: bytes) -> None:
+        """What the host would refuse about this payload, in the negotiated encoding."""
         if self._pfn32:
+            if len(payload) % 4:
+                raise LocalProtocolError("bad-payload", "a pfn32 payload is whole 32-bit PFNs")
             if len(payload) // 4 > PFN32_MAX_PER_MESSAGE:
                 raise LocalProtocolError("too-many-ranges", "a legacy batch carries at most 256 PFNs")
             return
-        words = len(payload) // 8
-        if words > self.max_ranges and len(decode_ranges(payload)[0]) > self.max_ranges:
+        if len(payload) % 8:
+            raise LocalProtocolError("bad-payload", "a ranges52 payload is whole 64-bit words")
+        if len(payload) // 8 > self.max_ranges and len(decode_ranges(payload)[0]) > self.max_ranges:
             raise LocalProtocolError("too-many-ranges", f"the host accepts at most {self.max_ranges} ranges")
         if len(payload) + 32 > self.peer_max_message_bytes:
             raise LocalProtocolError("too-large", f"the host accepts messages of {self.peer_max_message_bytes} bytes")
 
-    def _on_receive(self, message: Message) -> None:
-        if isinstance(message, Welcome):
-            if message.version != PROTOCOL_VERSION:
-                raise RemoteProtocolError("bad-version", f"host speaks version {message.version}")
-            unknown = set(message.features) - set(self.offered)
-            if unknown:
-                raise RemoteProtocolError("bad-shape", f"host accepted features never offered: {sorted(unknown)}")
-            self.features = message.features
-            self.window = FlowWindow(message.window)
-            self.max_ranges = message.max_ranges
-            if message.max_message_bytes:
-                self.peer_max_message_bytes = message.max_message_bytes
-            self.welcome = message
-        elif isinstance(message, Ack):
-            try:
-                self.window.release(message.seq)
-            except UnknownSequence as error:
-                raise RemoteProtocolError("bad-ack", str(error)) from None
+    def _accept_welcome(self, welcome: Welcome) -> Welcome:
+        if welcome.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError("bad-version", f"host speaks version {welcome.version}")
+        unknown = set(welcome.features) - set(self.offered)
+        if unknown:
+            raise RemoteProtocolError("bad-shape", f"host accepted features never offered: {sorted(unknown)}")
+        self.features = welcome.features
+        self.window = FlowWindow(welcome.window)
+        self.max_ranges = welcome.max_ranges
+        if welcome.max_message_bytes:
+            self.peer_max_message_bytes = welcome.max_message_bytes
+        self.welcome = welcome
+        return welcome
+
+    def _accept_ack(self, ack: Ack) -> Ack:
+        try:
+            self.window.release(ack.seq)
+        except UnknownSequence as error:
+            raise RemoteProtocolError("bad-ack", str(error)) from None
+        return ack
 
 
 class HostConnection(Connection):
@@ -438,101 +494,58 @@ class HostConnection(Connection):
         self.hello: Hello | None = None
         self.expected_seq = 0
 
-    def next_event(self):
-        """As ``Connection.next_event``, with a short path for the common batch.
+    def _accept_hello(self, hello: Hello) -> Hello:
+        if hello.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError("bad-version", f"this host speaks version {PROTOCOL_VERSION}, not {hello.version}")
+        if hello.page_size != PAGE_SIZE:
+            raise RemoteProtocolError("bad-page-size", f"page size must be {PAGE_SIZE}, not {hello.page_size}")
+        if not valid_guest_id(hello.guest):
+            raise RemoteProtocolError("bad-guest-id", f"{describe(hello.guest)} is not a valid guest id")
+        if hello.pages < 1:
+            raise RemoteProtocolError("bad-shape", "a guest has at least one page")
+        self.hello = hello
+        return hello
 
-        A well-formed REPORT/REUSE/INFLATE/DEFLATE with the expected seq and room in the
-        window is what a READY host sees almost every time; it is recognised with a few
-        exact type checks and built directly. Anything else — a wrong type, seq, shape or
-        a full window — takes the general path, which raises the precise error.
-        """
-        objects = self._objects
-        if objects and self._state is State.READY and self._dead is None:
-            obj = objects[0]
-            if type(obj) is list and len(obj) == 3 and type(obj[0]) is int:
-                cls = _SHORT_PATH_BATCHES.get(obj[0])
-                seq = obj[1]
-                payload = obj[2]
-                if (cls is not None and type(seq) is int and seq == self.expected_seq
-                        and type(payload) is bytes and not self.window.full):
-                    objects.popleft()
-                    batch = cls(payload, seq)
-                    try:
-                        self._decode(batch)
-                    except ProtocolError as error:
-                        self._die(as_remote(error))
-                    self.window.consume(seq)
-                    self.expected_seq = seq + 1
-                    self.messages_received += 1
-                    return batch
-        return super().next_event()
+    def _accept_batch(self, seq: int, payload: bytes):
+        """The session's rules for a batch (seq, window, ranges); returns its decoded ranges."""
+        if seq != self.expected_seq:
+            raise RemoteProtocolError("bad-seq", f"expected seq {self.expected_seq}, got {seq}")
+        if self.window.full:
+            raise RemoteProtocolError(
+                "window-overrun", f"{self.window.in_flight} batches already in flight, window is {self.window.size}")
+        if self._pfn32:
+            pfns, counts = decode_pfn32(payload)
+        else:
+            if len(payload) // 8 > 2 * self.max_ranges:  # cheap bound before decoding
+                raise RemoteProtocolError(
+                    "too-many-ranges", f"{len(payload) // 8} words exceed max_ranges {self.max_ranges}")
+            pfns, counts = decode_ranges(payload)
+            if pfns.size > self.max_ranges:
+                raise RemoteProtocolError("too-many-ranges", f"{pfns.size} ranges exceed max_ranges {self.max_ranges}")
+        self.window.consume(seq)
+        self.expected_seq = seq + 1
+        return pfns, counts
 
-    def send_ack(self, ack: Ack) -> bytes:
-        """``send(ack)`` without the generic dispatch: ACKs are the host's hot path."""
-        if self._state is not State.READY or self._dead is not None:
-            return self.send(ack)  # the general path raises the precise error
+    def _welcome_sent(self, welcome: Welcome) -> list:
+        unknown = set(welcome.features) - set(self.hello.features)
+        if unknown:
+            raise LocalProtocolError("bad-state", f"cannot accept features the guest never offered: {sorted(unknown)}")
+        self.features = welcome.features
+        self.window = FlowWindow(welcome.window)
+        self.max_ranges = welcome.max_ranges
+        return welcome.to_wire()
+
+    def _ack_sent(self, ack: Ack) -> list:
         try:
             self.window.release(ack.seq)
         except UnknownSequence as error:
             raise LocalProtocolError("bad-ack", str(error)) from None
-        data = self._packer.pack([ACK_TYPE, ack.seq, ack.rejected_pages])
-        self.bytes_sent += len(data)
-        return data
+        # rejected_pages saturates: a batch of escaped ranges can reject more than 2**64-1 pages.
+        return [ack.WIRE_TYPE, ack.seq, min(ack.rejected_pages, U64_MAX)]
 
-    def _on_receive(self, message: Message) -> None:
-        if isinstance(message, Hello):
-            if message.version != PROTOCOL_VERSION:
-                raise RemoteProtocolError("bad-version", f"this host speaks version {PROTOCOL_VERSION}, not {message.version}")
-            if message.page_size != PAGE_SIZE:
-                raise RemoteProtocolError("bad-page-size", f"page size must be {PAGE_SIZE}, not {message.page_size}")
-            if not valid_guest_id(message.guest):
-                raise RemoteProtocolError("bad-guest-id", f"{message.guest!r:.80} is not a valid guest id")
-            if message.pages < 1:
-                raise RemoteProtocolError("bad-shape", "a guest has at least one page")
-            self.hello = message
-        elif isinstance(message, Batch):
-            if message.seq != self.expected_seq:
-                raise RemoteProtocolError("bad-seq", f"expected seq {self.expected_seq}, got {message.seq}")
-            try:
-                self.window.consume(message.seq)
-            except WindowFull as error:
-                raise RemoteProtocolError("window-overrun", str(error)) from None
-            self.expected_seq += 1
-            self._decode(message)
-
-    def _decode(self, batch: Batch) -> None:
-        payload = batch.payload
-        if self._pfn32:
-            batch.pfns, batch.counts = decode_pfn32(payload)
-            return
-        if len(payload) // 8 > 2 * self.max_ranges:  # cheap bound before decoding
-            raise RemoteProtocolError("too-many-ranges", f"{len(payload) // 8} words exceed max_ranges {self.max_ranges}")
-        pfns, counts = decode_ranges(payload)
-        if pfns.size > self.max_ranges:
-            raise RemoteProtocolError("too-many-ranges", f"{pfns.size} ranges exceed max_ranges {self.max_ranges}")
-        batch.pfns, batch.counts = pfns, counts
-
-    def _on_send(self, message: Message) -> None:
-        if isinstance(message, Welcome):
-            unknown = set(message.features) - set(self.hello.features)
-            if unknown:
-                raise LocalProtocolError("bad-state", f"cannot accept features the guest never offered: {sorted(unknown)}")
-            self.features = message.features
-            self.window = FlowWindow(message.window)
-            self.max_ranges = message.max_ranges
-        elif isinstance(message, Ack):
-            try:
-                self.window.release(message.seq)
-            except UnknownSequence as error:
-                raise LocalProtocolError("bad-ack", str(error)) from None
-
-
-_SHORT_PATH_BATCHES = {int(cls.TYPE): cls for cls in (Report, Reuse, Inflate, Deflate)}
-_SHORT_PATH_SENDS = frozenset({Report, Reuse, Inflate, Deflate, Hint})
-ACK_TYPE = int(M.ACK)
-U64_MAX = (1 << 64) - 1
 
 __all__ = [
     "CONNECTION_CLOSED", "DEFAULT_MAX_MESSAGE_BYTES", "GuestConnection", "HostConnection",
-    "MAX_INLINE_COUNT", "NEED_DATA", "PFN32", "RANGES52", "Role", "State", "negotiate_features",
+    "MAX_INLINE_COUNT", "NEED_DATA", "PFN32", "RANGES52", "RECEIVE_RULES", "SEND_RULES", "Move", "Role",
+    "State", "negotiate_features",
 ]

@@ -5,20 +5,17 @@ word ``(pfn << 12) | count`` with ``count`` in 1..4095. A count field of 0 is th
 the *next* word holds the page count (>= 1). Encoders escape only counts >= 4096 — v6 of
 the 2016 series inlined 4096, which spills into PFN bit 0; we never do.
 
-No function here loops over ranges in Python. Encoding and decoding run as one compiled
-pass (``shared._kernels``, numba) when numba is importable; otherwise a numpy codec that
-resolves escapes on their indices does the same in a handful of passes. Both give the
-same words and the same errors (the tests run both).
+No function here loops over ranges in Python, and there is no compiled code: a batch of
+buddy blocks (no escapes, what free page reporting sends) is a few whole-array numpy
+passes, and escapes are resolved on their indices, which are few. ``encode_into`` writes
+straight into a caller's preallocated words — the guest's one fixed buffer (the seed's
+rule, :class:`RangeBuffer`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import numpy as np
 
-from . import _kernels
 from .errors import RemoteProtocolError
 from .vocabulary import (
     COUNT_BITS,
@@ -32,6 +29,7 @@ from .vocabulary import (
 WORD = np.dtype("<u8")
 COUNT_MASK = np.uint64(MAX_INLINE_COUNT)
 SHIFT = np.uint64(COUNT_BITS)
+_PFN_SHIFT = np.uint64(PFN_BITS)
 
 #: Legacy balloon: one 32-bit PFN per 4 KiB page, at most 256 per message.
 PFN32 = np.dtype("<u4")
@@ -43,6 +41,8 @@ BIG_BATCH = 1 << 15
 
 def _as_u64(values, name: str) -> np.ndarray:
     array = np.asarray(values)
+    if array.dtype == np.uint64 and array.ndim == 1:
+        return array  # the common case: no pass over the data at all
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional")
     if array.size and array.dtype.kind == "i" and array.min() < 0:
@@ -59,9 +59,9 @@ def check_ranges(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
     if pfns.shape != counts.shape:
         raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
     if pfns.size:
-        if int(pfns.max()) > MAX_PFN:
+        if np.count_nonzero(np.right_shift(pfns, _PFN_SHIFT)):
             raise ValueError(f"PFN {int(pfns.max()):#x} does not fit in {PFN_BITS} bits")
-        if int(counts.min()) == 0:
+        if np.count_nonzero(counts) != counts.size:
             raise ValueError("a range must cover at least one page")
     return pfns, counts
 
@@ -69,7 +69,7 @@ def check_ranges(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
 def words_needed(counts) -> int:
     """Words the canonical encoding of these counts takes (escaped ranges take two)."""
     counts = np.asarray(counts, dtype=np.uint64)
-    return int(counts.size + np.count_nonzero(counts > MAX_INLINE_COUNT))
+    return int(counts.size + np.count_nonzero(np.right_shift(counts, SHIFT)))
 
 
 def _flatnonzero_sparse(mask: np.ndarray) -> np.ndarray:
@@ -90,103 +90,50 @@ def _flatnonzero_sparse(mask: np.ndarray) -> np.ndarray:
     return np.concatenate((found, np.flatnonzero(mask[whole:]) + whole))
 
 
-def _as_checked_u64(values, name: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.dtype == np.uint64 and array.ndim == 1:
-        return array  # the common case: no pass over the data at all
-    return _as_u64(values, name)
+def encode_into(pfns, counts, out: np.ndarray) -> int:
+    """Write the canonical words of the ranges into ``out[:n]``; returns ``n``.
 
-
-def encode_words(pfns, counts) -> np.ndarray:
-    """Encode ranges to a uint64 word array (canonical: escape only for counts >= 4096)."""
-    if not _kernels.AVAILABLE:
-        return _encode_words_numpy(pfns, counts)
-    pfns, counts = _encoder_input(pfns, counts)
-    out = np.empty(2 * pfns.size + 1, dtype=WORD)  # worst case; untouched pages are never faulted in
-    return out[: _encode_into(pfns, counts, out)]
-
-
-def _encoder_input(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
-    pfns = _as_checked_u64(pfns, "pfns")
-    counts = _as_checked_u64(counts, "counts")
-    if pfns.shape != counts.shape:
-        raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
-    return pfns, counts
-
-
-def _encode_into(pfns: np.ndarray, counts: np.ndarray, out: np.ndarray) -> int:
-    """Run the compiled encoder; map its status to the ValueError the API promises."""
-    bad, used = _kernels.encode_into(pfns, counts, out)
-    if bad:
-        check_ranges(pfns, counts)  # finds the offending range and raises its ValueError
-        raise AssertionError("the encode kernel flagged input that check_ranges accepts")
+    ``out`` is a uint64 array with room for ``words_needed(counts)`` words (ValueError
+    otherwise, nothing written). Ranges without escapes — buddy blocks — are two passes
+    written in place, with no temporary array; escaped ranges cost a few index arrays.
+    """
+    pfns, counts = check_ranges(pfns, counts)
+    n = pfns.size
+    escaped = counts > COUNT_MASK
+    used = n + np.count_nonzero(escaped)
+    if used > out.size:
+        raise ValueError(f"{used} words do not fit in a buffer of {out.size}")
+    if used == n:
+        words = out[:n]
+        np.left_shift(pfns, SHIFT, out=words)
+        np.bitwise_or(words, counts, out=words)
+        return n
+    long_at = _flatnonzero_sparse(escaped)
+    # Range i lands at i + (escapes before it); each escape's count word right after it.
+    before = np.zeros(n, dtype=np.intp)
+    before[long_at] = 1
+    slot = np.cumsum(before)
+    slot -= before
+    slot += np.arange(n, dtype=np.intp)
+    words = np.left_shift(pfns, SHIFT)
+    np.bitwise_or(words, counts, out=words)
+    words[long_at] = pfns[long_at] << SHIFT  # the escape: count field 0
+    out[slot] = words
+    out[slot[long_at] + 1] = counts[long_at]
     return used
 
 
-def _encode_words_numpy(pfns, counts) -> np.ndarray:
-    """The numpy encoder (no numba): same words as the compiled one.
-
-    Vectorized in a few full passes: inline words for every range, then, only when some
-    range needs the escape, one masked copy that leaves a slot after each escape word
-    for its count word.
-    """
-    pfns, counts = check_ranges(pfns, counts)
-    words = np.left_shift(pfns, SHIFT)
-    np.add(words, counts, out=words)  # == | for inline counts; undone below for escaped ones
-    escaped = counts > MAX_INLINE_COUNT
-    extra = int(np.count_nonzero(escaped))
-    if not extra:
-        return words.astype(WORD, copy=False)
-    at = _flatnonzero_sparse(escaped)
-    long_counts = counts[at]
-    words[at] -= long_counts  # the escape: pfn << 12, count field 0 (uint64 wraps back exactly)
-    count_at = at + np.arange(1, extra + 1)  # each count word follows its escape
-    range_slot = np.ones(words.size + extra, dtype=bool)
-    range_slot[count_at] = False
-    out = np.empty(words.size + extra, dtype=WORD)
-    out[range_slot] = words
-    out[count_at] = long_counts
+def encode_words(pfns, counts) -> np.ndarray:
+    """Encode ranges to a new uint64 word array (canonical: escape only for counts >= 4096)."""
+    counts_u64 = _as_u64(counts, "counts")
+    out = np.empty(words_needed(counts_u64), dtype=WORD)
+    encode_into(pfns, counts_u64, out)
     return out
 
 
 def encode_ranges(pfns, counts) -> bytes:
     """Pack ranges into the bytes of a batch payload."""
-    if _kernels.AVAILABLE and _new_bytes is not None and np.size(pfns) >= BIG_BATCH:
-        pfns, counts = _encoder_input(pfns, counts)
-        size = (pfns.size + _kernels.escapes(counts)) * WORD.itemsize
-        payload, out = _fillable_bytes(size)
-        bad, _ = _kernels.encode_exact(pfns, counts, out)
-        if bad:
-            check_ranges(pfns, counts)  # raises the offending range's ValueError
-        return payload
     return encode_words(pfns, counts).tobytes()
-
-
-def _bytes_filler():
-    """``PyBytes_FromStringAndSize(NULL, n)``: the C API's way to build a bytes object in place.
-
-    A large payload is encoded straight into its ``bytes`` object instead of into an
-    array that ``tobytes()`` then copies: one pass over the output instead of two (the
-    copy was the codec's whole margin over a plain numpy copy). The object is filled
-    before anything else sees it, as the C API intends. CPython only (``ob_sval`` sits at
-    ``bytes.__basicsize__ - 1``); elsewhere the copying path is used.
-    """
-    if sys.implementation.name != "cpython":
-        return None
-    function = ctypes.pythonapi.PyBytes_FromStringAndSize
-    function.restype = ctypes.py_object
-    function.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    return function
-
-
-_new_bytes = _bytes_filler()
-_BYTES_DATA = bytes.__basicsize__ - 1
-
-
-def _fillable_bytes(size: int) -> tuple[bytes, np.ndarray]:
-    """A new, not yet shared bytes object of ``size`` bytes and a writable word view of it."""
-    payload = _new_bytes(None, size)
-    return payload, np.frombuffer((ctypes.c_char * size).from_address(id(payload) + _BYTES_DATA), dtype=WORD)
 
 
 def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
@@ -200,34 +147,15 @@ def decode_ranges(data) -> tuple[np.ndarray, np.ndarray]:
     if size % WORD.itemsize:
         raise RemoteProtocolError("bad-payload", f"{size} bytes is not a whole number of 8-byte words")
     words = np.frombuffer(data, dtype=WORD)
-    if not _kernels.AVAILABLE:
-        return _decode_words_numpy(words)
-    pfns = np.empty(words.size, dtype=np.uint64)
-    counts = np.empty(words.size, dtype=np.uint64)
-    status, ranges = _kernels.decode_into(words, pfns, counts)
-    if status == _kernels.DANGLING_ESCAPE:
-        raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
-    if status == _kernels.ZERO_COUNT:
-        raise RemoteProtocolError("bad-payload", "an escape announces a count of zero")
-    if ranges == words.size:
-        return pfns, counts
-    return pfns[:ranges], counts[:ranges]
-
-
-def _decode_words_numpy(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The numpy decoder (no numba): same answers and errors as the compiled one."""
-    if not words.size:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64)
     low = np.bitwise_and(words, COUNT_MASK)  # also the counts when nothing is escaped
-    zero = low == 0
-    if not zero.any():  # fast path: no escapes (every free page report of buddy blocks)
+    if np.count_nonzero(low) == words.size:  # no escapes: every free page report of buddy blocks
         return np.right_shift(words, SHIFT), low
     # A word whose count field is 0 is either an escape (a range word) or the count word
     # that follows an escape. Every maximal run of such words starts at a range word, so
     # inside a run even offsets are escapes and odd offsets are count words; a run of odd
     # length ends in an escape whose count word is the (nonzero-low) word after the run.
     # Such words are few, so the runs are found on their indices, not on the whole batch.
-    zero_at = _flatnonzero_sparse(zero)
+    zero_at = _flatnonzero_sparse(low == 0)
     apart = np.diff(zero_at) != 1
     if apart.all():  # every run is one word long: each is an escape (the usual case)
         escape_at = zero_at
@@ -240,7 +168,7 @@ def _decode_words_numpy(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise RemoteProtocolError("bad-payload", "the payload ends in an escape with no count word")
     count_at = escape_at + 1
     escaped_counts = words[count_at]
-    if not escaped_counts.all():
+    if np.count_nonzero(escaped_counts) != escaped_counts.size:
         raise RemoteProtocolError("bad-payload", "an escape announces a count of zero")
     range_word = np.ones(words.size, dtype=bool)
     range_word[count_at] = False
@@ -249,7 +177,7 @@ def _decode_words_numpy(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # fresh batch-sized allocation, which costs page faults on large batches).
     counts = np.bitwise_and(kept, COUNT_MASK, out=low[: kept.size])
     counts[escape_at - np.arange(escape_at.size)] = escaped_counts  # escape positions once count words are gone
-    return np.right_shift(kept, SHIFT, out=kept.astype(np.uint64, copy=False)), counts
+    return np.right_shift(kept, SHIFT, out=kept), counts
 
 
 def count_ranges(data) -> int:
@@ -330,7 +258,8 @@ class RangeBuffer:
     As Liang Li explains in the seed thread, the guest fills one buffer of a fixed
     number of words and sends it when full — it never allocates a bigger one on the hot
     path, because that allocation can fail or stall migration. ``append``/``extend``
-    refuse what does not fit; ``take`` hands the filled words out as bytes and resets.
+    encode into it and refuse what does not fit; ``view`` is the payload to send (no
+    copy), ``clear`` empties it for refilling; ``take`` copies out (tests, benchmarks).
     """
 
     __slots__ = ("_words", "_used", "_ranges", "_pages", "max_ranges")
@@ -382,26 +311,39 @@ class RangeBuffer:
         return True
 
     def extend(self, pfns, counts) -> int:
-        """Add as many leading ranges as fit; returns how many were taken."""
+        """Add as many leading ranges as fit; returns how many were taken.
+
+        The words are encoded straight into the buffer's free tail: nothing is copied and,
+        for ranges without escapes, no temporary array is made.
+        """
         pfns, counts = check_ranges(pfns, counts)
         if not pfns.size:
             return 0
-        room_ranges = self.max_ranges - self._ranges
-        width = 1 + (counts > MAX_INLINE_COUNT).astype(np.intp)
-        cumulative = np.cumsum(width)
-        take = int(np.searchsorted(cumulative, self._words.size - self._used, side="right"))
-        take = min(take, room_ranges, pfns.size)
+        room = self._words.size - self._used
+        take = min(self.max_ranges - self._ranges, pfns.size, room)
         if take <= 0:
             return 0
-        words = encode_words(pfns[:take], counts[:take])
-        self._words[self._used : self._used + words.size] = words
-        self._used += words.size
+        pfns, counts = pfns[:take], counts[:take]
+        escaped = counts > COUNT_MASK
+        if np.count_nonzero(escaped):  # escaped ranges take two words: cut where the room ends
+            ends = np.cumsum(escaped, dtype=np.intp)
+            ends += np.arange(1, take + 1, dtype=np.intp)
+            take = int(np.searchsorted(ends, room, side="right"))
+            if take <= 0:
+                return 0
+            pfns, counts = pfns[:take], counts[:take]
+        used = encode_into(pfns, counts, self._words[self._used :])
+        self._used += used
         self._ranges += take
-        self._pages += int(counts[:take].sum())
+        self._pages += int(counts.sum())
         return take
 
     def view(self) -> memoryview:
-        """The filled words as bytes, without copying (valid until the next change)."""
+        """The filled words as bytes, without copying (valid until the next change).
+
+        This is the payload the guest sends: msgpack packs it into the message straight
+        from the buffer, which is then cleared and refilled for the next batch.
+        """
         return memoryview(self._words[: self._used]).cast("B")
 
     def take(self) -> bytes:

@@ -63,3 +63,6 @@ MAX_ARRAY_LEN = 1024
 MAX_MAP_LEN = 64
 #: Deepest nesting a v1 message uses: STATS is ``[13, [[tag, value], ...]]`` (depth 3).
 MAX_DEPTH = 3
+#: msgpack objects in one message (every container, key and value counts): STATS, the
+#: largest v1 message, holds 195; HELLO with every optional key and 32 features about 50.
+MAX_OBJECTS = 512

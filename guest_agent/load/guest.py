@@ -317,7 +317,7 @@ class LoadGuest(asyncio.Protocol):
             self.next_payload = index + 1 if index + 1 < len(pool) else 0
         self.reuse_next = self.plan.reuse and not self.reuse_next
         data = self.conn.send(message)
-        self.inflight[message.seq] = (t0, pool.ranges[index], pool.pages[index])
+        self.inflight[self.conn.last_seq] = (t0, pool.ranges[index], pool.pages[index])
         self.created += 1
         self.totals.sent += 1
         self.totals.wire_bytes += len(data)

@@ -27,7 +27,7 @@ CASES = {
     "half-a-word": (report_frame(0, b"\x01\x02\x03\x04\x05"), "bad-payload"),
     "dangling-escape": (report_frame(0, struct.pack("<Q", 5 << 12)), "bad-payload"),
     "wrong-seq": (report_frame(7, struct.pack("<Q", (5 << 12) | 1)), "bad-seq"),
-    "welcome-from-guest": (msgpack.packb([2, {"version": 1}]), "bad-shape"),
+    "welcome-from-guest": (msgpack.packb([2, {"version": 1}]), "bad-state"),  # state before fields (PROTOCOL §5.1)
 }
 
 

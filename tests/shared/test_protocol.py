@@ -48,7 +48,7 @@ def raw(*obj) -> bytes:
     return msgpack.packb(list(obj), use_bin_type=True)
 
 
-HELLO = {"version": 1, "guest": "g1", "page_size": 4096, "pages": 1024, "features": ["ranges52"]}
+HELLO = {"version": 1, "guest": "g1", "page_size": 4096, "pages": 1024, "features": ["ranges52", "hinting", "stats"]}
 
 
 def host_after_hello(window=2, max_ranges=8, features=(), **kwargs):
@@ -143,7 +143,7 @@ def test_hinting_flow(pair_factory):
 
 
 def test_target_stats_ping_pong_bye(pair_factory):
-    pair = pair_factory()
+    pair = pair_factory(features=("ranges52", "stats"))
     pair.handshake()
     assert pair.host_sends(Target(pages=4096))[0] == Target(pages=4096)
     stats = pair.guest_sends(Stats(values={0: 1, 99: 5}))[0]
@@ -249,7 +249,7 @@ def test_bad_seq():
 
 
 def test_seq_counts_over_every_batch_kind():
-    host = host_after_hello(window=8)
+    host = host_after_hello(window=8, features=("hinting",))
     host.receive_data(raw(3, 0, b"") + raw(5, 1, b"") + raw(10, 2, 1, b"") + raw(6, 3, b""))
     assert [e.seq for e in host.events()] == [0, 1, 2, 3]
     assert remote_error(host, raw(7, 3, b"")).code == "bad-seq"

@@ -62,8 +62,8 @@ PAYLOAD = encode_ranges([1, 100], [3, 5000])
 def sample(kind: MessageType):
     """A well-formed message of each type; batches leave seq to the connection."""
     return {
-        MessageType.HELLO: Hello(guest="g1", pages=1 << 16, features=("ranges52",)),
-        MessageType.WELCOME: Welcome(window=4, max_ranges=64, features=("ranges52",)),
+        MessageType.HELLO: Hello(guest="g1", pages=1 << 16, features=("ranges52", "hinting", "stats")),
+        MessageType.WELCOME: Welcome(window=4, max_ranges=64, features=("ranges52", "hinting", "stats")),
         MessageType.REPORT: Report(payload=PAYLOAD),
         MessageType.ACK: Ack(seq=0),
         MessageType.REUSE: Reuse(payload=PAYLOAD),
@@ -91,7 +91,7 @@ def wire(kind: MessageType, seq: int = 0) -> bytes:
 
 
 def guest_in(state: State) -> GuestConnection:
-    guest = GuestConnection("g1", 1 << 16, features=("ranges52",))
+    guest = GuestConnection("g1", 1 << 16, features=("ranges52", "hinting", "stats"))
     if state is State.IDLE:
         return guest
     guest.hello()
@@ -142,7 +142,8 @@ SWEEP = [(role, state, kind) for role in Role for state in State for kind in Mes
 @pytest.mark.parametrize("role,state,kind", SWEEP, ids=lambda v: getattr(v, "name", v))
 def test_receive_every_type_in_every_state(role, state, kind):
     connection = make(role, state)
-    allowed = RECEIVE_RULES[(role, state)].get(int(kind))
+    move = RECEIVE_RULES[(role, state)].get(int(kind))
+    allowed = None if move is None else move.after
     connection.receive_data(wire(kind))
     try:
         event = connection.next_event()
@@ -161,7 +162,8 @@ def test_receive_every_type_in_every_state(role, state, kind):
 @pytest.mark.parametrize("role,state,kind", SWEEP, ids=lambda v: getattr(v, "name", v))
 def test_send_every_type_in_every_state(role, state, kind):
     connection = make(role, state)
-    allowed = SEND_RULES[(role, state)].get(int(kind))
+    move = SEND_RULES[(role, state)].get(int(kind))
+    allowed = None if move is None else move.after
     try:
         data = connection.send(sample(kind))
     except LocalProtocolError as error:
@@ -184,8 +186,8 @@ def test_tables_cover_every_role_and_state():
             if state is State.CLOSED:
                 assert moves == {}
             else:
-                assert moves[int(MessageType.BYE)] is State.CLOSED
-                assert moves[int(MessageType.ERROR)] is State.CLOSED
+                assert moves[int(MessageType.BYE)].after is State.CLOSED
+                assert moves[int(MessageType.ERROR)].after is State.CLOSED
 
 
 def test_each_direction_owns_its_messages():
@@ -214,12 +216,12 @@ def batch_bytes(kind: MessageType, seq: int, payload: bytes) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _hello_bytes(version=1, guest="g1", page_size=4096, pages=1 << 20, features=("ranges52", "unknown")):
+def _hello_bytes(version=1, guest="g1", page_size=4096, pages=1 << 20, features=("ranges52", "hinting", "stats", "unknown")):
     body = {"version": version, "guest": guest, "page_size": page_size, "pages": pages, "features": list(features)}
     return msgpack.packb([1, body])
 
 
-def _welcome_bytes(version=1, window=2, features=("ranges52",)):
+def _welcome_bytes(version=1, window=2, features=("ranges52", "hinting", "stats")):
     return msgpack.packb([2, {"version": version, "window": window, "max_ranges": 8, "features": list(features)}])
 
 
@@ -283,7 +285,7 @@ class _Machine(RuleBasedStateMachine):
                 assert connection.state is State.CLOSED
                 self.closed = True
                 return
-            expected = RECEIVE_RULES[(self.role, before)].get(event.WIRE_TYPE)
+            expected = RECEIVE_RULES[(self.role, before)][event.WIRE_TYPE].after
             assert expected is connection.state
             if expected is State.CLOSED:
                 self.closed = True
@@ -328,7 +330,7 @@ class HostUnderFire(_Machine):
 
     def react(self, event) -> None:
         if isinstance(event, Hello):
-            accepted = negotiate_features(event.features, ("ranges52",))
+            accepted = negotiate_features(event.features, ("ranges52", "hinting", "stats"))
             self.connection.send(Welcome(window=3, max_ranges=64, features=accepted))
             assert self.connection.state is State.READY
         elif event.WIRE_TYPE in (3, 5, 6, 7, 10):
@@ -367,7 +369,7 @@ class GuestUnderFire(_Machine):
     role = Role.GUEST
 
     def fresh(self):
-        return GuestConnection("g1", 1 << 16, features=("ranges52", "stats"), max_message_bytes=4096)
+        return GuestConnection("g1", 1 << 16, features=("ranges52", "hinting", "stats"), max_message_bytes=4096)
 
     @rule(data=GUEST_HOSTILE)
     def misbehave(self, data):
@@ -419,9 +421,9 @@ TestGuestUnderFire.settings = STATEFUL
 
 
 def guest_stream() -> bytes:
-    guest = GuestConnection("g1", 1 << 20, features=("ranges52",))
+    guest = GuestConnection("g1", 1 << 20, features=("ranges52", "stats"))
     parts = [guest.hello()]
-    guest.receive_data(msgpack.packb([2, {"version": 1, "window": 8, "max_ranges": 64, "features": ["ranges52"]}]))
+    guest.receive_data(msgpack.packb([2, {"version": 1, "window": 8, "max_ranges": 64, "features": ["ranges52", "stats"]}]))
     guest.next_event()
     for seq in range(4):
         parts.append(guest.send(Report(payload=encode_ranges([seq * 10_000, 7], [seq + 1, 4096 * (seq + 1)]))))
@@ -442,7 +444,7 @@ def run_host(data: bytes, chunk: int) -> None:
             host.receive_data(data[start : start + chunk])
             for event in host.events():
                 if isinstance(event, Hello):  # a corrupted HELLO may offer other features
-                    accepted = negotiate_features(event.features, ("ranges52", "pfn32"))
+                    accepted = negotiate_features(event.features, ("ranges52", "pfn32", "stats"))
                     host.send(Welcome(window=8, max_ranges=64, features=accepted))
                 elif getattr(event, "pfns", None) is not None:
                     host.send(Ack(seq=event.seq))
@@ -469,7 +471,7 @@ def test_uncorrupted_session_runs_clean():
     for event in host.events():
         seen.append(type(event).__name__)
         if isinstance(event, Hello):
-            host.send(Welcome(window=8, max_ranges=64, features=("ranges52",)))
+            host.send(Welcome(window=8, max_ranges=64, features=("ranges52", "stats")))
         elif isinstance(event, Report):
             host.send(Ack(seq=event.seq))
     assert seen == ["Hello"] + ["Report", "Stats"] * 4 + ["Bye"]
