@@ -19,8 +19,11 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from shared.messages import Ack, Error, Inflate, Report, Welcome  # noqa: E402
-from shared.protocol import GuestConnection, HostConnection  # noqa: E402
+from msgpack import packb  # noqa: E402
+
+from shared.errors import RemoteProtocolError  # noqa: E402
+from shared.messages import Ack, Inflate, Report, Welcome  # noqa: E402
+from shared.protocol import DEFAULT_MAX_MESSAGE_BYTES, GuestConnection, HostConnection  # noqa: E402
 from shared.ranges import encode_pfn32, encode_ranges  # noqa: E402
 
 HEX_WIDTH = 8  # bytes per line in a dump
@@ -132,14 +135,28 @@ def examples() -> list[tuple[str, str]]:
     hello = guest.hello()
     host.receive_data(hello)
     host.next_event()
-    welcome = host.send(Welcome(window=8, max_ranges=4096, features=("ranges52", "stats")))
+    # What balloon-host sends (host_daemon/session.py): it also says its maximum message
+    # size and the guest's size as the host counts it.
+    welcome = host.send(Welcome(window=8, max_ranges=4096, features=("ranges52", "stats"),
+                                max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, pages=262144))
     guest.receive_data(welcome)
     guest.next_event()
-    report = guest.send(Report(payload=encode_ranges([0x12345, 0x40000], [512, 5000])))
+    # Both ranges lie inside the guest's 262,144 pages (PFN 0x30000 + 5000 < 0x40000).
+    report = guest.send(Report(payload=encode_ranges([0x12345, 0x30000], [512, 5000])))
     host.receive_data(report)
     host.next_event()
     ack = host.send(Ack(seq=0, rejected_pages=0))
-    error_bytes = host.send(Error(code="window-overrun", detail="9 batches unacked, window is 8"))
+
+    # The ERROR is the one the host sends when a guest overruns its window of 8.
+    overrun = HostConnection()
+    overrun.receive_data(GuestConnection("vm-1", 262144).hello())
+    overrun.next_event()
+    overrun.send(Welcome(window=8, max_ranges=4096, features=()))
+    overrun.receive_data(b"".join(packb([3, seq, b""]) for seq in range(9)))
+    try:
+        list(overrun.events())
+    except RemoteProtocolError as error:
+        error_bytes = overrun.send_error(error)
 
     legacy = GuestConnection("vm-3", 1024, features=("pfn32",))
     legacy_host = HostConnection()
@@ -166,8 +183,9 @@ def state_table() -> str:
 
     def moves(table, role, state):
         grouped: dict[State, list[str]] = {}
-        for kind, after in sorted(table[(role, state)].items()):
-            grouped.setdefault(after, []).append(MessageType(kind).name)
+        for kind, move in sorted(table[(role, state)].items()):
+            name = MessageType(kind).name
+            grouped.setdefault(move.after, []).append(f"{name} ({move.feature})" if move.feature else name)
         if not grouped:
             return "—"
         return "; ".join(f"{', '.join(names)} → {after.name}" for after, names in grouped.items())
