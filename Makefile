@@ -27,7 +27,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,plot,dev]'
+	$(BIN)/pip install --quiet -e '.[host,tools,test,plot,dev]'
 	@touch $(STAMP)
 
 venv install: $(STAMP)

@@ -29,7 +29,6 @@ from .vocabulary import (
 WORD = np.dtype("<u8")
 COUNT_MASK = np.uint64(MAX_INLINE_COUNT)
 SHIFT = np.uint64(COUNT_BITS)
-_PFN_SHIFT = np.uint64(PFN_BITS)
 
 #: Legacy balloon: one 32-bit PFN per 4 KiB page, at most 256 per message.
 PFN32 = np.dtype("<u4")
@@ -58,10 +57,10 @@ def check_ranges(pfns, counts) -> tuple[np.ndarray, np.ndarray]:
     counts = _as_u64(counts, "counts")
     if pfns.shape != counts.shape:
         raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
-    if pfns.size:
-        if np.count_nonzero(np.right_shift(pfns, _PFN_SHIFT)):
+    if pfns.size:  # reductions: no temporary array the size of the input
+        if int(pfns.max()) > MAX_PFN:
             raise ValueError(f"PFN {int(pfns.max()):#x} does not fit in {PFN_BITS} bits")
-        if np.count_nonzero(counts) != counts.size:
+        if int(counts.min()) == 0:
             raise ValueError("a range must cover at least one page")
     return pfns, counts
 
@@ -316,17 +315,17 @@ class RangeBuffer:
         The words are encoded straight into the buffer's free tail: nothing is copied and,
         for ranges without escapes, no temporary array is made.
         """
-        pfns, counts = check_ranges(pfns, counts)
-        if not pfns.size:
-            return 0
+        pfns = _as_u64(pfns, "pfns")
+        counts = _as_u64(counts, "counts")
+        if pfns.shape != counts.shape:
+            raise ValueError(f"{pfns.size} pfns but {counts.size} counts")
         room = self._words.size - self._used
         take = min(self.max_ranges - self._ranges, pfns.size, room)
         if take <= 0:
             return 0
-        pfns, counts = pfns[:take], counts[:take]
-        escaped = counts > COUNT_MASK
-        if np.count_nonzero(escaped):  # escaped ranges take two words: cut where the room ends
-            ends = np.cumsum(escaped, dtype=np.intp)
+        pfns, counts = check_ranges(pfns[:take], counts[:take])  # only what can fit is looked at
+        if np.count_nonzero(counts > COUNT_MASK):  # escaped ranges take two words: cut where the room ends
+            ends = np.cumsum(counts > COUNT_MASK, dtype=np.intp)
             ends += np.arange(1, take + 1, dtype=np.intp)
             take = int(np.searchsorted(ends, room, side="right"))
             if take <= 0:

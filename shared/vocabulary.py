@@ -66,3 +66,4 @@ MAX_DEPTH = 3
 #: msgpack objects in one message (every container, key and value counts): STATS, the
 #: largest v1 message, holds 195; HELLO with every optional key and 32 features about 50.
 MAX_OBJECTS = 512
+WORD_BYTES = 8  # one ranges52 word (§3.1)
