@@ -76,11 +76,12 @@ class Framer:
 
     ``scan(chunk)`` walks the chunk's tokens, continuing the message the previous chunk
     left incomplete, and returns how many messages it completed. On a violation it raises
-    ``RemoteProtocolError`` with ``boundary`` set to the offset just past the last message
-    it completed in that chunk, so the caller can still deliver the good ones first.
+    ``RemoteProtocolError`` with ``error_at`` set to the chunk offset of the offending
+    token, so the caller can still decode everything before it (and an error msgpack
+    itself finds earlier in the stream wins, whatever the chunking).
     """
 
-    __slots__ = ("max_message_bytes", "max_depth", "max_objects", "boundary",
+    __slots__ = ("max_message_bytes", "max_depth", "max_objects", "error_at",
                  "_stack", "_skip", "_carry", "_size", "_objects")
 
     def __init__(self, max_message_bytes: int, max_depth: int = MAX_DEPTH,
@@ -88,7 +89,7 @@ class Framer:
         self.max_message_bytes = max_message_bytes
         self.max_depth = max_depth
         self.max_objects = max_objects
-        self.boundary = 0
+        self.error_at = 0
         self._stack: list[int] = []  # elements still due in each open container, outermost first
         self._skip = 0  # body bytes of the current str/bin still to step over
         self._carry = b""  # a token header split across chunks
@@ -99,7 +100,6 @@ class Framer:
         base = len(self._carry)  # offsets in ``data`` minus this are offsets in ``chunk``
         data = self._carry + bytes(chunk) if base else chunk
         self._carry = b""
-        self.boundary = 0
         end = len(data)
         limit = self.max_message_bytes
         max_depth = self.max_depth
@@ -120,6 +120,7 @@ class Framer:
             elif pos >= end:
                 break
             else:
+                self.error_at = max(0, pos - base)  # where a violation found below starts
                 byte = data[pos]
                 kind, width = _TOKENS[byte]
                 header = 1 + width
@@ -173,7 +174,6 @@ class Framer:
                 stack.pop()
             if not stack:  # a whole message
                 completed += 1
-                self.boundary = pos - base
                 size = 0
                 objects = 0
         self._skip = skip

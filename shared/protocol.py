@@ -309,7 +309,9 @@ class Connection:
             try:
                 self._framer.scan(chunk)
             except RemoteProtocolError as error:
-                self._unpack(chunk[: self._framer.boundary])  # the whole messages before it
+                # Decode what precedes the offending header: its whole messages are
+                # delivered first, and a msgpack error earlier in the stream wins.
+                self._unpack(chunk[: self._framer.error_at])
                 self._pending_error = self._pending_error or error
                 return
             self._unpack(chunk)

@@ -94,39 +94,43 @@ def encode_into(pfns, counts, out: np.ndarray) -> int:
 
     ``out`` is a uint64 array with room for ``words_needed(counts)`` words (ValueError
     otherwise, nothing written). Ranges without escapes — buddy blocks — are two passes
-    written in place, with no temporary array; escaped ranges cost a few index arrays.
+    written in place, with no temporary array; escaped ranges cost a few more passes.
     """
     pfns, counts = check_ranges(pfns, counts)
+    return _encode_checked(pfns, counts, int(np.count_nonzero(counts > COUNT_MASK)), out)
+
+
+def _encode_checked(pfns: np.ndarray, counts: np.ndarray, extra: int, out: np.ndarray) -> int:
     n = pfns.size
-    escaped = counts > COUNT_MASK
-    used = n + np.count_nonzero(escaped)
+    used = n + extra
     if used > out.size:
         raise ValueError(f"{used} words do not fit in a buffer of {out.size}")
-    if used == n:
+    if not extra:
         words = out[:n]
         np.left_shift(pfns, SHIFT, out=words)
         np.bitwise_or(words, counts, out=words)
         return n
-    long_at = _flatnonzero_sparse(escaped)
-    # Range i lands at i + (escapes before it); each escape's count word right after it.
-    before = np.zeros(n, dtype=np.intp)
-    before[long_at] = 1
-    slot = np.cumsum(before)
-    slot -= before
-    slot += np.arange(n, dtype=np.intp)
+    # Escapes: the inline words of every range, then one masked copy that leaves a slot
+    # after each escape word for its count word.
+    long_at = _flatnonzero_sparse(counts > COUNT_MASK)
     words = np.left_shift(pfns, SHIFT)
     np.bitwise_or(words, counts, out=words)
     words[long_at] = pfns[long_at] << SHIFT  # the escape: count field 0
-    out[slot] = words
-    out[slot[long_at] + 1] = counts[long_at]
+    count_at = long_at + np.arange(1, extra + 1)  # each count word follows its escape
+    range_slot = np.ones(used, dtype=bool)
+    range_slot[count_at] = False
+    target = out[:used]
+    target[range_slot] = words
+    target[count_at] = counts[long_at]
     return used
 
 
 def encode_words(pfns, counts) -> np.ndarray:
     """Encode ranges to a new uint64 word array (canonical: escape only for counts >= 4096)."""
-    counts_u64 = _as_u64(counts, "counts")
-    out = np.empty(words_needed(counts_u64), dtype=WORD)
-    encode_into(pfns, counts_u64, out)
+    pfns, counts = check_ranges(pfns, counts)
+    extra = int(np.count_nonzero(counts > COUNT_MASK))
+    out = np.empty(pfns.size + extra, dtype=WORD)
+    _encode_checked(pfns, counts, extra, out)
     return out
 
 

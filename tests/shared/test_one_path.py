@@ -221,7 +221,7 @@ def _replay(data: bytes, cuts: list[int]) -> list:
     return seen
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(TAILS), st.integers(0, len(SESSION)),
        st.lists(st.integers(0, len(SESSION) + 80), max_size=40))
 def test_small_and_large_chunks_give_identical_events_and_errors(tail, cut, cuts):
