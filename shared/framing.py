@@ -27,9 +27,9 @@ from .vocabulary import MAX_ARRAY_LEN, MAX_DEPTH, MAX_MAP_LEN, MAX_OBJECTS, MAX_
 # What each first byte of a msgpack token is, as (kind, n):
 _SCALAR = 0  # n body bytes follow the header byte (fixint, nil, bool, int, float)
 _STR = 1  # n is the width of the big-endian length field (0: fixstr, length in the byte)
-_BIN = 2  # n is the width of the length field
+_BIN = 2  # n is the width of the length field (kinds are ordered: <= _BIN has a body)
 _ARRAY = 3  # n is the width of the count field (0: fixarray)
-_MAP = 4  # n is the width of the count field (0: fixmap)
+_MAP = 4  # n is the width of the count field (0: fixmap; <= _MAP is a container)
 _EXT = 5  # extension types: not part of this protocol
 _INVALID = 6  # 0xc1
 
@@ -104,78 +104,97 @@ class Framer:
         limit = self.max_message_bytes
         max_depth = self.max_depth
         max_objects = self.max_objects
+        tokens = _TOKENS
         stack = self._stack
         skip = self._skip
-        size = self._size
         objects = self._objects
+        # The current message's size is ``before + (pos - first)``: bytes it had before this
+        # chunk plus what it has in it. Scalars and container headers are at most 9 bytes
+        # and a message has at most max_objects of them, so size is checked where it can
+        # jump — at str/bin headers — and where a message or the chunk ends.
+        before = self._size
+        first = 0
         pos = 0
         completed = 0
+        start = 0
         while True:
             if skip:  # inside a str/bin body: step over what this chunk holds of it
-                step = min(skip, end - pos)
-                pos += step
-                skip -= step
-                if skip:
+                if skip > end - pos:
+                    skip -= end - pos
+                    pos = end
                     break
+                pos += skip
+                skip = 0
             elif pos >= end:
                 break
             else:
-                self.error_at = max(0, pos - base)  # where a violation found below starts
+                start = pos
                 byte = data[pos]
-                kind, width = _TOKENS[byte]
-                header = 1 + width
-                if pos + header > end:  # the header itself is split: finish it with the next chunk
+                kind, width = tokens[byte]
+                if pos + 1 + width > end:  # the header itself is split: finish it with the next chunk
                     self._carry = bytes(data[pos:end])
+                    end = pos  # what is carried is not part of this chunk's size
                     break
                 objects += 1
                 if objects > max_objects:
+                    self.error_at = max(0, start - base)
                     raise _too_large(f"a message holds more than {max_objects} msgpack objects")
                 if kind == _SCALAR:
-                    pos += header
-                    size += header
-                    if size > limit:
-                        raise _too_large(f"a message exceeds {limit} bytes")
-                elif kind == _STR or kind == _BIN:
-                    length = (byte & 0x1F) if width == 0 else int.from_bytes(data[pos + 1 : pos + header], "big")
+                    pos += 1 + width
+                elif kind <= _BIN:  # str or bin
+                    length = (byte & 0x1F) if width == 0 else int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+                    pos += 1 + width
+                    size = before + pos - first + length
                     if kind == _STR and length > MAX_STR_BYTES:
+                        self.error_at = max(0, start - base)
                         raise _too_large(f"a str of {length} bytes exceeds {MAX_STR_BYTES}")
-                    size += header + length
                     if size > limit:
+                        self.error_at = max(0, start - base)
                         raise _too_large(f"a message announcing at least {size} bytes exceeds {limit}")
-                    pos += header
                     if length:
                         skip = length
                         continue  # complete once the body is stepped over
-                elif kind == _ARRAY or kind == _MAP:
-                    count = (byte & 0x0F) if width == 0 else int.from_bytes(data[pos + 1 : pos + header], "big")
+                elif kind <= _MAP:  # array or map
+                    count = (byte & 0x0F) if width == 0 else int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
                     if kind == _ARRAY and count > MAX_ARRAY_LEN:
+                        self.error_at = max(0, start - base)
                         raise _too_large(f"an array of {count} elements exceeds {MAX_ARRAY_LEN}")
                     if kind == _MAP and count > MAX_MAP_LEN:
+                        self.error_at = max(0, start - base)
                         raise _too_large(f"a map of {count} entries exceeds {MAX_MAP_LEN}")
                     if len(stack) >= max_depth:
+                        self.error_at = max(0, start - base)
                         raise _too_large(f"a message nests deeper than {max_depth} levels")
-                    pos += header
-                    size += header
-                    if size > limit:
-                        raise _too_large(f"a message exceeds {limit} bytes")
+                    pos += 1 + width
                     if count:
                         stack.append(count if kind == _ARRAY else 2 * count)
                         continue
                 elif kind == _EXT:
+                    self.error_at = max(0, start - base)
                     raise RemoteProtocolError(
                         "bad-msgpack", f"byte {byte:#04x} starts a msgpack extension type; v1 uses none")
                 else:
+                    self.error_at = max(0, start - base)
                     raise RemoteProtocolError("bad-msgpack", "byte 0xc1 is never used in msgpack")
             # An element is complete: close every container it completes.
             while stack:
-                stack[-1] -= 1
-                if stack[-1]:
+                left = stack[-1] - 1
+                if left:
+                    stack[-1] = left
                     break
                 stack.pop()
-            if not stack:  # a whole message
+            else:  # a whole message
+                if before + pos - first > limit:
+                    self.error_at = max(0, start - base)
+                    raise _too_large(f"a {before + pos - first}-byte message exceeds {limit} bytes")
                 completed += 1
-                size = 0
+                before = 0
+                first = pos
                 objects = 0
+        size = before + end - first if (stack or skip or self._carry) else 0
+        if size > limit:
+            self.error_at = max(0, start - base)
+            raise _too_large(f"an incomplete message exceeds {limit} bytes")
         self._skip = skip
         self._size = size
         self._objects = objects
