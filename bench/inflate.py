@@ -48,7 +48,7 @@ from shared.ranges import (
     expand_pages,
     sort_and_coalesce,
 )
-from shared.vocabulary import PAGE_SIZE, PFN32, RANGES52
+from shared.vocabulary import PAGE_SIZE, PFN32, RANGES52, SHARED_RAM
 
 GIB = 1 << 30
 ORDER10 = 1024  # pages in a MAX_ORDER-1 block, what a fresh guest's allocator hands out first
@@ -198,7 +198,7 @@ def free_file(path: str, size: int) -> None:
 
 
 def run_case(host: Host, encoding: str, ram: bool, pages: int, pfns, counts, tag: str) -> dict:
-    features = [encoding] + (["shared-ram"] if ram else [])
+    features = [encoding] + ([SHARED_RAM] if ram else [])
     guest = Guest(
         host.socket, f"inflate-{encoding}-{'ram' if ram else 'track'}-{tag}", pages, features
     )

@@ -14,6 +14,7 @@ import sys
 import time
 
 from shared.logfmt import configure_logging
+from shared.vocabulary import SHARED_RAM
 
 from .agent import Agent
 from .balloon import Balloon
@@ -129,7 +130,7 @@ class SharedRamBinder:
     def __call__(self, welcome) -> None:
         if not self.settings.shared_ram or self.memory is None:
             return
-        if "shared-ram" not in welcome.features or not welcome.ram_file:
+        if SHARED_RAM not in welcome.features or not welcome.ram_file:
             if not self.decided:
                 log.warning("the host did not grant shared-ram (run it with --ram-dir): no canaries")
             self.decided = True
