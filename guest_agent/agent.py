@@ -26,7 +26,17 @@ import numpy as np
 from shared.messages import Ack, Bye, Error, HintStart, HintStop, Message, Ping, Pong, Stats, Target
 from shared.protocol import GuestConnection, State
 from shared.ranges import RangeBuffer, sort_and_coalesce
-from shared.vocabulary import HINT, PAGE_SIZE, REPORT, REUSE, STATS
+from shared.vocabulary import (
+    HINT,
+    PAGE_SIZE,
+    REPORT,
+    REUSE,
+    STAT_ALLOC_STALLS,
+    STAT_AVAILABLE,
+    STAT_FREE,
+    STAT_TOTAL,
+    STATS,
+)
 
 from .batches import Op, payloads_for
 from .metrics import GuestMetrics
@@ -34,10 +44,6 @@ from .metrics import GuestMetrics
 log = logging.getLogger("guest_agent.agent")
 
 # virtio-balloon stat tags (virtio spec 5.5.6.3)
-STAT_FREE_MEMORY = 4
-STAT_TOTAL_MEMORY = 5
-STAT_AVAILABLE_MEMORY = 6
-STAT_ALLOC_STALLS = 11  # VIRTIO_BALLOON_S_ALLOC_STALL (Linux 6.12): here, workload allocations that failed
 
 
 class SessionEnded(Exception):
@@ -186,7 +192,7 @@ class Agent:
             return Stats(self.stats_source())
         free = int(self.allocator.free_pages) * PAGE_SIZE if self.allocator is not None else 0
         total = self.total_pages * PAGE_SIZE
-        values = {STAT_FREE_MEMORY: free, STAT_TOTAL_MEMORY: total, STAT_AVAILABLE_MEMORY: free}
+        values = {STAT_FREE: free, STAT_TOTAL: total, STAT_AVAILABLE: free}
         if self.memory is not None:
             values[STAT_ALLOC_STALLS] = int(self.memory.alloc_failures)
         return Stats(values)

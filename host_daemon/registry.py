@@ -32,7 +32,7 @@ from pathlib import Path
 
 from shared.config import format_size
 from shared.errors import RemoteProtocolError
-from shared.vocabulary import PAGE_SIZE
+from shared.vocabulary import PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 
 from .histogram import LatencyHistogram
 from .inventory import Inventory
@@ -42,8 +42,6 @@ log = logging.getLogger("balloon.host.registry")
 
 #: A balloon short of its target that has not moved for this long is "unreachable".
 TARGET_STALL_S = 5.0
-#: virtio-balloon stat tags (virtio spec 5.5.6.3): MEMFREE, MEMTOT, AVAIL.
-STAT_FREE, STAT_TOTAL, STAT_AVAILABLE = 4, 5, 6
 
 
 class GuestRecord:

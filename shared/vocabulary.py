@@ -33,6 +33,21 @@ HINT = "hint"
 #: In wire-type order (REPORT 3, REUSE 5, INFLATE 6, DEFLATE 7, HINT 10).
 BATCH_KINDS = (REPORT, REUSE, INFLATE, DEFLATE, HINT)
 
+# --- STATS tags (virtio spec 5.5.6.3, include/uapi/linux/virtio_balloon.h) --------------
+# Tags 0-9 are in the spec, 10-15 since Linux 6.12; a receiver ignores tags it does not know.
+STAT_SWAP_IN = 0  # VIRTIO_BALLOON_S_SWAP_IN
+STAT_SWAP_OUT = 1  # VIRTIO_BALLOON_S_SWAP_OUT
+STAT_MAJOR_FAULTS = 2  # VIRTIO_BALLOON_S_MAJFLT
+STAT_MINOR_FAULTS = 3  # VIRTIO_BALLOON_S_MINFLT
+STAT_FREE = 4  # VIRTIO_BALLOON_S_MEMFREE: memory the guest does not use at all
+STAT_TOTAL = 5  # VIRTIO_BALLOON_S_MEMTOT: memory the guest kernel sees
+STAT_AVAILABLE = 6  # VIRTIO_BALLOON_S_AVAIL: MemAvailable
+STAT_CACHES = 7  # VIRTIO_BALLOON_S_CACHES: file-backed, reclaimable
+STAT_HTLB_PGALLOC = 8  # VIRTIO_BALLOON_S_HTLB_PGALLOC
+STAT_HTLB_PGFAIL = 9  # VIRTIO_BALLOON_S_HTLB_PGFAIL
+STAT_OOM_KILLS = 10  # VIRTIO_BALLOON_S_OOM_KILL (Linux 6.12)
+STAT_ALLOC_STALLS = 11  # VIRTIO_BALLOON_S_ALLOC_STALL (Linux 6.12)
+
 # --- limits (§10) -----------------------------------------------------------------------
 U64_MAX = (1 << 64) - 1
 PFN_BITS = 52

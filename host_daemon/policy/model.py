@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-PAGE_SIZE = 4096
-
-# virtio-balloon stat tags (include/uapi/linux/virtio_balloon.h)
-STAT_MAJOR_FAULTS = 2  # VIRTIO_BALLOON_S_MAJFLT
-STAT_FREE = 4  # VIRTIO_BALLOON_S_MEMFREE
-STAT_TOTAL = 5  # VIRTIO_BALLOON_S_MEMTOT
-STAT_AVAILABLE = 6  # VIRTIO_BALLOON_S_AVAIL
-STAT_CACHES = 7  # VIRTIO_BALLOON_S_CACHES
-STAT_OOM_KILLS = 10  # VIRTIO_BALLOON_S_OOM_KILL (Linux 6.12)
-STAT_ALLOC_STALLS = 11  # VIRTIO_BALLOON_S_ALLOC_STALL (Linux 6.12)
+from shared.vocabulary import (  # noqa: F401  (re-exported for the policy modules)
+    PAGE_SIZE,
+    STAT_ALLOC_STALLS,
+    STAT_AVAILABLE,
+    STAT_CACHES,
+    STAT_FREE,
+    STAT_MAJOR_FAULTS,
+    STAT_OOM_KILLS,
+    STAT_TOTAL,
+)
 
 #: Every value of balloon_policy_decisions_total{direction}.
 DIRECTIONS = ("inflate", "deflate", "hold")
