@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -11,16 +10,16 @@ import sys
 from shared.addresses import default_socket_path
 from shared.logfmt import configure_logging
 
-from . import loops
-from .auth import TokenFileError
-from .inventory import InventoryError
-from .server import HostServer, ListenError
 from .settings import SettingsError, parse_settings
 
 log = logging.getLogger("balloon.host")
 
 
 async def serve(settings) -> int:
+    import asyncio
+
+    from .server import HostServer, ListenError  # loaded after parsing: --help stays light
+
     server = HostServer(settings)
     try:
         await server.start()
@@ -51,10 +50,11 @@ def main(argv=None) -> int:
     except SettingsError as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
         return 2
-    try:  # token files and the inventory are read before anything listens: a typo fails fast
-        from .auth import load_admin_token, load_guest_tokens
-        from .server import load_inventory
+    from .auth import TokenFileError, load_admin_token, load_guest_tokens
+    from .inventory import InventoryError
+    from .server import load_inventory
 
+    try:  # token files and the inventory are read before anything listens: a typo fails fast
         tokens = load_guest_tokens(settings.token_file) if settings.token_file else None
         if settings.admin_token_file:
             load_admin_token(settings.admin_token_file)
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
               f"(give --listen unix:PATH somewhere writable)", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    from . import loops
+
     name = loops.loop_name(settings.listen)
     log.info("starting", extra={"loop": name})
     return loops.run(serve(settings), name)

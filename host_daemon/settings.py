@@ -30,8 +30,7 @@ from shared.config import (
     parse_duration,
     parse_size,
 )
-from shared.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from shared.vocabulary import PAGE_SIZE
+from shared.vocabulary import DEFAULT_MAX_MESSAGE_BYTES, PAGE_SIZE
 
 ENV_PREFIX = "BALLOON_HOST"
 DEFAULT_HTTP = "127.0.0.1:9470"

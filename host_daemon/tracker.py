@@ -297,6 +297,7 @@ class GuestTracker:
         self._pages = int(pages)
         self._bits, self._sets = pageset.new_sets(self._pages)
         self._result = np.zeros(RESULT_SIZE, dtype=U64)
+        self._accepted = np.empty(64, dtype=np.intp)  # scratch of apply_batch, grown on demand
         self.reported = PageSetView(self, REPORTED)
         self.inflated = PageSetView(self, INFLATED)
         self.hinted = PageSetView(self, HINTED)
@@ -375,11 +376,14 @@ class GuestTracker:
             load_kernels()
         out = np.empty(2 * n, dtype=U64) if code == _REPORT or code == _INFLATE else _EMPTY
         result = self._result
+        accepted = self._accepted
+        if accepted.size < n:
+            accepted = self._accepted = np.empty(n, dtype=np.intp)
         if _compiled:
-            k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, np.empty(n, np.intp))
+            k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, accepted)
         else:  # the same loop, interpreted (numpy scalars wrap where the kernel's words do)
             with np.errstate(over="ignore"):
-                k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, np.empty(n, np.intp))
+                k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, accepted)
         discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
         accepted = int(result[ACCEPTED])
         if not result[REJECTED]:
