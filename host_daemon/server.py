@@ -76,6 +76,8 @@ class HostServer:
         self.http_address: tuple[str, int] | None = None
         self.ready = False
         self.handshaking = 0  # connections that have not said HELLO yet
+        self.max_handshakes = settings.max_handshakes  # bounded by the fd limit at start
+        self.max_handshakes_per_peer = settings.max_handshakes_per_peer
         self._handshaking_by_peer: dict[str, int] = {}
         self._servers: dict[Address, asyncio.AbstractServer] = {}  # shared and per-guest listeners
         self._guest_listeners: set[Address] = set()
@@ -92,7 +94,7 @@ class HostServer:
 
     async def start(self) -> None:
         settings = self.settings
-        _raise_fd_limit()
+        self._bound_handshake_caps(_raise_fd_limit())
         if settings.ram_dir is not None:
             from .reclaim import RamDirError, validate_ram_dir
 
@@ -232,6 +234,19 @@ class HostServer:
         for address in list(self._unix_paths):
             self._unlink(address)
 
+    def _bound_handshake_caps(self, fd_limit: int | None) -> None:
+        """Keep the pre-HELLO caps under the descriptor limit: a flood that reaches EMFILE
+        first would lock every guest out before any cap refuses it (a quarter of the fds for
+        connections without HELLO, three quarters of that per peer)."""
+        settings = self.settings
+        total, per_peer = settings.max_handshakes, settings.max_handshakes_per_peer
+        if fd_limit is not None and total > fd_limit // 4:
+            total = max(1, fd_limit // 4)
+            per_peer = min(per_peer, max(1, total * 3 // 4))
+            log.warning("handshake caps bounded by the descriptor limit", extra={
+                "fd_limit": fd_limit, "max_handshakes": total, "max_handshakes_per_peer": per_peer})
+        self.max_handshakes, self.max_handshakes_per_peer = total, per_peer
+
     # -- connections (called by GuestProtocol) ------------------------------------------
 
     def connection_opened(self, connection: GuestProtocol) -> RemoteProtocolError | None:
@@ -241,13 +256,12 @@ class HostServer:
             return None
         self.connections.add(connection)
         self._drained.clear()
-        settings = self.settings
         key = connection.session.peer.key
         by_peer = self._handshaking_by_peer.get(key, 0)
-        if self.handshaking >= settings.max_handshakes:
+        if self.handshaking >= self.max_handshakes:
             return RemoteProtocolError(
                 "too-many-connections", f"the host has {self.handshaking} connections without HELLO")
-        if by_peer >= settings.max_handshakes_per_peer:
+        if by_peer >= self.max_handshakes_per_peer:
             return RemoteProtocolError(
                 "too-many-connections", f"{key} has {by_peer} connections without HELLO")
         self.handshaking += 1
@@ -374,11 +388,14 @@ def _compiled() -> bool:
     return tracker._compiled
 
 
-def _raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: every guest and handshake is one descriptor."""
+def _raise_fd_limit() -> int | None:
+    """Soft RLIMIT_NOFILE up to the hard limit (every guest and handshake is one descriptor);
+    returns the soft limit now in force (None: unlimited or unknown)."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (OSError, ValueError):
-        pass
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft

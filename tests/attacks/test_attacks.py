@@ -377,9 +377,6 @@ def test_item8_a_flood_to_the_fd_limit_with_caps_below_it_locks_nobody_out():
     assert admitted == 15, f"only {admitted} of 15 legitimate guests got in during a flood to the fd limit"
 
 
-@pytest.mark.xfail(strict=True, reason="the default --max-handshakes (1024) / per-peer (512) caps are above "
-                                       "a 256-fd limit, so the flood reaches the fd limit first: the host "
-                                       "should bound its caps by RLIMIT_NOFILE (session's item 8)")
 def test_item8_a_flood_to_the_fd_limit_with_default_caps_locks_nobody_out():
     admitted = _flood_to_the_fd_limit()
     assert admitted == 15, f"only {admitted} of 15 legitimate guests got in during a flood to the fd limit"
