@@ -51,15 +51,7 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
         def scan():
             return procfs.scan_free_runs(root)
 
-        if settings.pages == 0:
-            try:
-                pages = procfs.system_ram_pages(root)
-            except (OSError, ValueError) as error:
-                raise SettingsError(f"--source procfs: cannot read System RAM from {root}/proc/iomem "
-                                    f"({error}); give --memory") from None
-        else:
-            pages = settings.pages
-
+        pages = _machine_pages(settings)
         hinting = Hinting(scan, interval=settings.scan_interval, background=True)
         log.info("procfs source: free pages are sent only as hints for host hint commands — "
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
@@ -91,19 +83,25 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     return agent, memory
 
 
+def _machine_pages(settings: GuestSettings) -> int:
+    """The RAM size a real machine announces: --memory, else the end of System RAM in iomem."""
+    if settings.pages:
+        return settings.pages
+    from .memory import procfs
+
+    try:
+        return procfs.system_ram_pages(settings.procfs_root)
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"--source {settings.source}: cannot read System RAM from "
+                            f"{settings.procfs_root}/proc/iomem ({error}); give --memory") from None
+
+
 def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
     """The real machine's memory (guest_agent/memory/linux.py); root only."""
     from .memory import linux, procfs
 
     root = settings.procfs_root
-    if settings.pages == 0:
-        try:
-            pages = procfs.system_ram_pages(root)
-        except (OSError, ValueError) as error:
-            raise SettingsError(f"--source linux: cannot read System RAM from {root}/proc/iomem "
-                                f"({error}); give --memory (a VM's exact RAM size)") from None
-    else:
-        pages = settings.pages
+    pages = _machine_pages(settings)
     memory = linux.LinuxPages(root)
     try:
         memory.prepare()

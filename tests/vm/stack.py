@@ -17,10 +17,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.e2e.daemons import wait_for as poll  # noqa: F401 - the suite's poll
 
 from . import harness
 from .machine import Machine, short_folder
@@ -34,22 +35,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def poll(condition, timeout: float, what, interval: float = 0.1):
-    """``condition()`` until truthy, or AssertionError naming ``what`` (a str or a callable)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-            if result:
-                return result
-        except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
-            last = error
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what} "
-                         f"(last error: {last})")
 
 
 class Stack:

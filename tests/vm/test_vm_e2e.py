@@ -37,6 +37,21 @@ def stop_canary(stack: Stack) -> str:
     return poll(finished, 60, lambda: vm.run(f"cat {CANARY_LOG}"))
 
 
+def agent_and_canary(stack: Stack, *options: str) -> None:
+    """The agent connected (balloon only, unless options say otherwise) and a canary held."""
+    stack.start_agent("--source linux", *(options or ("--no-reporting",)))
+    stack.wait_connected(180)
+    start_canary(stack)
+
+
+def deflate_and_verify(stack: Stack) -> None:
+    """Empty the balloon, write and read back fresh memory, and check the canary survived."""
+    stack.target(0)
+    stack.wait_inflated(0, 180)
+    check_fresh_memory(stack)
+    assert "memcheck ok" in stop_canary(stack)
+
+
 def check_fresh_memory(stack: Stack, mib: int = 256) -> None:
     vm = stack.vm
     out = vm.run(vm.python(f"{vm.repo}/tests/vm/guest_memcheck.py check {mib}"), 240)
@@ -46,9 +61,7 @@ def check_fresh_memory(stack: Stack, mib: int = 256) -> None:
 def test_host_guest_and_ram_file_agree_on_the_balloon():
     with Stack() as stack:
         vm = stack.vm
-        stack.start_agent("--source linux", "--no-reporting")
-        stack.wait_connected(180)
-        start_canary(stack)
+        agent_and_canary(stack)
         before_file, before_mem = vm.ram_allocated(), vm.meminfo()
         # Growing steps: each new chunk comes from free, backed memory, so the file drops by exactly
         # the balloon. (A deflated page stays a hole until the guest touches it again.)
@@ -72,9 +85,7 @@ def test_host_guest_and_ram_file_agree_on_the_balloon():
 def test_host_sigkill_mid_balloon_reconnects_over_the_same_port_and_converges():
     with Stack() as stack:
         vm = stack.vm
-        stack.start_agent("--source linux", "--no-reporting")
-        stack.wait_connected(180)
-        start_canary(stack)
+        agent_and_canary(stack)
         full = vm.ram_allocated()
         stack.target(600)
         poll(lambda: stack.guest()["inflated_pages"] >= 64 * 256, 120, "the balloon to start filling")
@@ -98,17 +109,12 @@ def test_host_sigkill_mid_balloon_reconnects_over_the_same_port_and_converges():
         # The host's restart was an end of stream for the agent: a new HELLO, no resync.
         assert vm.run(f"grep -c resynchronised {AGENT_LOG}").strip() == "1"
         assert vm.run(f"grep -c 'session started' {AGENT_LOG}").strip() == "2"
-        stack.target(0)
-        stack.wait_inflated(0, 180)
-        check_fresh_memory(stack)
-        assert "memcheck ok" in stop_canary(stack)
+        deflate_and_verify(stack)
 
 
 def test_a_restarted_agent_starts_a_fresh_session_and_nothing_is_lost():
     with Stack() as stack:
-        stack.start_agent("--source linux", "--no-reporting")
-        stack.wait_connected(180)
-        start_canary(stack)
+        agent_and_canary(stack)
         stack.target(256)
         stack.wait_inflated(256, 180)
         stack.kill_agent(signal.SIGKILL)  # its pinned pages go back to the guest kernel
@@ -120,19 +126,14 @@ def test_a_restarted_agent_starts_a_fresh_session_and_nothing_is_lost():
         stack.wait_connected(120)
         record = stack.wait_inflated(256, 180)  # the host's remembered TARGET, inflated anew
         assert record["target_bytes"] == 256 * MIB
-        stack.target(0)
-        stack.wait_inflated(0, 180)
-        check_fresh_memory(stack)
-        assert "memcheck ok" in stop_canary(stack)
+        deflate_and_verify(stack)
 
 
 def test_reporting_returns_free_memory_it_holds_and_the_guest_keeps_its_data():
     with Stack() as stack:
         vm = stack.vm
         full = vm.ram_allocated()
-        stack.start_agent("--source linux", "--report-delay 500ms")
-        stack.wait_connected(180)
-        start_canary(stack)
+        agent_and_canary(stack, "--report-delay 500ms")
         # The first pass of a session reports free memory down to the reserve.
 
         def reported():

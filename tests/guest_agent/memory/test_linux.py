@@ -150,13 +150,19 @@ def test_balloon_stops_at_the_reserve_instead_of_pushing_the_guest_to_oom(tmp_pa
     assert balloon.build("ranges52", 4096, buffer) is None and balloon.stuck
 
 
-def test_a_new_session_reinflates_from_a_fresh_pagemap_read(tmp_path, buffer):
+def balloon_with_one_chunk(tmp_path, buffer) -> tuple[FakePages, LinuxBalloon]:
+    """A balloon holding one acked 16 MiB chunk."""
     write_proc(tmp_path)
     pages = FakePages()
     balloon = LinuxBalloon(pages, total_pages=1000 * 256, root=tmp_path, chunk_bytes=16 * MIB)
     balloon.set_target(16 * 256)
     op = balloon.build("ranges52", 4096, buffer)
     op.on_ack(op)
+    return pages, balloon
+
+
+def test_a_new_session_reinflates_from_a_fresh_pagemap_read(tmp_path, buffer):
+    pages, balloon = balloon_with_one_chunk(tmp_path, buffer)
     chunk = next(iter(pages.mapped.values()))
     pages.moves[chunk.address] = 0x99000  # whatever moved it, the old PFNs must not be resent
     balloon.resend_all()
@@ -165,12 +171,7 @@ def test_a_new_session_reinflates_from_a_fresh_pagemap_read(tmp_path, buffer):
 
 
 def test_an_aborted_deflate_keeps_the_pages_in_the_balloon(tmp_path, buffer):
-    write_proc(tmp_path)
-    pages = FakePages()
-    balloon = LinuxBalloon(pages, total_pages=1000 * 256, root=tmp_path, chunk_bytes=16 * MIB)
-    balloon.set_target(16 * 256)
-    op = balloon.build("ranges52", 4096, buffer)
-    op.on_ack(op)
+    pages, balloon = balloon_with_one_chunk(tmp_path, buffer)
     balloon.set_target(0)
     deflate = balloon.build("ranges52", 4096, buffer)
     deflate.on_abort(deflate)  # the session died before the ACK
