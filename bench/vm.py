@@ -84,7 +84,7 @@ def inflate_agent(guest_mib: int, balloon_mib: int, pfn32: bool) -> dict:
         record = stack.wait_inflated(balloon_mib, 1200)
         seconds = time.perf_counter() - t0
         returned = before - vm.ram_allocated()
-        parts = _agent_seconds(stack.agent_log())
+        parts = _agent_seconds(vm.run("grep 'balloon at target' /tmp/agent.log", check=False))
         apply = _apply_seconds(stack) - applied
         t1 = time.perf_counter()
         stack.target(0)
@@ -96,15 +96,17 @@ def inflate_agent(guest_mib: int, balloon_mib: int, pfn32: bool) -> dict:
 
 
 def _rss_cpu(stack: Stack, pid: int, seconds: float) -> tuple[float, float]:
-    """(VmRSS MiB, CPU %) of a guest process over ``seconds`` of wall time."""
+    """(MiB, CPU %) of a guest process over ``seconds``: VmRSS minus VmLck — the pages it
+    pins for the host are the guest's memory on loan, not the agent's footprint."""
     vm = stack.vm
 
     def sample():
-        out = vm.run(f"cat /proc/{pid}/stat; grep VmRSS /proc/{pid}/status; cut -d' ' -f1 /proc/uptime")
-        stat, rss, uptime = out.strip().splitlines()[-3:]
+        out = vm.run(f"cat /proc/{pid}/stat; grep -E 'VmRSS|VmLck' /proc/{pid}/status; cut -d' ' -f1 /proc/uptime")
+        stat, rss, locked, uptime = out.strip().splitlines()[-4:]
         fields = stat.rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks, int(rss.split()[1]) / 1024, float(uptime)
+        own = (int(rss.split()[1]) - int(locked.split()[1])) / 1024
+        return ticks, own, float(uptime)
 
     t_a, rss_a, up_a = sample()
     time.sleep(seconds)
@@ -112,7 +114,7 @@ def _rss_cpu(stack: Stack, pid: int, seconds: float) -> tuple[float, float]:
     return max(rss_a, rss_b), 100.0 * (t_b - t_a) / 100.0 / max(1e-9, up_b - up_a)  # USER_HZ = 100
 
 
-def _drain(stack: Stack, free_mib: int, quiet) -> dict:
+def _drain(stack: Stack, free_mib: int, quiet, during=None) -> dict:
     """Touch ``free_mib`` in the guest, free it, time the RAM file's drop to 50 % and 90 %."""
     vm = stack.vm
     quiet()
@@ -122,7 +124,9 @@ def _drain(stack: Stack, free_mib: int, quiet) -> dict:
     peak = vm.ram_allocated()
     grown = peak - base
     marks: dict[float, float] = {}
-    deadline = t0 + 120
+    if during is not None:
+        during()  # sampled while the memory drains
+    deadline = t0 + 300
     while time.perf_counter() < deadline and len(marks) < 2:
         gone = peak - vm.ram_allocated()
         for share in (0.5, 0.9):
@@ -148,33 +152,20 @@ def reporting_agent(guest_mib: int, free_mib: int) -> dict:
         pid = stack.agent_pids()[0]
 
         def quiet():  # the session's first pass reports (and first touches) everything free
-            last = [-1]
-
             def settled():
-                now = stack.guest()["reported_pages"]
-                done = now == last[0] and now > 0
-                last[0] = now
-                return done
-            poll(settled, 300, "the first reporting pass to settle", interval=3.0)
+                return stack.guest()["reported_pages"] > 0 and stack.vm.meminfo()["Mlocked"] < 4 * MIB
+            poll(settled, 600, "the first reporting pass to finish", interval=2.0)
+            time.sleep(3.0)
+            return settled()
 
-        quiet()
+        assert quiet(), "reporting did not stay quiet"
         idle = _rss_cpu(stack, pid, 10.0)
-        result = _drain(stack, free_mib, quiet=lambda: None)
+        busy: list = []
+        result = _drain(stack, free_mib, quiet=lambda: None, during=lambda: busy.append(_rss_cpu(stack, pid, 3.0)))
         result["mode"] = "agent, reporting by allocation"
         result["idle"] = idle
+        result["busy"] = busy[0] if busy else None
         return result
-
-
-def agent_busy_footprint(guest_mib: int, free_mib: int) -> tuple[float, float]:
-    """RSS/CPU while the agent reports a large free (sampled during the drain)."""
-    with Stack(memory_mib=guest_mib, prealloc=False) as stack:
-        vm = stack.vm
-        stack.start_agent("--source linux", "--report-delay 200ms")
-        stack.wait_connected(300)
-        pid = stack.agent_pids()[0]
-        poll(lambda: stack.guest()["reported_pages"] > 0, 300, "first report")
-        vm.run(vm.python(f"{vm.repo}/tests/vm/guest_memcheck.py check {free_mib}"), 600)
-        return _rss_cpu(stack, pid, 4.0)
 
 
 def fmt(value, unit="", digits=1) -> str:
@@ -187,12 +178,17 @@ def main(argv=None) -> int:
     parser.add_argument("--balloon-mib", type=int, default=None, help="default: 7/8 of the guest")
     parser.add_argument("--free-mib", type=int, default=1536)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=("inflate", "reporting"), default=None)
     args = parser.parse_args(argv)
     balloon = args.balloon_mib or args.guest_mib * 7 // 8
-    inflates = [inflate_qemu(args.guest_mib, balloon), inflate_agent(args.guest_mib, balloon, False),
-                inflate_agent(args.guest_mib, balloon, True)]
-    reports = [reporting_qemu(args.guest_mib, args.free_mib), reporting_agent(args.guest_mib, args.free_mib)]
-    busy = agent_busy_footprint(args.guest_mib, args.free_mib)
+    inflates: list = []
+    reports: list = []
+    if args.only != "reporting":
+        inflates = [inflate_qemu(args.guest_mib, balloon), inflate_agent(args.guest_mib, balloon, False),
+                    inflate_agent(args.guest_mib, balloon, True)]
+    if args.only != "inflate":
+        reports = [reporting_qemu(args.guest_mib, args.free_mib), reporting_agent(args.guest_mib, args.free_mib)]
+    busy = reports[1]["busy"] if reports else None
     if args.json:
         print(json.dumps({"inflate": inflates, "reporting": reports, "busy": busy}, default=str, indent=1))
         return 0
@@ -217,11 +213,14 @@ def main(argv=None) -> int:
     for r in reports:
         lines.append(f"| {r['mode']} | {r['grown'] / MIB:,.0f} MiB | {fmt(r['t50'], ' s')} | {fmt(r['t90'], ' s')} "
                      f"| {r['final'] / MIB:,.0f} MiB |")
-    idle = reports[1]["idle"]
-    lines += ["", "The agent's footprint in the guest (VmRSS; CPU = utime+stime over guest uptime):", "",
-              "| agent | RSS | CPU |", "|---|---:|---:|",
-              f"| idle, connected, balloon empty | {idle[0]:.1f} MiB | {idle[1]:.1f} % |",
-              f"| reporting a {args.free_mib} MiB free | {busy[0]:.1f} MiB | {busy[1]:.1f} % |"]
+    if reports:
+        idle = reports[1]["idle"]
+        lines += ["", "The agent's footprint in the guest (VmRSS minus VmLck, the pages it pins for the host; "
+                  "CPU = utime+stime over guest uptime):", "",
+                  "| agent | RSS (own) | CPU |", "|---|---:|---:|",
+                  f"| idle, connected, balloon empty | {idle[0]:.1f} MiB | {idle[1]:.1f} % |"]
+        if busy:
+            lines.append(f"| reporting a {args.free_mib} MiB free | {busy[0]:.1f} MiB | {busy[1]:.1f} % |")
     print("\n".join(lines))
     return 0
 
