@@ -95,3 +95,26 @@ def test_backoff_grows_with_jitter_and_is_capped():
     assert all(0 < d <= 3.0 for d in delays)
     assert delays[0] <= 0.1 and delays[-1] >= 1.5
     assert len({round(backoff_delay(8, 3.0, rng), 6) for _ in range(20)}) > 1  # jittered
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "trace:{bad}"], "trace line 2: id 'a' freed with another order"),
+    (["--workload", "trace:{missing}"], "cannot read trace file"),
+    (["--size-mix", "0:x"], "--size-mix: '0:x' is not ORDER:WEIGHT"),
+    (["--size-mix", "12:1"], "--size-mix: order 12 is not in 0..10"),
+    (["--memory", "256MB"], "ambiguous: write 256MiB"),
+    (["--memory", "1000000"], "got 977KiB (1000000 bytes)"),
+])
+def test_bad_guest_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    from guest_agent import cli
+
+    bad = tmp_path / "bad.trace"
+    bad.write_text("0 alloc 0 a\n1 free 1 a\n")
+    args = [a.format(bad=bad, missing=tmp_path / "nope") for a in args]
+    try:
+        status = cli.main(["--http", "off", "--id", "g1", *args])
+    except SystemExit as exit_info:  # argparse's own errors
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
