@@ -60,7 +60,13 @@ ip link set lo up 2>/dev/null
 if grep -q 'balloon.hostroot' /proc/cmdline; then
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /mnt &&
   mount -t proc proc /mnt/proc && mount -t sysfs sys /mnt/sys && mount -t devtmpfs dev /mnt/dev &&
+  mkdir -p /hosttmp && mount -o bind /mnt/tmp /hosttmp &&
   mount -t tmpfs -o size=256m tmp /mnt/tmp || echo "init: 9p share failed"
+  # The writable /tmp hides the host's: keep visible the host folders under /tmp that the
+  # guest needs (a checkout cloned under /tmp, as CI may do), bound back in read-only.
+  for d in $(tr ' ' '\n' < /proc/cmdline | sed -n 's/^balloon.tmpkeep=//p' | tr ',' ' '); do
+    mkdir -p "/mnt/tmp/$d" && mount -o bind "/hosttmp/$d" "/mnt/tmp/$d" || echo "init: cannot keep /tmp/$d"
+  done
 fi
 stty -echo -onlcr 2>/dev/null
 export PS1=

@@ -38,6 +38,16 @@ from . import harness
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = f"/dev/virtio-ports/{harness.PORT_NAME}"
+
+
+def _tmp_keep(repo: Path) -> str:
+    """The kernel-command-line word that keeps a checkout under the host's /tmp visible in the
+    guest, whose /tmp is a fresh tmpfs (harness.INIT binds that one folder back in)."""
+    try:
+        top = repo.relative_to("/tmp").parts[0]
+    except (ValueError, IndexError):
+        return ""
+    return f" balloon.tmpkeep={top}"
 #: The guest's environment for the project's Python: no JIT under TCG (numba's compile
 #: would take minutes there), a writable tmpfs for caches, nothing from the host's shell.
 GUEST_ENV = "env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp TMPDIR=/tmp BALLOON_CODEC=numpy " \
@@ -87,7 +97,7 @@ class Machine:
                 "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-net", "none",
                 "-kernel", str(self.artifacts.vmlinux), "-initrd", str(self.artifacts.initramfs),
                 "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0 balloon.hostroot"
-                + (" balloon.port" if self.socket_path is not None else ""),
+                + (" balloon.port" if self.socket_path is not None else "") + _tmp_keep(self.repo),
                 "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if self.socket_path is not None:
