@@ -231,7 +231,7 @@ def compile_kernels(module=None, names=KERNELS, inline=INLINE) -> bool:
     server calls this in a worker thread after its listeners are up, so neither
     ``balloon-host --help`` nor a cold start waits for numba.
     """
-    from shared.jit import cached_njit
+    from .jit import cached_njit
 
     module = sys.modules[__name__] if module is None else module
     with _lock:

@@ -2,7 +2,7 @@
 
 import os
 
-from shared import jit
+from host_daemon import jit
 
 
 def test_an_explicit_cache_dir_is_used_as_is(monkeypatch, tmp_path):
