@@ -20,14 +20,13 @@ entry is ``auth.GuestAuth``, what a session gets is ``admission``.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared.addresses import Address, parse_address
-from shared.config import parse_size
+from shared.config import parse_size, read_toml
 from shared.messages import valid_guest_id
 from shared.vocabulary import PAGE_SIZE
 
@@ -147,13 +146,7 @@ class Inventory:
     @classmethod
     def load(cls, path: Path | str, ram_dir: Path | None = None) -> Inventory:
         """Read ``--guests FILE``; InventoryError names the file and the entry at fault."""
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except OSError as error:
-            raise InventoryError(f"--guests: cannot read {path}: {error.strerror or error}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise InventoryError(f"--guests: {path} is not valid TOML: {error}") from None
+        data = read_toml(path, "--guests", InventoryError)
         extra = sorted(key for key in data if key != "guest")
         if extra:
             raise InventoryError(f"--guests: {path}: unknown table {extra[0]!r} (entries are [guest.ID])")

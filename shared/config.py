@@ -88,17 +88,24 @@ class ConfigFileError(ValueError):
     """The --config file cannot be read or is not the expected TOML."""
 
 
-def load_config_table(path, table: str) -> dict:
-    """The ``[table]`` of a TOML file, or its top level when it has no such table."""
+def read_toml(path, option: str, error: type[Exception] | None = None) -> dict:
+    """A TOML file named by ``option`` (e.g. ``--config``); ``error`` (ConfigFileError unless
+    given) carries one line naming the option and the file when it can't be read or parsed."""
     import tomllib
 
+    error = error or ConfigFileError
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as error:
-        raise ConfigFileError(f"--config: cannot read {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigFileError(f"--config: {path} is not valid TOML: {error}") from None
+            return tomllib.load(handle)
+    except OSError as problem:
+        raise error(f"{option}: cannot read {path}: {problem.strerror or problem}") from None
+    except tomllib.TOMLDecodeError as problem:
+        raise error(f"{option}: {path} is not valid TOML: {problem}") from None
+
+
+def load_config_table(path, table: str) -> dict:
+    """The ``[table]`` of a TOML file, or its top level when it has no such table."""
+    data = read_toml(path, "--config")
     section = data.get(table, data)
     if not isinstance(section, dict):
         raise ConfigFileError(f"--config: {path}: [{table}] must be a table")
