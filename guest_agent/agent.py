@@ -47,7 +47,12 @@ log = logging.getLogger("guest_agent.agent")
 
 
 class SessionEnded(Exception):
-    """The host said BYE or ERROR; the session is over."""
+    """The host said BYE or ERROR; the session is over. ``orderly``: a BYE (a clean host
+    stop or restart), which is routine, not a warning."""
+
+    def __init__(self, text: str, orderly: bool = False) -> None:
+        super().__init__(text)
+        self.orderly = orderly
 
 
 class Agent:
@@ -310,7 +315,8 @@ class Agent:
                 self._control.append(Pong(message.nonce))
         elif isinstance(message, Bye | Error):
             raise SessionEnded(f"{type(message).__name__.upper()}: "
-                               + (message.reason if isinstance(message, Bye) else f"{message.code} {message.detail}"))
+                               + (message.reason if isinstance(message, Bye) else f"{message.code} {message.detail}"),
+                               orderly=isinstance(message, Bye))
 
     def _on_ack(self, ack: Ack, now: float) -> None:
         entry = self._inflight.pop(ack.seq, None)

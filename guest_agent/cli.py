@@ -1,11 +1,14 @@
 """``balloon-guest``: parse the options, assemble the agent, run it until SIGTERM/SIGINT.
 
-On SIGTERM or SIGINT the agent sends BYE to the host and exits 0.
+On SIGTERM or SIGINT the agent sends BYE to the host and exits 0. A refusal that retrying
+cannot change (``bad-size``, ``auth-failed``, ``bad-version`` ...) ends it with one line and
+exit status 2, like a bad option; anything else (no host yet, a lost session) is retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import os
@@ -19,11 +22,18 @@ from shared.vocabulary import SHARED_RAM
 from .agent import Agent
 from .balloon import Balloon
 from .canaries import WorkloadMemory
-from .client import GuestClient
+from .client import GuestClient, refusal_line
 from .hinting import Hinting
 from .metrics import GuestMetrics, start_http
 from .reporting import FreePageReporting
-from .settings import PAGE_SIZE, GuestSettings, SettingsError, parse_settings, parse_size_mix
+from .settings import (
+    AUTO_HTTP_TRIES,
+    PAGE_SIZE,
+    GuestSettings,
+    SettingsError,
+    parse_settings,
+    parse_size_mix,
+)
 
 log = logging.getLogger("guest_agent")
 
@@ -167,10 +177,10 @@ async def run(settings: GuestSettings) -> int:
         loop.add_signal_handler(signum, client.stop)
     runner = None
     if settings.http is not None:
-        host, port = settings.http
         try:
-            runner, bound = await start_http(metrics, host, port)
+            runner, host, bound = await _serve_metrics(metrics, settings)
         except OSError as error:
+            host, port = settings.http
             log.error("cannot serve metrics", extra={"http": f"{host}:{port}", "error": str(error)})
             return 1
         log.info("metrics", extra={"url": f"http://{host}:{bound}/metrics"})
@@ -182,8 +192,28 @@ async def run(settings: GuestSettings) -> int:
     finally:
         if runner is not None:
             await runner.cleanup()
+    if client.refused is not None:  # retrying cannot help: say why in one line and stop (as a bad option does)
+        print(f"balloon-guest: error: {refusal_line(settings.id, settings.pages, client.refused)}",
+              file=sys.stderr, flush=True)
+        return 2
     log.info("guest agent stopped", extra={"guest": settings.id})
     return 0
+
+
+async def _serve_metrics(metrics: GuestMetrics, settings: GuestSettings):
+    """(runner, host, port) of the metrics server; with ``--http auto`` the first free port
+    from 9471, so a second guest on the same machine does not fail on the first one's port."""
+    host, port = settings.http
+    tries = AUTO_HTTP_TRIES if settings.http_auto else 1
+    for offset in range(tries):
+        try:
+            runner, bound = await start_http(metrics, host, port + offset)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or offset == tries - 1:
+                raise
+            continue
+        return runner, host, bound
+    raise AssertionError("unreachable")
 
 
 def main(argv=None) -> int:

@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 
 from shared.addresses import Address
-from shared.errors import ProtocolError, RemoteProtocolError
+from shared.config import format_size
+from shared.errors import CODES, ProtocolError, RemoteProtocolError
 from shared.messages import Bye
 from shared.protocol import GuestConnection, State
 
@@ -33,6 +35,41 @@ from .transport import READ_CHUNK, SerialPort, open_stream, resync
 log = logging.getLogger("guest_agent.client")
 
 BACKOFF_BASE = 0.1
+#: Refusals a retry cannot change: the same HELLO gets the same answer, so the guest stops.
+PERMANENT_REFUSALS = frozenset({"bad-size", "auth-failed", "bad-version", "bad-page-size", "bad-guest-id"})
+#: A failure that repeats (host down, socket missing) is logged again every this many attempts.
+REPEAT_EVERY = 10
+PAGE_BYTES = 4096
+
+
+class Refused(Exception):
+    """The host refused the HELLO for a reason retrying cannot change (PERMANENT_REFUSALS)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+def _pages_as_bytes(text: str) -> str:
+    """``262144 pages`` -> ``1GiB (262144 pages)``: people size guests in bytes."""
+    return re.sub(r"\b(\d+) pages\b", lambda m: f"{format_size(int(m.group(1)) * PAGE_BYTES)} ({m.group(0)})", text)
+
+
+def refusal_line(guest: str, pages: int, refused: Refused) -> str:
+    """The one line a refused guest exits with: what the host said, in bytes, and what to change."""
+    size = format_size(pages * PAGE_BYTES)
+    if refused.code == "bad-size":
+        allowed = re.search(r"at most (\d+) pages|has (\d+) pages", refused.detail)
+        if allowed:
+            limit = int(allowed.group(1) or allowed.group(2)) * PAGE_BYTES
+            where = ("an unprovisioned guest (its --max-guest-memory)" if allowed.group(1)
+                     else f"guest {guest} (its inventory entry)")
+            return (f"the host refuses guest {guest} (bad-size): it allows at most {format_size(limit)} "
+                    f"for {where} and this guest has {size} (--memory); not retrying")
+    words = CODES.get(refused.code, refused.code)
+    detail = f" ({_pages_as_bytes(refused.detail)})" if refused.detail else ""
+    return f"the host refuses guest {guest} ({refused.code}): {words}{detail}; not retrying"
 
 
 def backoff_delay(attempt: int, cap: float, rng: random.Random | None = None) -> float:
@@ -64,6 +101,7 @@ class GuestClient:
         self._wake = asyncio.Event()
         self._rng = random.Random()
         self.last_error: str | None = None
+        self.refused: Refused | None = None  # set when the host refused us for good (run() returns)
         self.port = SerialPort(address.path) if address.kind == "serial" else None
         self.resync_needed = self.port is not None  # a new agent on a stream that outlives it
         self.resyncs: list[str] = []  # how each resync ended ("settled", "bye", "fill")
@@ -95,21 +133,41 @@ class GuestClient:
     async def run(self) -> None:
         ticker = asyncio.create_task(self._tick_loop(), name="workload")
         attempt = 0
+        repeats = 0  # attempts that failed the same way in a row
+        host_left = False  # the last session ended with the host's BYE
         try:
             while not self.stop_event.is_set():
                 established = False
                 try:
                     established = await self._session()
+                except Refused as refused:
+                    self.agent.metrics.protocol_errors.labels(refused.code).inc()
+                    self.refused = refused
+                    return
                 except (OSError, EOFError, TimeoutError, ProtocolError, SessionEnded) as error:
                     message = self.describe(error)
                     if isinstance(error, OSError) and not established:
                         self.agent.metrics.connect_failures.inc()
                     if isinstance(error, ProtocolError):
                         self.agent.metrics.protocol_errors.labels(error.code).inc()
-                    # the same failure again (host still down) is logged once, not every retry
-                    level = logging.WARNING if message != self.last_error or established else logging.DEBUG
-                    log.log(level, "session lost" if self._phase == "session" else "no session",
-                            extra={"guest": self.guest, "error": message})
+                    # the same failure again (host still down) is logged once, then every
+                    # REPEAT_EVERY attempts, so a guest waiting for its host is visibly alive
+                    repeats = repeats + 1 if message == self.last_error and not established else 1
+                    if isinstance(error, SessionEnded) and error.orderly:
+                        host_left = True  # a clean host stop: routine, and so is the first failed reconnect
+                        log.info("the host ended the session; reconnecting",
+                                 extra={"guest": self.guest, "reason": message})
+                    elif repeats == 1:
+                        log.log(logging.INFO if host_left else logging.WARNING,
+                                "session lost" if self._phase == "session" else "no session",
+                                extra={"guest": self.guest, "error": message})
+                        host_left = False
+                    elif repeats % REPEAT_EVERY == 0:
+                        log.warning("still no session, retrying", extra={
+                            "guest": self.guest, "attempts": repeats, "error": message,
+                            "retry_max": f"{self.reconnect_max:g}s"})
+                    else:
+                        log.debug("no session", extra={"guest": self.guest, "error": message})
                     self.last_error = message
                 if self.stop_event.is_set():
                     break
@@ -213,6 +271,8 @@ class GuestClient:
             data = await reader.read(READ_CHUNK)
             conn.receive_data(data)
             for event in conn.events():
+                if event.TYPE.name == "ERROR" and event.code in PERMANENT_REFUSALS:
+                    raise Refused(event.code, event.detail)
                 if event.TYPE.name in ("ERROR", "BYE"):
                     raise SessionEnded(f"host refused the session: {event}")
                 if conn.state is State.READY:

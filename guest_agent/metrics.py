@@ -143,6 +143,10 @@ async def start_http(metrics: GuestMetrics, host: str, port: int,
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()  # the caller may try the next port
+        raise
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, bound

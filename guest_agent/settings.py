@@ -39,7 +39,10 @@ from shared.vocabulary import (
 )
 
 ENV_PREFIX = "BALLOON_GUEST"
-DEFAULT_HTTP = "127.0.0.1:9471"
+DEFAULT_HTTP = "auto"
+#: ``--http auto``: the first free port from here, so guests started side by side all serve metrics.
+AUTO_HTTP = ("127.0.0.1", 9471)
+AUTO_HTTP_TRIES = 100
 DEFAULT_MEMORY = 512 << 20
 MAX_ORDER = 10
 SOURCES = ("sim", "procfs", "linux")
@@ -67,6 +70,7 @@ class GuestSettings:
     reporting: bool = True
     capacity: int = 32
     http: tuple[str, int] | None = ("127.0.0.1", 9471)
+    http_auto: bool = False  # http is where the search for a free port starts (--http auto)
     token_file: Path | None = None
     shared_ram: bool = False
     pfn32: bool = False
@@ -201,9 +205,25 @@ def parse_size_mix(text: str | None) -> dict[int, float] | None:
 
 
 def _http(text: str):
-    if str(text).strip().lower() in ("off", "none", ""):
+    text = str(text).strip().lower()
+    if text in ("off", "none", ""):
         return None
+    if text == "auto":
+        return "auto"
     return split_host_port(text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Says ``(default: X)`` only where X tells something: not for flags, not for None
+    (those helps say what happens without the option), not where the help names it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or isinstance(default, bool) or default == []
+                or action.option_strings == [] or default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _fraction(text) -> float:
@@ -225,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine's free pages with --source procfs) whose free blocks are reported to "
                     "the host the way Linux's free page reporting does, plus a balloon the host can "
                     "size, over a socket that stands in for the virtqueues.",
-        epilog=describe_layers(ENV_PREFIX),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=describe_layers(ENV_PREFIX, "stats-interval"),
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--connect", type=argument_type(_guest_address, "address"), default=default_address(), metavar="ADDR",
@@ -273,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--capacity", type=int, default=32, metavar="RANGES",
         help="blocks per report, the size of the fixed range buffer (Linux: PAGE_REPORTING_CAPACITY, 32)")
     add("--http", type=argument_type(_http, "host:port"), default=DEFAULT_HTTP, metavar="HOST:PORT",
-        help="serve /metrics and /healthz here (off to disable)")
+        help="serve /metrics and /healthz here: HOST:PORT, off, or auto (the default): 127.0.0.1 on "
+             "the first free port from 9471, logged at start, so several guests run side by side")
     add("--token-file", type=Path, default=None, metavar="FILE",
         help="file holding this guest's token (the host's --token-file lists it)")
     add("--shared-ram", action="store_true", default=False,
@@ -321,7 +342,7 @@ def parse_settings(argv, environ=None) -> GuestSettings:
         workload=ns.workload, utilization=ns.utilization, rate=ns.rate, size_mix=ns.size_mix, period=ns.period, swing=ns.swing,
         seed=ns.seed, report_order=ns.report_order, report_delay=ns.report_delay, reporting=ns.reporting,
         capacity=ns.capacity,
-        http=ns.http, token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,
+        http=AUTO_HTTP if ns.http == "auto" else ns.http, http_auto=ns.http == "auto", token_file=ns.token_file, shared_ram=ns.shared_ram, pfn32=ns.pfn32,
         features=features, tick=ns.tick, reconnect_max=ns.reconnect_max,
         handshake_timeout=ns.handshake_timeout, procfs_root=ns.procfs_root,
         scan_interval=ns.scan_interval, canary_samples=ns.canary_samples,

@@ -101,6 +101,7 @@ class GuestSession:
         self.conn = HostConnection(settings.max_message_bytes)
         self.admission: Admission | None = None
         self.record = None
+        self.claimed: str | None = None  # HELLO's guest id, for the log of a refused session
         self.started = now
         self.last_message = now
         self._now = now  # the latest clock reading the shell passed in (for the log)
@@ -118,7 +119,7 @@ class GuestSession:
 
     @property
     def guest(self) -> str | None:
-        return self.record.id if self.record is not None else None
+        return self.record.id if self.record is not None else self.claimed
 
     @property
     def ended(self) -> bool:
@@ -290,6 +291,7 @@ class GuestSession:
 
     def _welcome(self, hello: Hello) -> list[bytes]:
         settings = self.settings
+        self.claimed = hello.guest
         admission = self.admitter.admit(hello, self.peer, self.owner)
         self.admission = admission
         record = self.record = admission.record

@@ -237,9 +237,9 @@ def layered_settings(parser: argparse.ArgumentParser, argv, env_prefix: str,
     return resolve_settings(parser, argv, env_prefix, environ, file_settings)
 
 
-def describe_layers(prefix: str) -> str:
-    """The epilog both daemons print under --help."""
+def describe_layers(prefix: str, example: str = "max-guests") -> str:
+    """The epilog both daemons print under --help (``example``: one of that daemon's options)."""
     return (f"Every option can also come from the environment as {prefix}_<OPTION> (e.g. "
-            f"--max-guests → {prefix}_MAX_GUESTS; repeatable options take a comma-separated "
+            f"--{example} → {prefix}_{example.upper().replace('-', '_')}; repeatable options take a comma-separated "
             f"list) or from a TOML file given with --config (keys as option names). "
             f"Precedence: command line > environment > config file > default.")

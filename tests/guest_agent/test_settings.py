@@ -25,10 +25,21 @@ def test_help_explains_every_flag():
         assert action.help, f"{action.option_strings} has no help"
 
 
+def test_help_names_only_defaults_that_say_something():
+    """``--no-reporting (default: True)`` reads as "reporting is off by default"; None says nothing."""
+    text = " ".join(build_parser().format_help().split())
+    for noise in ("(default: None)", "(default: True)", "(default: False)", "(default: [])"):
+        assert noise not in text
+    assert "(default: 50ms)" in text  # a real default is still shown
+    assert "BALLOON_GUEST_STATS_INTERVAL" in text  # the epilog's example is a guest option
+
+
 def test_defaults_follow_linux_page_reporting():
     s = parse_settings(["--id", "g1"], {})
     assert (s.report_order, s.report_delay, s.capacity) == (9, 2.0, 32)
-    assert s.http == ("127.0.0.1", 9471)
+    assert s.http == ("127.0.0.1", 9471) and s.http_auto  # the first free port from 9471
+    assert parse_settings(["--id", "g1", "--http", "127.0.0.1:9480"], {}).http_auto is False
+    assert parse_settings(["--id", "g1", "--http", "off"], {}).http is None
     assert s.memory == 512 << 20 and s.pages == 131072
     assert s.offered_features() == ("ranges52", "stats", "deflate-on-oom")
 
