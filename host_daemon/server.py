@@ -377,9 +377,26 @@ class HostServer:
 
 
 def _load_kernels() -> None:
+    """Load the tracker's kernels and call each once with the argument types a session's
+    batches have (decoded payloads, every kind, an escaped range): numba specialises on the
+    first call, so loading alone left ~0.3 s on the event loop for the first guest's first
+    batch. Connections wait for this (connection.py holds them unread), so no guest is
+    welcomed whose first batch would compile."""
+    from shared.ranges import decode_ranges, encode_ranges
+    from shared.vocabulary import DEFLATE, HINT, INFLATE, REPORT, REUSE
+
     from . import tracker
 
-    tracker.load_kernels()
+    if not tracker.load_kernels():
+        return  # interpreted: nothing to specialise
+    probe = tracker.GuestTracker(1 << 14)
+    pfns, counts = decode_ranges(encode_ranges([0, 1024, 9000], [512, 5000, 1]))  # 5000 pages: an escape
+    for kind in (REPORT, INFLATE, DEFLATE, REPORT, REUSE):
+        probe.apply(kind, pfns, counts)
+    probe.set_hint_command(1)
+    probe.apply(HINT, pfns, counts, 1)
+    for view in (probe.reported, probe.inflated, probe.hinted):
+        view.as_ranges()
 
 
 def _compiled() -> bool:
