@@ -2,12 +2,16 @@
 
 prometheus-client's ``Histogram.observe`` walks every bucket under a lock (~2 µs);
 here one ``bisect`` finds the bucket (~0.2 µs) and the cumulative counts Prometheus
-wants are built at scrape time. The same object answers the admin API's p99.
+wants are built at scrape time. The same object answers the admin API's p99s: over the
+guest's whole life, and over the last ``RECENT_SECONDS`` (a ring of ``RECENT_SLOTS``
+bucket arrays), so one slow batch at start — or an hour ago — does not pin the p99
+a person reads for the rest of the session.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from time import monotonic
 
 #: Apply-time buckets resolving 10 µs .. 1 s (DESIGN §5: sub-millisecond acks).
 APPLY_BUCKETS = (
@@ -16,20 +20,45 @@ APPLY_BUCKETS = (
 )
 
 
-class LatencyHistogram:
-    __slots__ = ("bounds", "counts", "sum", "count")
+#: The recent window of ``recent_quantile``: 10 slots of 30 s, so it covers the last 4.5-5 minutes.
+RECENT_SECONDS = 300.0
+RECENT_SLOTS = 10
+SLOT_SECONDS = RECENT_SECONDS / RECENT_SLOTS
 
-    def __init__(self, bounds=APPLY_BUCKETS) -> None:
+
+class LatencyHistogram:
+    __slots__ = ("bounds", "counts", "sum", "count", "_clock", "_slot", "_current", "_ring", "_stamps")
+
+    def __init__(self, bounds=APPLY_BUCKETS, clock=monotonic) -> None:
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # last slot: above the largest bound (+Inf)
         self.sum = 0.0
         self.count = 0
+        self._clock = clock
+        self._ring = [[0] * len(self.counts) for _ in range(RECENT_SLOTS)]
+        self._stamps = [None] * RECENT_SLOTS  # the time slot each ring entry counts
+        self._slot = None
+        self._current = self._ring[0]
 
     def observe(self, seconds: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bucket (Prometheus: le).
-        self.counts[bisect_left(self.bounds, seconds)] += 1
+        index = bisect_left(self.bounds, seconds)
+        self.counts[index] += 1
         self.sum += seconds
         self.count += 1
+        slot = int(self._clock() // SLOT_SECONDS)
+        if slot != self._slot:
+            self._enter(slot)
+        self._current[index] += 1
+
+    def _enter(self, slot: int) -> None:
+        """Start counting time slot ``slot`` in its ring entry (emptied if it held an older one)."""
+        at = slot % RECENT_SLOTS
+        if self._stamps[at] != slot:
+            self._ring[at] = [0] * len(self.counts)
+            self._stamps[at] = slot
+        self._slot = slot
+        self._current = self._ring[at]
 
     def merge(self, other: LatencyHistogram) -> None:
         counts = self.counts
@@ -54,11 +83,24 @@ class LatencyHistogram:
         Conservative like Prometheus's histogram_quantile at a bucket edge: the true
         value is at most this. Above the last bound it answers the last bound.
         """
-        if not self.count:
+        return self._bound(q, self.counts, self.count)
+
+    def recent_quantile(self, q: float) -> float | None:
+        """``quantile`` over the batches of the last RECENT_SECONDS only (None: none in that time)."""
+        oldest = int(self._clock() // SLOT_SECONDS) - RECENT_SLOTS + 1
+        counts = [0] * len(self.counts)
+        for stamp, slot_counts in zip(self._stamps, self._ring, strict=True):
+            if stamp is not None and stamp >= oldest:
+                for index, count in enumerate(slot_counts):
+                    counts[index] += count
+        return self._bound(q, counts, sum(counts))
+
+    def _bound(self, q: float, counts: list[int], total: int) -> float | None:
+        if not total:
             return None
-        rank = q * self.count
+        rank = q * total
         seen = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
+        for bound, count in zip(self.bounds, counts, strict=False):
             seen += count
             if seen >= rank:
                 return bound

@@ -182,6 +182,7 @@ class GuestRecord:
             "last_message_at": self.last_message_at,
             "errors": self.errors,
             "apply_seconds_p99": p99,
+            "apply_seconds_p99_recent": self.apply.recent_quantile(0.99),  # the last 5 minutes
             # the guest's last STATS, virtio tags as strings (JSON keys): "4" is MEMFREE
             "stats": {str(tag): value for tag, value in stats.items()},
             # the inventory entry (token redacted), or null for an open-mode guest

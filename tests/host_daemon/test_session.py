@@ -176,6 +176,7 @@ async def test_admin_api_guest_shape(make_host):
                 "reported_pages", "reported_bytes", "inflated_pages", "inflated_bytes", "target_pages",
                 "target_bytes", "hinted_pages", "reclaimed_bytes", "resident_bytes", "batches",
                 "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99",
+                "apply_seconds_p99_recent",
                 "stats", "provisioned", "actual_bytes", "target_actual_bytes", "target_state",
                 "target_shortfall_bytes", "available_bytes", "usable_bytes", "unused_bytes", "stats_age_seconds"}
     assert set(item) == expected  # docs/API.md's GUEST table, no more, no less
@@ -186,6 +187,7 @@ async def test_admin_api_guest_shape(make_host):
     assert item["batches"]["report"] == 1 and item["window"] == {"size": 8, "in_use": 0}
     assert item["address"].startswith("tcp:127.0.0.1:")
     assert item["reclaimed_bytes"] is None and item["apply_seconds_p99"] > 0
+    assert item["apply_seconds_p99_recent"] == item["apply_seconds_p99"]  # every batch was in the last minutes
     assert item["stats"] == {}
     await guest.close()
 
