@@ -7,12 +7,19 @@
     balloonctl hint GUEST                  start a free page hinting command (admin token)
     balloonctl wait GUEST [--for target]   until GUEST is connected (or its balloon settled)
 
-Columns: memory (the guest's RAM), actual (what it keeps: memory - balloon, QEMU's
-"actual"), balloon (inflated now), target (balloon asked for; "!" = the guest cannot get
-there), reported (free pages reported), free (MEMFREE of the guest's last STATS), stats
-(age of that STATS). A narrow terminal drops the least important columns first (never a
-guest id, never part of a number); in a pipe every column is printed unless $COLUMNS is
-set. top keeps polling while the host is down and says so.
+Columns (the same words as the /ui dashboard): memory (the guest's RAM), actual (what it
+keeps: memory - balloon, QEMU's "actual"), balloon (inflated now), target (balloon asked
+for; "!" = the guest cannot get there), reported (free pages reported), usable (what the
+guest could still allocate, virtio AVAIL of its last STATS), stats (age of that STATS),
+report/s and inflate/s (top), p99 5m (the host's batch apply time over the last 5
+minutes, an upper bucket edge: "<=250us" means at most 250 us). The title's totals count
+connected guests only. A narrow terminal drops the least important columns first (never
+a guest id, never part of a number); in a pipe every column is printed unless $COLUMNS is
+set. top keeps polling while the host is down and says so; with --iterations it exits 1
+if the host was unreachable at the last poll.
+
+setmem refuses to leave a guest less than 16MiB (no guest runs in less; the balloon driver
+would stop short anyway) and warns when the guest uses more than it would keep.
 
 Sizes: K/M/G/T are binary as in QEMU (256M = 256MiB); KB/MB/GB are refused as ambiguous.
 
@@ -160,6 +167,17 @@ def human_seconds(value: float | None) -> str:
     return f"{value:.2f}s"
 
 
+def human_bound(value: float | None) -> str:
+    """A histogram quantile, which is a bucket's upper edge: ``<=250µs``, ``<=2.5ms``, ``<=1s``
+    (the true value is at most this; two decimals would claim a precision it does not have)."""
+    if value is None:
+        return "-"
+    for unit, factor in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if value >= factor or unit == "µs":
+            return f"<={value / factor:.3g}{unit}"
+    return "-"
+
+
 def human_duration(age: float | None) -> str:
     if age is None:
         return "-"
@@ -258,7 +276,7 @@ COLUMNS = (
     Column("balloon", 1, lambda g, r: human_bytes(g.get("inflated_bytes"))),
     Column("target", 2, lambda g, r: _target(g)),
     Column("reported", 1, lambda g, r: human_bytes(g.get("reported_bytes"))),
-    Column("free", 3, lambda g, r: human_bytes(free_bytes(g))),
+    Column("usable", 3, lambda g, r: human_bytes(g.get("usable_bytes"))),
     Column("stats", 3, lambda g, r: human_duration(g.get("stats_age_seconds"))),
     Column("reclaimed", 5, lambda g, r: human_bytes(g.get("reclaimed_bytes"))),
     Column("report/s", 4, _top_only(lambda g, r: _per_second(r.get("report_bytes_per_s")))),
@@ -266,7 +284,7 @@ COLUMNS = (
     Column("batches/s", 5, _top_only(lambda g, r: human_rate(r.get("batches_per_s"), ""))),
     Column("batches", 7, lambda g, r: None if r is not None else str(sum((g.get("batches") or {}).values()))),
     Column("window", 6, lambda g, r: _window(g)),
-    Column("apply p99", 7, lambda g, r: human_seconds(g.get("apply_seconds_p99"))),
+    Column("p99 5m", 7, lambda g, r: human_bound(g.get("apply_seconds_p99_recent"))),
     Column("rejected", 8, lambda g, r: str(sum((g.get("rejected_pages") or {}).values()))),
     Column("errors", 8, lambda g, r: str(g.get("errors", 0))),
     Column("last msg", 9, lambda g, r: human_age(g.get("last_message_at"), time.time())),
@@ -310,25 +328,35 @@ def render_table(guests: list[dict], rates: dict[str, dict] | None, width: int |
     lines = [line(header)] + [line(row) for row in rows]
     hidden = [columns[i].name for i in range(len(columns)) if i not in kept]
     if hidden:
-        lines.append(clip(f"(hidden for width: {', '.join(hidden)}; widen the terminal or use --json)", width))
+        lines += wrap(f"(hidden for width: {', '.join(hidden)}; widen the terminal or use --json)", width)
     if any(g.get("target_state") == "unreachable" for g in guests):
-        lines.append(clip("target!: unreachable, the guest keeps its working set and low watermark", width))
+        lines += wrap("target!: unreachable, the guest keeps its working set and low watermark", width)
     return lines
 
 
 def status_title(guests: list[dict], host: str) -> str:
-    connected = sum(1 for g in guests if g.get("connected"))
+    """Totals over the connected guests: a guest that left (a finished balloon-load run, a VM
+    shut down) stays listed until the host forgets it, but holds no memory any more."""
+    live = [g for g in guests if g.get("connected")]
 
     def total(key: str) -> str:
-        return human_bytes(sum(g.get(key) or 0 for g in guests))
+        return human_bytes(sum(g.get(key) or 0 for g in live))
 
-    return (f"balloon-host {host}: {len(guests)} guest(s), {connected} connected; memory "
-            f"{total('memory_bytes')}, actual {total('actual_bytes')}, reported {total('reported_bytes')}")
+    title = f"balloon-host {host}: {len(live)} guest(s) connected"
+    if len(live) < len(guests):
+        title += f" ({len(guests) - len(live)} down)"
+    return (title + f"; memory {total('memory_bytes')}, actual {total('actual_bytes')}, "
+            f"reported {total('reported_bytes')}")
 
 
-def clip(text: str, width: int | None) -> str:
-    return text if width is None or len(text) <= width else text[:max(1, width - 1)] + "…"
+def wrap(text: str, width: int | None) -> list[str]:
+    """``text`` as lines of at most ``width``, broken between words (a title or an error must
+    be read whole; only a word longer than the terminal is cut)."""
+    if width is None or len(text) <= width:
+        return [text]
+    import textwrap
 
+    return textwrap.wrap(text, max(20, width), break_on_hyphens=False, subsequent_indent="  ")
 
 def terminal_width(stream) -> int | None:
     """The width to fit: $COLUMNS when set, else the terminal's; None (no limit) in a pipe."""
@@ -349,7 +377,7 @@ def cmd_status(client: AdminClient, args) -> int:
         print(json.dumps(guests[0] if args.guest else {"guests": guests}, indent=2))
         return EXIT_OK
     width = terminal_width(sys.stdout)
-    print("\n".join([clip(status_title(guests, client.base), width), *render_table(guests, None, width)]))
+    print("\n".join([*wrap(status_title(guests, client.base), width), *render_table(guests, None, width)]))
     return EXIT_OK
 
 
@@ -386,7 +414,7 @@ def _keys(stop: threading.Event):
 #: top's JSON lines: these keys of each GUEST, plus free_bytes and the rates.
 TOP_JSON_KEYS = ("id", "connected", "memory_bytes", "actual_bytes", "reported_bytes", "inflated_bytes",
                  "target_bytes", "target_state", "reclaimed_bytes", "unused_bytes", "usable_bytes",
-                 "stats_age_seconds", "window", "apply_seconds_p99")
+                 "stats_age_seconds", "window", "apply_seconds_p99", "apply_seconds_p99_recent")
 
 
 def top_frame(client: AdminClient, tracker: RateTracker, interval: float, width: int | None
@@ -396,20 +424,21 @@ def top_frame(client: AdminClient, tracker: RateTracker, interval: float, width:
     try:
         guests = client.guests()
     except CtlError as error:
-        return ([clip(f"{stamp} host unreachable, retrying every {interval:g}s: {error}", width)],
+        return (wrap(f"{stamp} host unreachable, retrying every {interval:g}s: {error}", width),
                 {"time": time.time(), "error": str(error), "guests": None})
     rates = tracker.update(guests, time.monotonic())
     total_rate = sum(r["batches_per_s"] or 0 for r in rates.values())
-    title = (f"{stamp} {status_title(guests, client.base)}, {human_rate(total_rate, ' batches/s')} "
+    title = (f"{stamp} {status_title(guests, client.base)}; {human_rate(total_rate, ' batches/s')} "
              f"(every {interval:g}s, q quits)")
     record = {"time": time.time(), "guests": [
         {**{key: g.get(key) for key in TOP_JSON_KEYS}, "free_bytes": free_bytes(g), **rates.get(g.get("id"), {})}
         for g in guests]}
-    return [clip(title, width), *render_table(guests, rates, width)], record
+    return [*wrap(title, width), *render_table(guests, rates, width)], record
 
 
 def cmd_top(client: AdminClient, args) -> int:
     """Poll until q, Ctrl-C or --iterations; keep polling (and say so) while the host is down.
+    Exit 1 when the last poll found no host (a script's ``top --iterations 1`` must see that).
 
     On a terminal each frame is redrawn in place (cursor home, clear to the end) as top(1)
     does, and the last frame stays on screen ending in a newline; in a pipe every frame is
@@ -420,12 +449,14 @@ def cmd_top(client: AdminClient, args) -> int:
     out = sys.stdout
     redraw = out.isatty() and not args.json
     iteration = 0
+    reachable = True
     try:
         with _keys(stop):
             while not stop.is_set() and (args.iterations is None or iteration < args.iterations):
                 if iteration and stop.wait(args.interval):
                     break
                 lines, record = top_frame(client, tracker, args.interval, terminal_width(out))
+                reachable = record.get("guests") is not None
                 if args.json:
                     out.write(json.dumps(record) + "\n")
                 elif redraw:
@@ -439,10 +470,29 @@ def cmd_top(client: AdminClient, args) -> int:
     except BrokenPipeError:  # `balloonctl top | head`
         with contextlib.suppress(OSError):
             sys.stderr.close()
-    return EXIT_OK
+    return EXIT_OK if reachable else EXIT_FAILED
+
+
+#: The least memory setmem/target leave a guest: no guest runs in less, and a balloon asked
+#: to take everything is a typo (``setmem g1 0``), not a request the driver could meet.
+MIN_KEEP = 16 << 20
+
+
+def _check_keep(guest: dict, name: str, keep: int) -> None:
+    """UsageError below MIN_KEEP; a warning on stderr when the guest uses more than it would keep."""
+    if keep < MIN_KEEP:
+        raise UsageError(f"{name} would keep {human_bytes(max(0, keep))}: no guest runs in less than "
+                         f"{human_bytes(MIN_KEEP)} (give the memory it keeps, e.g. setmem {name} 192MiB)")
+    memory, usable = guest.get("memory_bytes"), guest.get("usable_bytes")
+    if isinstance(memory, int) and isinstance(usable, int) and memory - usable > keep:
+        print(f"balloonctl: warning: {name} uses about {human_bytes(memory - usable)} now; the balloon will "
+              f"stop short of keeping {human_bytes(keep)} (shown as target!)", file=sys.stderr)
 
 
 def cmd_target(client: AdminClient, args) -> int:
+    guest = client.guest(args.guest)
+    if isinstance(guest.get("memory_bytes"), int) and args.size <= guest["memory_bytes"]:
+        _check_keep(guest, args.guest, guest["memory_bytes"] - args.size)
     answer = client.set_target(args.guest, args.size)
     pages = answer.get("target_pages") if isinstance(answer, dict) else None
     if args.json:
@@ -454,11 +504,13 @@ def cmd_target(client: AdminClient, args) -> int:
 
 def cmd_setmem(client: AdminClient, args) -> int:
     """The memory the guest keeps, as virsh setmem / QEMU's ``balloon``: balloon = memory − SIZE."""
-    memory = client.guest(args.guest).get("memory_bytes")
+    guest = client.guest(args.guest)
+    memory = guest.get("memory_bytes")
     if not isinstance(memory, int):
         raise CtlError(f"GET /api/v1/guests/{args.guest}: the answer has no memory_bytes")
     if args.size > memory:
         raise UsageError(f"{args.guest} has {human_bytes(memory)} of memory: it cannot keep {human_bytes(args.size)}")
+    _check_keep(guest, args.guest, args.size)
     answer = client.set_target(args.guest, memory - args.size)
     pages = answer.get("target_pages") if isinstance(answer, dict) else None
     if args.json:
@@ -540,9 +592,9 @@ def render_policy(answer: dict, width: int | None) -> list[str]:
                   f"PSI some {100 * (host.get('pressure_some') or 0):.1f}% full {100 * (host.get('pressure_full') or 0):.1f}%")
     age = answer.get("last_tick_age_s")
     title += "; no tick yet" if age is None else f"; last tick {human_duration(age)} ago"
-    lines = [clip(title, width)]
+    lines = wrap(title, width)
     if answer.get("last_error"):
-        lines.append(clip(f"last tick skipped: {answer['last_error']}", width))
+        lines += wrap(f"last tick skipped: {answer['last_error']}", width)
     decisions = answer.get("decisions") or []
     if not decisions:
         return lines + ["(no guests)"]

@@ -92,7 +92,8 @@ def test_status_table_and_json(host):
     host.load("--guests", "2", "--batches", "20")
     table = ctl("--host", host.url, "status")
     assert table.returncode == 0, table.stderr
-    assert "load-0" in table.stdout and "load-1" in table.stdout and "2 guest(s)" in table.stdout
+    assert "load-0" in table.stdout and "load-1" in table.stdout
+    assert "0 guest(s) connected (2 down)" in table.stdout  # balloon-load's guests said BYE
     answer = ctl("status", "--json", env={"BALLOON_CTL_HOST": host.url})  # the env var names the host
     guests = {g["id"]: g for g in json.loads(answer.stdout)["guests"]}
     assert set(guests) == {"load-0", "load-1"}
@@ -180,12 +181,33 @@ def test_rate_tracker_and_formatting():
     assert human_seconds(250e-6) == "250µs" and human_seconds(0.0123) == "12.30ms"
 
 
+def test_a_p99_is_shown_as_the_bucket_edge_it_is():
+    from host_daemon.ctl import human_bound
+
+    assert [human_bound(v) for v in (25e-6, 250e-6, 2.5e-3, 0.5, 1.0, None)] == [
+        "<=25µs", "<=250µs", "<=2.5ms", "<=500ms", "<=1s", "-"]
+
+
+def test_totals_count_connected_guests_and_titles_wrap_whole():
+    """A finished balloon-load guest stays listed (retention) but its memory is not in the totals;
+    the title is wrapped between words at 120 columns, never cut with an ellipsis."""
+    from host_daemon.ctl import status_title, wrap
+
+    guests = [_guest("a"), _guest("gone", connected=False)]
+    title = status_title(guests, "http://127.0.0.1:9470")
+    assert "1 guest(s) connected (1 down); memory 256MiB, actual 192MiB, reported 150MiB" in title
+    long = "12:00:00 " + title + "; 12.5 batches/s (every 1s, q quits)" + " and more words" * 5
+    lines = wrap(long, 120)
+    assert len(lines) >= 2 and all(len(line) <= 120 for line in lines)
+    assert " ".join(part.strip() for part in lines) == long
+
+
 def _guest(gid: str, **extra) -> dict:
     return {"id": gid, "connected": True, "memory_bytes": 256 << 20, "actual_bytes": 192 << 20,
             "inflated_bytes": 64 << 20, "target_bytes": 64 << 20, "target_state": "reached",
             "reported_bytes": 150 << 20, "unused_bytes": 170 << 20, "stats_age_seconds": 2.0,
             "reclaimed_bytes": None, "window": {"size": 16, "in_use": 0}, "apply_seconds_p99": 2e-5,
-            "batches": {"report": 7}, "rejected_pages": {}, "errors": 0, "last_message_at": None, **extra}
+            "apply_seconds_p99_recent": 2.5e-5, "usable_bytes": 180 << 20, "batches": {"report": 7}, "rejected_pages": {}, "errors": 0, "last_message_at": None, **extra}
 
 
 @pytest.mark.parametrize("width", [80, 60, 40])
@@ -200,7 +222,7 @@ def test_narrow_terminals_drop_whole_columns_never_ids_or_digits(width):
     header = lines[0].split()
     if width >= 80:  # the numbers that matter: kept at 80 columns
         assert {"guest", "actual", "balloon", "reported", "memory", "target"} <= set(header)
-        assert "free" in render_table(guests[1:], rates, width)[0]  # short ids leave room for more
+        assert "usable" in render_table(guests[1:], rates, width)[0]  # short ids leave room for more
         assert "250MiB!" in body[2] and "192MiB" in body[0]
     assert any(line.startswith("(hidden for width:") for line in lines)
     assert "…" not in "".join(body)
@@ -211,9 +233,13 @@ def test_narrow_terminals_drop_whole_columns_never_ids_or_digits(width):
 
 def test_top_keeps_running_while_the_host_is_down_and_says_so():
     down = ctl("--host", f"http://127.0.0.1:{_free_port()}", "top", "--iterations", "2", "--interval", "100ms")
-    assert down.returncode == 0, down.stderr
+    assert down.returncode == 1, down.stderr  # a script sees that the host was not there
     frames = [line for line in down.stdout.splitlines() if line]
     assert len(frames) == 2 and all("host unreachable, retrying every 0.1s" in f for f in frames)
+    narrow = ctl("--host", f"http://127.0.0.1:{_free_port()}", "top", "--iterations", "1", env={"COLUMNS": "60"})
+    lines = [line for line in narrow.stdout.splitlines() if line]
+    assert len(lines) > 1 and all(len(line) <= 60 for line in lines) and "…" not in narrow.stdout
+    assert "Connection refused" in " ".join(lines)  # wrapped, not cut: the reason is still there
     as_json = ctl("--host", f"http://127.0.0.1:{_free_port()}", "top", "--iterations", "1", "--json")
     assert json.loads(as_json.stdout)["guests"] is None and "error" in json.loads(as_json.stdout)
 
@@ -228,6 +254,12 @@ def test_setmem_sets_the_memory_the_guest_keeps(host):
     assert guest["actual_bytes"] == guest["memory_bytes"] - guest["inflated_bytes"]
     too_much = ctl("--host", host.url, "setmem", "load-0", "2G", "--token-file", str(host.token_file))
     assert too_much.returncode == 2 and too_much.stderr.count("\n") == 1 and "cannot keep 2GiB" in too_much.stderr
+    for nothing in ("0", "8MiB"):  # no guest can keep that: a typo, not a request
+        refused = ctl("--host", host.url, "setmem", "load-0", nothing, "--token-file", str(host.token_file))
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "no guest runs in less than 16MiB" in refused.stderr
+    whole = ctl("--host", host.url, "target", "load-0", "1GiB", "--token-file", str(host.token_file))
+    assert whole.returncode == 2 and "would keep 0B" in whole.stderr
     ambiguous = ctl("--host", host.url, "setmem", "load-0", "512MB")
     assert ambiguous.returncode == 2 and "ambiguous" in ambiguous.stderr and ambiguous.stderr.count("\n") == 1
 
@@ -266,7 +298,10 @@ def test_render_policy_drops_columns_on_narrow_terminals():
     wide = render_policy(answer, None)
     assert "inflate held 42s more" in wide[2] and "budget 1GiB" in wide[0]
     narrow = render_policy(answer, 40)
-    assert "vm-with-a-long-name" in narrow[2] and "blocked" in narrow[2] and "note" not in narrow[1]
+    header = next(i for i, line in enumerate(narrow) if line.startswith("guest"))  # after the wrapped title
+    assert header > 1 and all(len(line) <= 40 for line in narrow[:header])
+    row = narrow[header + 1]
+    assert "vm-with-a-long-name" in row and "blocked" in row and "note" not in narrow[header]
 
 
 def test_load_guests_say_bye_and_the_host_forgets_them_soon(host):

@@ -30,6 +30,12 @@
     const text = v >= 100 || unit === 0 ? v.toFixed(0) : v.toFixed(1).replace(/\.0$/, "");
     return (value < 0 ? "-" : "") + text + " " + UNITS[unit];
   }
+  // A histogram quantile is a bucket's upper edge: "≤ 250 µs", never "250.00 µs".
+  function bound(value) {
+    if (value === null || value === undefined || !Number.isFinite(value)) return "–";
+    const [scaled, unit] = value >= 1 ? [value, "s"] : value >= 1e-3 ? [value * 1e3, "ms"] : [value * 1e6, "µs"];
+    return "≤ " + Number(scaled.toPrecision(3)) + " " + unit;
+  }
   function seconds(value) {
     if (value === null || value === undefined || !Number.isFinite(value)) return "–";
     if (value === 0) return "0";
@@ -76,8 +82,9 @@
 
   // history.t: poll times (Unix seconds); every series array is as long as t (null: no value).
   const history = { t: [], guests: new Map(), host: { p50: [], p99: [] } };
-  const GUEST_SERIES = ["memory", "actual", "balloon", "target", "reported", "reclaimed", "released"];
-  let previous = null;  // {time, pages: Map(guest -> released pages), buckets: [{le, count}]}
+  const GUEST_SERIES = ["memory", "actual", "balloon", "target", "reported", "reclaimed", "released",
+                        "reportRate", "inflateRate"];
+  let previous = null;  // {time, pages: Map(guest -> {report, inflate} pages), buckets: [{le, count}]}
   let polls = 0;
 
   function guestHistory(id) {
@@ -91,11 +98,13 @@
   }
 
   function record(now, guests, samples) {
-    const released = new Map();
+    const released = new Map();  // guest -> {report, inflate}: pages so far
     const buckets = [];
     for (const s of samples) {
       if (s.name === "balloon_pages_total" && (s.labels.kind === "report" || s.labels.kind === "inflate")) {
-        released.set(s.labels.guest, (released.get(s.labels.guest) || 0) + s.value);
+        const pages = released.get(s.labels.guest) || { report: 0, inflate: 0 };
+        pages[s.labels.kind] += s.value;
+        released.set(s.labels.guest, pages);
       } else if (s.name === "balloon_batch_apply_seconds_bucket") {
         buckets.push({ le: s.labels.le === "+Inf" ? Infinity : Number(s.labels.le), count: s.value });
       }
@@ -111,15 +120,19 @@
       const h = guestHistory(g.id);
       const pageSize = g.page_size || PAGE_SIZE_DEFAULT;
       const balloon = g.inflated_bytes ?? 0;
-      let rate = null;
+      const rates = { report: null, inflate: null };
       if (previous && dt > 0 && previous.pages.has(g.id) && released.has(g.id)) {
-        // a counter that went down is a new session: count from zero, as rate() does on reset
-        const before = previous.pages.get(g.id), after = released.get(g.id);
-        rate = ((after >= before ? after - before : after) * pageSize) / dt;
+        for (const kind of ["report", "inflate"]) {
+          // a counter that went down is a new session: count from zero, as rate() does on reset
+          const before = previous.pages.get(g.id)[kind], after = released.get(g.id)[kind];
+          rates[kind] = ((after >= before ? after - before : after) * pageSize) / dt;
+        }
       }
       const values = {
         memory: g.memory_bytes, actual: g.actual_bytes ?? (g.memory_bytes - balloon), balloon,
-        target: g.target_bytes, reported: g.reported_bytes, reclaimed: g.reclaimed_bytes, released: rate,
+        target: g.target_bytes, reported: g.reported_bytes, reclaimed: g.reclaimed_bytes,
+        released: rates.report === null ? null : rates.report + rates.inflate,
+        reportRate: rates.report, inflateRate: rates.inflate,
       };
       for (const s of GUEST_SERIES) h[s][last] = values[s] ?? null;
       rows.push({ g, h, values });
@@ -173,7 +186,7 @@
       swatch.className = "swatch";
       swatch.style.background = h.color;
       name.append(swatch, g.id);
-      cell(tr, "connected", g.connected ? 1 : 0, g.connected ? "connected" : "retained");
+      cell(tr, "connected", g.connected ? 1 : 0, g.connected ? "up" : "down");
       cell(tr, "memory_bytes", values.memory, bytes(values.memory));
       cell(tr, "actual_bytes", values.actual, bytes(values.actual));
       cell(tr, "inflated_bytes", values.balloon, bytes(values.balloon));
@@ -185,15 +198,17 @@
         target.title = `unreachable: ${bytes(g.target_shortfall_bytes)} short`;
       }
       cell(tr, "reported_bytes", values.reported, bytes(values.reported));
-      cell(tr, "reclaimed_bytes", values.reclaimed, bytes(values.reclaimed));
       const usable = cell(tr, "usable_bytes", g.usable_bytes, bytes(g.usable_bytes));
       if (g.stats_age_seconds !== null && g.stats_age_seconds !== undefined) {
         usable.title = `from STATS ${g.stats_age_seconds.toFixed(0)} s ago`;
       }
-      cell(tr, "released_bytes_per_second", values.released, values.released === null ? "–" : bytes(values.released) + "/s");
+      cell(tr, "reclaimed_bytes", values.reclaimed, bytes(values.reclaimed));
+      const perSecond = (v) => (v === null ? "–" : bytes(v) + "/s");
+      cell(tr, "report_bytes_per_second", values.reportRate, perSecond(values.reportRate));
+      cell(tr, "inflate_bytes_per_second", values.inflateRate, perSecond(values.inflateRate));
       const w = g.window || { in_use: 0, size: 0 };
       cell(tr, "window", w.in_use, `${w.in_use}/${w.size}`);
-      cell(tr, "apply_seconds_p99", g.apply_seconds_p99, seconds(g.apply_seconds_p99));
+      cell(tr, "apply_seconds_p99_recent", g.apply_seconds_p99_recent, bound(g.apply_seconds_p99_recent));
       body.appendChild(tr);
     }
   }
@@ -277,9 +292,10 @@
     chart(fleet, "reported", "Reported free", "bytes the host tracks as reported, per guest",
           perGuest(), column("reported"), "bytes");
     chart(fleet, "balloon", "Balloon", "inflated bytes, per guest", perGuest(), column("balloon"), "bytes");
-    chart(fleet, "reclaimed", "Reclaimed", "holes in each guest's RAM file (kernel st_blocks)",
+    chart(fleet, "reclaimed", "Reclaimed", "holes in each guest's RAM file (kernel st_blocks); empty without " +
+          "the host's --ram-dir; never-touched pages are holes too, so it starts above reported",
           perGuest(), column("reclaimed"), "bytes");
-    chart(fleet, "released", "Released to the host", "pages reported or inflated, bytes/s per poll",
+    chart(fleet, "released", "report/s + inflate/s", "pages reported or inflated, bytes/s per poll",
           perGuest(), column("released"), "rate");
     chart(fleet, "ack-latency", "ACK latency (host)", "batch received until its ACK is ready, per poll",
           // polls without a batch have no latency: join the points across them
@@ -334,7 +350,7 @@
       const connected = guests.filter((g) => g.connected).length;
       setStatus("live", `live, every ${INTERVAL_S} s`);
       document.getElementById("summary").textContent =
-        `${connected} connected, ${guests.length - connected} retained` +
+        `${connected} up, ${guests.length - connected} down` +
         (build ? ` · version ${build.labels.version}` : "") + ` · updated ${new Date().toLocaleTimeString()}`;
     } catch (error) {
       // keep the history; the host may be restarting (guests reconnect and re-report)
@@ -348,6 +364,6 @@
     for (const { plot, figure } of charts.values()) plot.setSize({ width: Math.max(300, figure.clientWidth - 16), height: 190 });
   });
   document.getElementById("minutes").textContent = String(WINDOW_S / 60);
-  window.balloonDashboard = { history, parseMetrics, quantile };
+  window.balloonDashboard = { history, parseMetrics, quantile, bound };
   poll();
 })();

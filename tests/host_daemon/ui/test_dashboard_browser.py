@@ -83,7 +83,8 @@ async def test_dashboard_shows_every_guest_with_the_hosts_numbers_and_survives_a
         api = _api_guests(host)
         assert set(rows) == {"idle", "churn"}
         for guest, cells in rows.items():
-            assert cells["connected"]["text"] == "connected"
+            assert cells["connected"]["text"] == "up"  # balloonctl's word
+            assert cells["apply_seconds_p99_recent"]["text"].startswith("≤ "), cells  # a bucket edge, said so
             assert cells["memory_bytes"]["value"] == 128 * MIB and cells["memory_bytes"]["text"] == "128 MiB"
             assert 0 < cells["reported_bytes"]["value"] <= 128 * MIB, (guest, cells)
             assert cells["reclaimed_bytes"]["value"] > 0, (guest, cells)
