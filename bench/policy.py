@@ -100,6 +100,7 @@ class Scenario:
     seconds: float = 300.0
     knobs: dict = field(default_factory=dict)
     budget: int | None = None  # host = a guest-memory budget instead of total - other
+    interval: float | None = None  # this scenario's policy interval (None: run()'s)
 
 
 def _constant(value):
@@ -136,7 +137,30 @@ def scenarios() -> list[Scenario]:
                   SimGuest("mute", g, lambda t: int(0.3 * g), reports=lambda t: False)],
                  host_total=5 * GIB, host_other=lambda t: 0, budget=5 * GIB,
                  knobs={"guest_floor": 256 * MIB}),
+        # make demo's shape: three 256 MiB guests under 700 MiB and a burst
+        # guest that takes half its memory for half of every 23 s. Each burst below the floor
+        # is an emergency deflate; the growing backoff keeps the policy from squeezing it again
+        # right after (at most one direction change per guest in any 90 s once settled).
+        Scenario("bursts", "A guest bursting every 23 s among two quiet ones (balance, 700 MiB budget)",
+                 "balance",
+                 [SimGuest("idle", 256 * MIB, _constant(24 * MIB)),
+                  SimGuest("churn", 256 * MIB, lambda t: int((0.5 + 0.1 * ((t // 23) % 2)) * 256 * MIB)),
+                  SimGuest("burst", 256 * MIB, lambda t: int((0.75 if t % 23 < 11.5 else 0.1) * 256 * MIB))],
+                 host_total=700 * MIB, host_other=lambda t: 0, budget=700 * MIB, seconds=1200.0,
+                 knobs={"guest_floor": 32 * MIB}),
     ]
+
+
+def direction_changes(trace: Trace, guest: str) -> list[float]:
+    """Times at which ``guest``'s target turned around (an inflate after a deflate or back)."""
+    turns, last = [], 0
+    targets = trace.balloon[guest]
+    for at, before, after in zip(trace.t[1:], targets, targets[1:], strict=False):
+        step = (after > before) - (after < before)
+        if step and last and step != last:
+            turns.append(at)
+        last = step or last
+    return turns
 
 
 @dataclass
@@ -150,7 +174,8 @@ class Trace:
     reasons: dict[str, list[str]] = field(default_factory=dict)
 
 
-def run(scenario: Scenario, interval: float = 5.0) -> Trace:
+def run(scenario: Scenario, interval: float | None = None) -> Trace:
+    interval = interval or scenario.interval or 5.0
     cfg = PolicyConfig(policy=scenario.policy, interval=interval, **scenario.knobs)
     engine = PolicyEngine(cfg)
     trace = Trace(host_total=scenario.host_total)
@@ -237,7 +262,8 @@ def summary(scenario: Scenario, trace: Trace) -> str:
         below = sum(1 for f in trace.free[gid] if f < trace.floor[gid])
         lines.append(f"  {gid:9} max balloon {max(trace.balloon[gid]) / GIB:5.2f} GiB  "
                      f"min free {min(trace.free[gid]) / GIB:5.2f} GiB (floor {trace.floor[gid] / GIB:.2f}, "
-                     f"{below} ticks below)  reasons {counts}")
+                     f"{below} ticks below)  direction changes {len(direction_changes(trace, gid))}  "
+                     f"reasons {counts}")
     return "\n".join(lines)
 
 
@@ -247,7 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/policy"), help="where the PNGs go")
     parser.add_argument("--no-plot", action="store_true", help="print the summary only")
     parser.add_argument("--quick", action="store_true", help="smoke test: the summary only, no pictures")
-    parser.add_argument("--interval", type=float, default=5.0, help="policy interval in seconds")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="policy interval in seconds (default: the scenario's, else 5)")
     args = parser.parse_args(argv)
     chosen = scenarios()
     known = [s.name for s in chosen]

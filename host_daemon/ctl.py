@@ -556,6 +556,10 @@ def cmd_wait(client: AdminClient, args) -> int:
 
 def _policy_note(decision: dict) -> str:
     detail = decision.get("detail") or {}
+    if "backoff_s" in detail:
+        n = detail.get("emergencies") or 1
+        return (f"{detail.get('wanted')} held {detail['blocked_for_s']:.0f}s more (backoff "
+                f"{human_duration(detail['backoff_s'])} after {n} emergency deflate{'s' if n > 1 else ''})")
     if "blocked_for_s" in detail:
         return f"{detail.get('wanted')} held {detail['blocked_for_s']:.0f}s more"
     if detail.get("signals"):

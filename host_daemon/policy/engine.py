@@ -21,7 +21,9 @@ Order of the rails (each decision names the one that had the last word):
    bytes, never requested ones).
 4. **Step limit** (``max_step_ratio`` of memory), **small change** (below
    ``min_change_ratio``: skipped), and the **BalloonBlocker** (opposite direction held
-   for 100 s after a low-priority resize, 10 s after a high one).
+   for 100 s after a low-priority resize, 10 s after a high one; after an emergency —
+   high-priority — deflate no inflate for ``block_low``, doubling on each repeat within
+   an hour: policy/blocker.py).
 """
 
 from __future__ import annotations
@@ -231,10 +233,13 @@ class PolicyEngine:
             return _hold(guest, "small-change", "rail:small-change", {**detail, "wanted_bytes": want})
         if want != current:
             direction = "inflate" if want > current else "deflate"
-            wait = memo.blocker.blocked_for(direction, priority, now)
+            blocker = memo.blocker
+            wait = blocker.blocked_for(direction, priority, now)
             if wait > 0:
-                return _hold(guest, "blocked", "rail:blocker",
-                             {**detail, "wanted_bytes": want, "blocked_for_s": round(wait, 3), "wanted": direction})
+                detail = {**detail, "wanted_bytes": want, "blocked_for_s": round(wait, 3), "wanted": direction}
+                if direction == "inflate" and blocker.backoff_left(now) >= wait:  # the emergency backoff holds it
+                    detail.update(backoff_s=blocker.backoff, emergencies=blocker.emergencies)
+                return _hold(guest, "blocked", "rail:blocker", detail)
         return _decision(guest, want, reason, rule, priority, detail)
 
 

@@ -297,6 +297,8 @@ def test_render_policy_drops_columns_on_narrow_terminals():
                                         "floor_bytes": 1 << 28, "balloon_bytes": 0}}]}
     wide = render_policy(answer, None)
     assert "inflate held 42s more" in wide[2] and "budget 1GiB" in wide[0]
+    answer["decisions"][0]["detail"].update(backoff_s=200.0, emergencies=2)
+    assert "inflate held 42s more (backoff 3m after 2 emergency deflates)" in render_policy(answer, None)[2]
     narrow = render_policy(answer, 40)
     header = next(i for i, line in enumerate(narrow) if line.startswith("guest"))  # after the wrapped title
     assert header > 1 and all(len(line) <= 40 for line in narrow[:header])
