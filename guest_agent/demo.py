@@ -7,6 +7,11 @@ without a terminal (CI) it prints a plain status line every few seconds instead.
 until Ctrl-C, or for ``DEMO_SECONDS`` seconds, and always cleans up: every child is
 stopped (SIGTERM, then SIGKILL), the folder removed — also when a child dies early.
 
+So that something happens without typing, the demo moves a balloon itself: ``balloonctl
+setmem idle 160MiB`` 5 s in (a 96 MiB balloon), ``setmem idle 256MiB`` (none) 30 s later,
+again every minute — the same command a person would type, shown with its answer in a
+footer under the live view, with the dashboard URL and the hint to try it by hand.
+
 ``DEMO_POLICY=balance`` (or ``mom``) runs the host with that balloon policy under a
 ``DEMO_BUDGET`` (384MiB) guest-memory budget and the guests without free page reporting,
 so the balloons are what keeps their resident memory under it (docs/POLICY.md); watch it
@@ -46,6 +51,9 @@ block_high = "3s"
 max_step_ratio = 0.1
 """
 DEMO_BUDGET = "384MiB"  # half of the three guests' combined 768 MiB and below what they touch
+#: The demo's own balloon moves (manual mode): (seconds into each minute, guest, memory it keeps).
+SCRIPT_PERIOD = 60.0
+SCRIPT = ((5.0, "idle", "160MiB"), (35.0, "idle", MEMORY))  # idle uses ~10 %: the balloon gets there
 
 
 def free_port() -> int:
@@ -77,6 +85,11 @@ class Demo:
         self.host_url = f"http://127.0.0.1:{self.host_port}"
         self.guest_ports: dict[str, int] = {}
         self.shared_ram = importlib.util.find_spec("guest_agent.memory.ram") is not None
+        self.footer_path = self.folder / "footer.txt"
+        self.script_log: list[str] = []  # one line per scripted balloonctl command and its answer
+        self._script_next = 0  # index into the endless SCRIPT sequence
+        self._script_running: tuple[str, subprocess.Popen] | None = None
+        self._shown_at: float | None = None
 
     # -- processes -----------------------------------------------------------------------
 
@@ -152,6 +165,9 @@ class Demo:
 
     def stop(self) -> None:
         """Guests first (they send BYE), then the host; SIGKILL whatever lingers; remove the folder."""
+        if self._script_running is not None and self._script_running[1].poll() is None:
+            self._script_running[1].kill()
+            self._script_running[1].wait()
         for group in (lambda n: n != "host", lambda n: n == "host"):
             members = [(n, c) for n, c in self.children if group(n) and c.poll() is None]
             for _, child in members:
@@ -183,6 +199,55 @@ class Demo:
         p("  pids: " + " ".join(f"{name}={child.pid}" for name, child in self.children))
         p(f"  try, in another terminal of this folder: .venv/bin/balloonctl --host {self.host_url} setmem churn 192MiB")
         p("Ctrl-C stops the demo" + (f" (or after {self.seconds:g}s)" if self.seconds else ""))
+        self.write_footer()
+
+    def footer_lines(self) -> list[str]:
+        """What stays under the live view: where to look, what the demo did, what to try."""
+        lines = [f"dashboard {self.host_url}/ui/   metrics {self.host_url}/metrics"]
+        if self.policy:
+            lines.append(f"policy {self.policy} sizes the balloons under {self.budget}: "
+                         f".venv/bin/balloonctl --host {self.host_url} policy")
+        else:
+            at, guest, size = SCRIPT[0]
+            lines.append(f"the demo runs balloonctl setmem {guest} {size} {at:g}s into every minute "
+                         f"and gives it back at {SCRIPT[1][0]:g}s; last: "
+                         + (self.script_log[-1] if self.script_log else "not yet"))
+        lines.append(f"try: .venv/bin/balloonctl --host {self.host_url} setmem burst 192MiB   "
+                     "(in another terminal of this folder)   Ctrl-C stops the demo")
+        return lines
+
+    def write_footer(self) -> None:
+        with contextlib.suppress(OSError):
+            tmp = self.footer_path.with_suffix(".tmp")
+            tmp.write_text("\n".join(self.footer_lines()) + "\n")
+            tmp.replace(self.footer_path)  # balloonctl top never reads half a footer
+
+    def step_script(self) -> str | None:
+        """Run the next scripted ``balloonctl setmem`` when it is due (never two at once); the
+        line saying what it did once it finished, else None."""
+        if self.policy or self._shown_at is None:
+            return None
+        if self._script_running is not None:
+            command, child = self._script_running
+            if child.poll() is None:
+                return None
+            self._script_running = None
+            output = (child.stdout.read() if child.stdout else "").strip().splitlines()
+            answer = output[-1] if output else f"exit status {child.returncode}"
+            line = f"{time.strftime('%H:%M:%S')} {command} -> {answer}"
+            self.script_log.append(line)
+            self.write_footer()
+            return line
+        cycle, index = divmod(self._script_next, len(SCRIPT))
+        at, guest, size = SCRIPT[index]
+        if time.monotonic() - self._shown_at < cycle * SCRIPT_PERIOD + at:
+            return None
+        self._script_next += 1
+        argv = [sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "setmem", guest, size]
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 text=True)
+        self._script_running = (f"balloonctl setmem {guest} {size}", child)
+        return None
 
     def guests(self) -> list[dict]:
         try:
@@ -207,7 +272,7 @@ class Demo:
     def table(self):
         from rich.table import Table
 
-        table = Table(title=f"balloon-host {self.host_url}  (Ctrl-C to stop)")
+        table = Table(title=f"balloon-host {self.host_url}  (Ctrl-C to stop)", caption="\n".join(self.footer_lines()))
         for column in ("guest", "conn", "memory MiB", "reported MiB", "inflated MiB", "target MiB",
                        "reclaimed MiB", "window", "batches"):
             table.add_column(column, justify="right" if column != "guest" else "left")
@@ -228,21 +293,27 @@ class Demo:
 
     def show(self) -> None:
         until = self._until()
+        self._shown_at = time.monotonic()
         if not self.out.isatty():
             next_line = 0.0
             while self._time_left(until):
                 self.check_children()
+                done = self.step_script()
+                if done:
+                    print(done, file=self.out, flush=True)
                 if time.monotonic() >= next_line:
                     print(self.status_line(), file=self.out, flush=True)
                     next_line = time.monotonic() + 2.0
                 time.sleep(0.1)
             return
         if importlib.util.find_spec("host_daemon.ctl") is not None:
-            top = subprocess.Popen([sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "top"])
+            top = subprocess.Popen([sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "top",
+                                    "--footer-file", str(self.footer_path)])
             self.children.append(("balloonctl", top))
             try:
                 while self._time_left(until) and top.poll() is None:
                     self.check_children_except("balloonctl")
+                    self.step_script()
                     time.sleep(0.1)
             finally:
                 if top.poll() is None:
@@ -255,6 +326,7 @@ class Demo:
         with Live(self.table(), refresh_per_second=2, transient=False) as live:
             while self._time_left(until):
                 self.check_children()
+                self.step_script()
                 live.update(self.table())
                 time.sleep(0.5)
 

@@ -455,8 +455,10 @@ def cmd_top(client: AdminClient, args) -> int:
             while not stop.is_set() and (args.iterations is None or iteration < args.iterations):
                 if iteration and stop.wait(args.interval):
                     break
-                lines, record = top_frame(client, tracker, args.interval, terminal_width(out))
+                width = terminal_width(out)
+                lines, record = top_frame(client, tracker, args.interval, width)
                 reachable = record.get("guests") is not None
+                lines += _footer(args.footer_file, width)
                 if args.json:
                     out.write(json.dumps(record) + "\n")
                 elif redraw:
@@ -487,6 +489,22 @@ def _check_keep(guest: dict, name: str, keep: int) -> None:
     if isinstance(memory, int) and isinstance(usable, int) and memory - usable > keep:
         print(f"balloonctl: warning: {name} uses about {human_bytes(memory - usable)} now; the balloon will "
               f"stop short of keeping {human_bytes(keep)} (shown as target!)", file=sys.stderr)
+
+
+def _footer(path: str | None, width: int | None) -> list[str]:
+    """``--footer-file``'s lines under the frame, read again every poll (make demo writes what it
+    is doing there, so its URLs and hints stay on screen under the live view)."""
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as footer:
+            text = footer.read()
+    except OSError:
+        return []
+    lines = [""]
+    for line in text.splitlines():
+        lines += wrap(line, width) if line else [""]
+    return lines if len(lines) > 1 else []
 
 
 def cmd_target(client: AdminClient, args) -> int:
@@ -664,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time between polls (default 1s)")
     top.add_argument("--iterations", type=int, metavar="N", help="stop after N polls (for scripts and tests)")
     top.add_argument("--json", action="store_true", help="one JSON line per poll, with rates")
+    top.add_argument("--footer-file", metavar="FILE",
+                     help="show this file's lines under every frame, re-read each poll (make demo's hints)")
     wait = sub.add_parser("wait", parents=[common], help="wait until a guest is connected (or its target settled)")
     wait.add_argument("guest")
     wait.add_argument("--for", dest="condition", choices=tuple(WAIT_CONDITIONS), default="connected",
