@@ -323,6 +323,7 @@ def kvm_usable() -> bool:
     return " vmx" in flags or " svm" in flags
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # make vm-deps
     artifacts = ensure()
-    print(artifacts)
+    print(f"vm-deps: QEMU and busybox installed; guest kernel {artifacts.kernel_release} "
+          f"cached in {artifacts.directory}")
