@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo        run one host and three simulated guests with live metrics (DEMO_SECONDS=N to stop;"
 	@echo "                 DEMO_POLICY=balance|mom: automatic balloon sizing under DEMO_BUDGET=384MiB)"
-	@echo "make test        install what the tests need and run them"
+	@echo "make test        install what the tests need and run them (~9 min on 2 cores; as root it"
+	@echo "                 apt-installs Chromium and Prometheus, and QEMU for the real-VM smoke test)"
 	@echo "make bench       run the benchmark suite and rewrite docs/PERFORMANCE.md"
 	@echo "make stack       the demo's host and guests plus a real Prometheus with deploy/'s rules (STACK_SECONDS=N)"
 	@echo "make rules       deploy/'s alert rules with your runbook base: RUNBOOK_BASE=https://... (to build/prometheus)"
@@ -46,11 +47,12 @@ system-deps:
 	  else echo "missing$$missing and cannot apt-get install it: the tests that need it will skip"; fi; \
 	fi
 
+# -rs: every skipped test says why (no Chromium, not root, no QEMU ...) at the end of the run.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared guest_agent host_daemon tests bench deploy
@@ -88,7 +90,7 @@ stack: $(STAMP)
 
 # tests/attacks with 5 minutes of structured fuzzing (make test runs it with 12 s). See docs/OPERATIONS.md.
 attacks-long: $(STAMP)
-	BALLOON_ATTACK_FUZZ_SECONDS=$${ATTACK_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -p no:cacheprovider tests/attacks $(PYTEST_ARGS)
+	BALLOON_ATTACK_FUZZ_SECONDS=$${ATTACK_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/attacks $(PYTEST_ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}
@@ -101,7 +103,7 @@ deploy-test: $(STAMP) system-deps
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	BALLOON_DEPLOY_STRICT=1 BALLOON_LIVE_SCRAPES=$${BALLOON_LIVE_SCRAPES:-20} \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/deploy $(PYTEST_ARGS)
 
 # Build deploy/Dockerfile with podman (runc, deploy/podman/containers.conf) on a debootstrapped
 # base, run a host and a guest container, scrape them. Root only; installs its tools first.
@@ -121,7 +123,7 @@ vm-deps: $(STAMP)
 	$(BIN)/python -m tests.vm.harness
 
 vm-test: vm-deps
-	BALLOON_VM_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/vm $(PYTEST_ARGS)
+	BALLOON_VM_FULL=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/vm $(PYTEST_ARGS)
 
 vm-demo: vm-deps
 	$(BIN)/python -m tests.vm.demo
