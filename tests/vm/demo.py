@@ -39,27 +39,40 @@ class Demo:
     def say(self, step: str, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {step:<11} {text}", flush=True)
 
-    def agent_locked(self, stack: Stack) -> int:
-        """VmLck of the agent process in the guest: the pages it pins (balloon, reports in flight)."""
-        total = 0
-        for pid in stack.agent_pids():
-            out = stack.vm.run(f"grep VmLck /proc/{pid}/status", check=False, timeout=10)
-            parts = out.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                total += int(parts[1]) * 1024
-        return total
+    def guest_memory(self, stack: Stack) -> tuple[int, dict[str, int]]:
+        """(the agent's VmLck, /proc/meminfo) read in one command, so both are the same moment."""
+        pids = stack.agent_pids()
+        status = " ".join(f"/proc/{pid}/status" for pid in pids) or "/dev/null"
+        out = stack.vm.run(f"grep -h VmLck {status}; cat /proc/meminfo", check=False, timeout=10)
+        locked, info = 0, {}
+        for line in out.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                if key.strip() == "VmLck":
+                    locked += int(parts[0]) * 1024
+                else:
+                    info[key.strip()] = int(parts[0]) * 1024
+        return locked, info
 
-    def row(self, stack: Stack, step: str, target: int | None = None) -> None:
+    def row(self, stack: Stack, step: str, target: int | None = None, settle: float = 10.0) -> None:
+        """One line for a step. The host counts a deflate when it acks it and the agent unmaps
+        (munlocks) the pages right after, so wait, a little, until the agent's pins match the
+        balloon: read earlier, Mlocked showed the last chunk at target 0 as nobody's."""
         record = stack.guest()
-        mem = stack.vm.meminfo()
+        balloon = record["inflated_bytes"]
+        deadline = time.monotonic() + settle
+        agent, mem = self.guest_memory(stack)
+        while agent != balloon and time.monotonic() < deadline:
+            time.sleep(0.2)  # the guest has no event to wait on: poll with a deadline
+            agent, mem = self.guest_memory(stack)
         allocated = stack.vm.ram_allocated()
         if self.full is None:
             self.full = allocated
         if target is not None:
             self.reclaimed[target] = self.full - allocated
         locked = mem.get("Mlocked", 0)
-        agent = self.agent_locked(stack)
-        self.say(step, f"balloon {_mib(record['inflated_bytes'])} | RAM file {_mib(allocated)} "
+        self.say(step, f"balloon {_mib(balloon)} | RAM file {_mib(allocated)} "
                        f"({_mib(self.full - allocated).strip()} given back) | guest MemAvailable "
                        f"{_mib(mem.get('MemAvailable', 0))} | mlocked: agent {_mib(agent)}, "
                        f"rest of the guest {_mib(max(0, locked - agent))}")
