@@ -15,8 +15,8 @@ report/s and inflate/s (top), p99 5m (the host's batch apply time over the last 
 minutes, an upper bucket edge: "<=250us" means at most 250 us). The title's totals count
 connected guests only. A narrow terminal drops the least important columns first (never
 a guest id, never part of a number); in a pipe every column is printed unless $COLUMNS is
-set. top keeps polling while the host is down and says so; with --iterations it exits 1
-if the host was unreachable at the last poll.
+set. top keeps polling while the host is down and says so, and exits 1 if the host was
+unreachable at its last poll (so a script's top --iterations N sees it).
 
 setmem refuses to leave a guest less than 16MiB (no guest runs in less; the balloon driver
 would stop short anyway) and warns when the guest uses more than it would keep.
@@ -342,7 +342,8 @@ def status_title(guests: list[dict], host: str) -> str:
     def total(key: str) -> str:
         return human_bytes(sum(g.get(key) or 0 for g in live))
 
-    title = f"balloon-host {host}: {len(live)} guest(s) connected"
+    where = host.split("://", 1)[-1]
+    title = f"balloon-host {where}: {len(live)} guest{'' if len(live) == 1 else 's'} up"
     if len(live) < len(guests):
         title += f" ({len(guests) - len(live)} down)"
     return (title + f"; memory {total('memory_bytes')}, actual {total('actual_bytes')}, "
@@ -428,8 +429,8 @@ def top_frame(client: AdminClient, tracker: RateTracker, interval: float, width:
                 {"time": time.time(), "error": str(error), "guests": None})
     rates = tracker.update(guests, time.monotonic())
     total_rate = sum(r["batches_per_s"] or 0 for r in rates.values())
-    title = (f"{stamp} {status_title(guests, client.base)}; {human_rate(total_rate, ' batches/s')} "
-             f"(every {interval:g}s, q quits)")
+    title = (f"{stamp} {status_title(guests, client.base)}; {human_rate(total_rate, ' batches/s')}; "
+             f"every {interval:g}s, q quits")
     record = {"time": time.time(), "guests": [
         {**{key: g.get(key) for key in TOP_JSON_KEYS}, "free_bytes": free_bytes(g), **rates.get(g.get("id"), {})}
         for g in guests]}
