@@ -334,7 +334,7 @@ def render_table(guests: list[dict], rates: dict[str, dict] | None, width: int |
     return lines
 
 
-def status_title(guests: list[dict], host: str) -> str:
+def status_title(guests: list[dict], host: str, label: str = "balloon-host ") -> str:
     """Totals over the connected guests: a guest that left (a finished balloon-load run, a VM
     shut down) stays listed until the host forgets it, but holds no memory any more."""
     live = [g for g in guests if g.get("connected")]
@@ -343,7 +343,7 @@ def status_title(guests: list[dict], host: str) -> str:
         return human_bytes(sum(g.get(key) or 0 for g in live))
 
     where = host.split("://", 1)[-1]
-    title = f"balloon-host {where}: {len(live)} guest{'' if len(live) == 1 else 's'} up"
+    title = f"{label}{where}: {len(live)} guest{'' if len(live) == 1 else 's'} up"
     if len(live) < len(guests):
         title += f" ({len(guests) - len(live)} down)"
     return (title + f"; memory {total('memory_bytes')}, actual {total('actual_bytes')}, "
@@ -429,7 +429,7 @@ def top_frame(client: AdminClient, tracker: RateTracker, interval: float, width:
                 {"time": time.time(), "error": str(error), "guests": None})
     rates = tracker.update(guests, time.monotonic())
     total_rate = sum(r["batches_per_s"] or 0 for r in rates.values())
-    title = (f"{stamp} {status_title(guests, client.base)}; {human_rate(total_rate, ' batches/s')}; "
+    title = (f"{stamp} {status_title(guests, client.base, label='')}; {human_rate(total_rate, ' batches/s')}; "
              f"every {interval:g}s, q quits")
     record = {"time": time.time(), "guests": [
         {**{key: g.get(key) for key in TOP_JSON_KEYS}, "free_bytes": free_bytes(g), **rates.get(g.get("id"), {})}
