@@ -172,13 +172,13 @@ class AdminApp:
             return _error(409, str(error))
         try:
             created = registry.provision(entry)
-        except (Conflict, InventoryError) as error:
+        except (Conflict, ValueError) as error:  # InventoryError is a ValueError: a bad entry is 400
             if entry.listen is not None and (old is None or moved):
                 await self.host.close_guest_listener(entry.listen)
             return _error(409 if isinstance(error, Conflict) else 400, str(error))
         if moved and old.listen is not None:
             await self.host.close_guest_listener(old.listen)
-        log.info("guest provisioned", extra={"guest": guest, "created": created, "pages": entry.pages})
+        log.info("guest provisioned", extra={"guest": guest, "new": created, "pages": entry.pages})
         return web.json_response(entry.to_json(), status=201 if created else 200)
 
     async def delete(self, request: web.Request) -> web.Response:

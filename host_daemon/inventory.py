@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.addresses import Address, parse_address
-from shared.config import parse_size, read_toml
+from shared.config import format_size, parse_size, read_toml
 from shared.messages import valid_guest_id
 from shared.vocabulary import PAGE_SIZE
 
 #: Most entries one host keeps (file and admin API together): each may own a listener.
 MAX_ENTRIES = 4096
-MAX_PAGES = 1 << 52  # the largest HELLO pages (PFN < 2**52)
+MAX_PAGES = 1 << 32  # the most the host tracks per guest (tracker.MAX_PAGES: 16 TiB)
 MAX_TOKEN = 256  # HELLO's token limit (docs/PROTOCOL.md §4)
 MIN_TOKEN = 8
 MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no uid"
@@ -101,7 +101,8 @@ def _parse_entry(guest: str, table: Any) -> ProvisionedGuest:
         raise ValueError("memory is required (the guest's RAM size, e.g. \"8GiB\")")
     pages = _size(table["memory"], "memory")
     if not 1 <= pages <= MAX_PAGES:
-        raise ValueError(f"memory must be 4KiB..{MAX_PAGES * PAGE_SIZE} bytes")
+        raise ValueError(f"memory must be 4KiB..{format_size(MAX_PAGES * PAGE_SIZE)} (the most this host "
+                         f"tracks per guest), got {format_size(pages * PAGE_SIZE)}")
     listen = table.get("listen")
     if listen is not None:
         if type(listen) is not str:
