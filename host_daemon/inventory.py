@@ -14,7 +14,10 @@ and its devices::
     max_memory = "1GiB"                       # ... and ceiling (<= memory)
 
 This module only parses and checks entries and answers look-ups; who may claim which
-entry is ``auth.GuestAuth``, what a session gets is ``admission``.
+entry is ``auth.GuestAuth``, what a session gets is ``admission``. A ``ram_file`` aims the
+host's hole punch, so it must lie under a VM RAM directory the host was started with
+(``reclaim.VmRamDirs``: ``--ram-dir``, ``--vm-ram-dirs``), whether it comes from the file or
+the admin API; and the file itself must be writable by its owner only (it aims the punch).
 """
 
 from __future__ import annotations
@@ -138,15 +141,20 @@ def _parse_entry(guest: str, table: Any) -> ProvisionedGuest:
 class Inventory:
     """The provisioned guests, with the look-ups identity needs (by listener, by uid)."""
 
-    def __init__(self, entries=(), ram_dir: Path | None = None) -> None:
+    def __init__(self, entries=(), ram_dir: Path | None = None, vm_ram_dirs=()) -> None:
+        from .reclaim import VmRamDirs
+
         self.ram_dir = ram_dir
+        #: where a ram_file may be: --ram-dir and --vm-ram-dirs
+        self.ram_dirs = VmRamDirs(([ram_dir] if ram_dir is not None else []) + list(vm_ram_dirs))
         self._entries: dict[str, ProvisionedGuest] = {}
         for entry in entries:
             self.put(entry)
 
     @classmethod
-    def load(cls, path: Path | str, ram_dir: Path | None = None) -> Inventory:
+    def load(cls, path: Path | str, ram_dir: Path | None = None, vm_ram_dirs=()) -> Inventory:
         """Read ``--guests FILE``; InventoryError names the file and the entry at fault."""
+        check_inventory_file(path)
         data = read_toml(path, "--guests", InventoryError)
         extra = sorted(key for key in data if key != "guest")
         if extra:
@@ -154,7 +162,7 @@ class Inventory:
         guests = data.get("guest", {})
         if not isinstance(guests, dict):
             raise InventoryError(f"--guests: {path}: 'guest' must be tables [guest.ID]")
-        inventory = cls(ram_dir=ram_dir)
+        inventory = cls(ram_dir=ram_dir, vm_ram_dirs=vm_ram_dirs)
         try:
             for guest, table in guests.items():
                 inventory.put(parse_entry(guest, table))
@@ -197,6 +205,13 @@ class Inventory:
                 raise InventoryError(f"guest {entry.id}: ram_file {entry.ram_file} is already guest {other.id}'s")
             if entry.uid is not None and entry.uid == other.uid:
                 raise InventoryError(f"guest {entry.id}: uid {entry.uid} is already guest {other.id}'s")
+        if entry.ram_file is not None:
+            from .reclaim import RamDirError
+
+            try:
+                self.ram_dirs.check(entry.ram_file)
+            except RamDirError as error:
+                raise InventoryError(f"guest {entry.id}: {error}") from None
         if entry.ram_file is not None and self.ram_dir is not None:
             # Open-mode guests get RAM_DIR/<id>.ram: a provisioned file in there must carry its
             # own id, which no open guest can use (a provisioned id is refused on open routes).
@@ -217,6 +232,21 @@ class Inventory:
 
     def remove(self, guest: str) -> ProvisionedGuest | None:
         return self._entries.pop(guest, None)
+
+
+def check_inventory_file(path: Path | str) -> None:
+    """The inventory names the files the host punches: refuse one that anyone but its owner
+    (the host's user or root) could change, as sshd refuses a group-writable authorized_keys."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise InventoryError(f"--guests: cannot read {path}: {error.strerror}") from None
+    if info.st_uid not in (os.geteuid(), 0):
+        raise InventoryError(f"--guests: {path} is owned by uid {info.st_uid}; it must belong to the host's "
+                             f"user (uid {os.geteuid()}) or root")
+    if info.st_mode & 0o022:
+        raise InventoryError(f"--guests: {path} is writable by group or others (mode "
+                             f"{info.st_mode & 0o777:o}); chmod go-w it")
 
 
 def _same_listener(a: Address, b: Address | None) -> bool:

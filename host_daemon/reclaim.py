@@ -22,8 +22,10 @@ for the raw baseline of bench/inflate.py.
 Safety: the file name comes only from a valid guest id (``shared.messages.valid_guest_id``),
 it is opened relative to the RAM directory's descriptor with O_NOFOLLOW, and it must be
 a regular file with a single link — a symlink or a hard link planted in the directory
-cannot make the host truncate or punch another file. Reclaimed bytes are read back from
-the kernel (``st_blocks``), never computed from what was asked.
+cannot make the host truncate or punch another file. A provisioned guest's own file (the
+inventory's ``ram_file``) is opened only under a directory the host was given for VM RAM,
+through no symlink, with one link and an expected owner (``VmRamDirs``). Reclaimed bytes
+are read back from the kernel (``st_blocks``), never computed from what was asked.
 
 Proof of reclaim: every discard counts the bytes asked (``requested``) and the bytes the
 kernel really gave back (``released``: ``st_blocks`` before minus after). Asking to free a
@@ -80,6 +82,143 @@ def validate_ram_dir(ram_dir: Path | str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise RamDirError(f"--ram-dir {path} is not writable")
     return path.resolve()
+
+
+class VmRamDirs:
+    """Where the host may punch a provisioned guest's ``ram_file``, and nowhere else.
+
+    The admin API and ``--guests`` name the file, so whoever can call them could otherwise
+    make the host (often root) punch holes in any file it can write. A ram_file must be:
+
+    - under one of the directories the operator gave for VM RAM (``--ram-dir``,
+      ``--vm-ram-dirs``), resolved once when the host starts;
+    - reached from that directory without any symlink: each component is opened with
+      ``openat(O_NOFOLLOW)`` from its parent's descriptor, so a link planted (or swapped in)
+      anywhere on the way is refused rather than followed;
+    - a regular file with a single link (a hard link to a file elsewhere is refused);
+    - owned by the host's own user or by the owner of that directory: handing a directory
+      to the VMM's user (``chown qemu DIR``) is how its files are allowed.
+    """
+
+    def __init__(self, dirs=()) -> None:
+        pairs: list[tuple[Path, Path]] = []
+        for given in dirs:
+            given = Path(os.path.normpath(given))
+            real = Path(os.path.realpath(given))
+            if all(real != r for _, r in pairs):
+                pairs.append((given, real))
+        self._dirs = tuple(pairs)
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return tuple(real for _, real in self._dirs)
+
+    def __bool__(self) -> bool:
+        return bool(self._dirs)
+
+    def _locate(self, path: Path) -> tuple[Path, tuple[str, ...]]:
+        """(allowed directory, components below it); RamDirError if the path is not under one."""
+        if not path.is_absolute() or ".." in path.parts:
+            raise RamDirError(f"ram_file {path} must be an absolute path without '..'")
+        for given, real in self._dirs:
+            for base in (real, given):
+                depth = len(base.parts)
+                if len(path.parts) > depth and path.parts[:depth] == base.parts:
+                    return real, path.parts[depth:]
+        if not self._dirs:
+            raise RamDirError(f"ram_file {path}: this host has no directory for VM RAM files "
+                              "(give --vm-ram-dirs DIR, or put the file in --ram-dir)")
+        allowed = ", ".join(str(d) for d in self.dirs)
+        raise RamDirError(f"ram_file {path} is not under a directory this host uses for VM RAM "
+                          f"({allowed}; --vm-ram-dirs adds one)")
+
+    def _walk(self, path: Path, missing_ok: bool) -> tuple[int, str, int] | None:
+        """Open every directory from the allowed one down to the file's parent, O_NOFOLLOW.
+
+        Returns (parent directory fd, file name, owner uid of the allowed directory), or
+        None when a directory on the way does not exist and ``missing_ok``."""
+        root, parts = self._locate(path)
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as error:
+            if missing_ok and error.errno == errno.ENOENT:
+                return None
+            raise RamDirError(f"cannot open the VM RAM directory {root}: {error.strerror}") from None
+        owner = os.fstat(fd).st_uid
+        where = root
+        try:
+            for name in parts[:-1]:
+                where = where / name
+                try:
+                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as error:
+                    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise RamDirError(f"ram_file {path}: {where} is a symlink or not a directory; "
+                                          "the path to a RAM file may not pass through a symlink") from None
+                    if missing_ok and error.errno == errno.ENOENT:
+                        os.close(fd)
+                        return None
+                    raise RamDirError(f"ram_file {path}: cannot open {where}: {error.strerror}") from None
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1], owner
+
+    @staticmethod
+    def _check_file(path: Path, info: os.stat_result, owner: int) -> None:
+        if stat.S_ISLNK(info.st_mode):
+            raise RamDirError(f"ram_file {path} is a symlink; refusing it")
+        if not stat.S_ISREG(info.st_mode):
+            raise RamDirError(f"ram_file {path} is not a regular file")
+        if info.st_nlink != 1:
+            raise RamDirError(f"ram_file {path} has {info.st_nlink} links; a RAM file must have exactly one "
+                              "(a hard link could make the host punch a file elsewhere)")
+        allowed = {os.geteuid(), owner}
+        if info.st_uid not in allowed:
+            raise RamDirError(f"ram_file {path} is owned by uid {info.st_uid}; the host punches only files of "
+                              f"uid {' or '.join(map(str, sorted(allowed)))} (its own user, or the owner of the "
+                              "VM RAM directory)")
+
+    def check(self, path: Path | str) -> None:
+        """Refuse a ram_file the host could never punch (admin API, ``--guests``), touching nothing.
+
+        The file need not exist yet (the VMM creates it when the VM starts); whatever of
+        the path exists must already pass, and everything is checked again at open."""
+        path = Path(path)
+        walked = self._walk(path, missing_ok=True)
+        if walked is None:
+            return
+        dir_fd, name, owner = walked
+        try:
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            self._check_file(path, info, owner)
+        finally:
+            os.close(dir_fd)
+
+    def open(self, path: Path | str, flags: int) -> int:
+        """A descriptor of the ram_file for punching, after every check (RamDirError if any fails)."""
+        path = Path(path)
+        dir_fd, name, owner = self._walk(path, missing_ok=False)
+        try:
+            try:
+                fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise RamDirError(f"ram_file {path} is a symlink; refusing it") from None
+                raise RamDirError(f"cannot open ram_file {path}: {error.strerror or error}") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            self._check_file(path, os.fstat(fd), owner)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 def ram_file_name(guest: str) -> str:
@@ -209,28 +348,22 @@ class RamFile:
         return cls(directory, name, fd, size)
 
     @classmethod
-    def open_provisioned(cls, path: Path | str, pages: int) -> RamFile:
+    def open_provisioned(cls, path: Path | str, pages: int, dirs: VmRamDirs) -> RamFile:
         """Open a provisioned guest's own RAM file for punching: never create or resize it.
 
         The VMM made it (QEMU ``memory-backend-file,mem-path=...,share=on``) and maps it;
-        the host only punches holes in the first ``pages`` pages. O_NOFOLLOW: in a shared
-        tmpfs like /dev/shm anyone could plant a symlink at the path before the VMM runs.
+        the host only punches holes in the first ``pages`` pages. ``dirs`` decides whether
+        the host may touch it at all (under a VM RAM directory, no symlink on the way, a
+        regular file with one link, owned as configured) — checked again at every open,
+        on the descriptor that is then punched, so nothing can be swapped in between.
         """
         path = Path(path)
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = dirs.open(path, os.O_RDWR | os.O_NONBLOCK)
         try:
-            fd = os.open(path, flags)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise RamDirError(f"ram_file {path} is a symlink; refusing it") from None
-            raise RamDirError(f"cannot open ram_file {path}: {error.strerror or error}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise RamDirError(f"ram_file {path} is not a regular file")
             size = pages * PAGE_SIZE
-            if info.st_size < size:
-                raise RamDirError(f"ram_file {path} holds {info.st_size} bytes, less than the "
+            have = os.fstat(fd).st_size
+            if have < size:
+                raise RamDirError(f"ram_file {path} holds {have} bytes, less than the "
                                   f"guest's provisioned {size}; is it this guest's RAM?")
         except BaseException:
             os.close(fd)

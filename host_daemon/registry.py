@@ -281,7 +281,7 @@ class Registry:
         if entry is not None:
             if entry.ram_file is None:
                 raise ValueError(f"guest {record.id} has no ram_file")
-            record.ram = RamFile.open_provisioned(entry.ram_file, record.pages)
+            record.ram = RamFile.open_provisioned(entry.ram_file, record.pages, self.inventory.ram_dirs)
         else:
             record.ram = RamFile.open(self.ram_dir, record.id, record.pages)
         return str(record.ram.path)

@@ -49,7 +49,9 @@ SHUTDOWN_GRACE = 3.0
 def load_inventory(settings: HostSettings, tokens: dict[str, str] | None) -> Inventory:
     """``--guests`` (empty without it); InventoryError for a bad file or a clash with --token-file."""
     ram_dir = None if settings.ram_dir is None else Path(os.path.realpath(settings.ram_dir))
-    inventory = Inventory.load(settings.guests, ram_dir) if settings.guests else Inventory(ram_dir=ram_dir)
+    vm_ram_dirs = settings.vm_ram_dirs
+    inventory = (Inventory.load(settings.guests, ram_dir, vm_ram_dirs) if settings.guests
+                 else Inventory(ram_dir=ram_dir, vm_ram_dirs=vm_ram_dirs))
     for entry in inventory:
         if tokens and entry.id in tokens:
             raise InventoryError(f"guest {entry.id} is in both --guests and --token-file; "

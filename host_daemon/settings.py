@@ -70,6 +70,7 @@ class HostSettings:
     token_file: Path | None = None
     admin_token_file: Path | None = None
     ram_dir: Path | None = None
+    vm_ram_dirs: tuple[Path, ...] = ()
     debug_apply_delay: float = 0.0
     policy: str = "manual"
     policy_interval: float | None = None  # None: the policy config's (5 s)
@@ -124,6 +125,11 @@ def check(s: HostSettings) -> None:
                        ("--guests", s.guests)):
         if path is not None and not Path(path).is_file():
             raise SettingsError(f"{name}: {path} is not a readable file")
+    for directory in s.vm_ram_dirs:
+        if not Path(directory).is_absolute():
+            raise SettingsError(f"--vm-ram-dirs: {directory} must be an absolute path")
+        if not Path(directory).is_dir():
+            raise SettingsError(f"--vm-ram-dirs: {directory} is not an existing directory")
     if s.ram_dir is not None:
         ram_dir = Path(s.ram_dir)
         if ram_dir.exists() and not ram_dir.is_dir():
@@ -252,7 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ram-dir", type=Path, default=None, metavar="DIR",
         help="directory (a tmpfs such as /dev/shm/balloon) for shared guest RAM files DIR/<guest>.ram; "
              "guests offering the shared-ram feature get one, and reported/inflated ranges are "
-             "punched out of it for real")
+             "punched out of it for real. A provisioned ram_file may also lie here (named <id>.ram)")
+    add("--vm-ram-dirs", action="append", type=Path, default=[], metavar="DIR",
+        help="directories where provisioned guests' RAM files (the inventory's ram_file, e.g. QEMU's "
+             "mem-path) may be; repeatable (comma-separated in the environment). The host punches "
+             "no other file: a ram_file must lie under one of these or --ram-dir, be reached "
+             "through no symlink, be a regular file with one link, and belong to the host's user "
+             "or the directory's owner; anything else is refused (admin API 400, --guests exit 2)")
     add("--debug-apply-delay", type=_duration, default="0", metavar="DURATION",
         help="testing only: wait this long before applying each batch, to play a slow host")
     add("--policy", choices=("manual", "mom", "balance"), default="manual",
@@ -306,6 +318,7 @@ def parse_settings(argv, environ=None) -> HostSettings:
         token_file=ns.token_file,
         admin_token_file=ns.admin_token_file,
         ram_dir=ns.ram_dir,
+        vm_ram_dirs=tuple(ns.vm_ram_dirs),
         debug_apply_delay=ns.debug_apply_delay,
         policy=ns.policy,
         policy_interval=ns.policy_interval,

@@ -89,7 +89,7 @@ async def test_a_provisioned_file_is_punched_even_if_the_guest_does_not_map_it(m
     """A VM's agent does not map the file (the VM's RAM is the file): the host punches it all the same."""
     inventory, sock, ram = _inventory(tmp_path, shm_dir)
     _vm_file(ram)
-    host = await make_host(guests=Path(inventory))  # no --ram-dir at all
+    host = await make_host(guests=Path(inventory), vm_ram_dirs=(Path(shm_dir),))  # no --ram-dir at all
     guest = await RawGuest.connect(sock)
     welcome = await guest.hello("vm1", PAGES, features=["ranges52"])
     assert "ram_file" not in welcome[1] and "shared-ram" not in welcome[1]["features"]

@@ -32,7 +32,7 @@ uid = 1234
 def test_the_documented_format_loads(tmp_path):
     path = tmp_path / "guests.toml"
     path.write_text(VM1)
-    inventory = Inventory.load(path)
+    inventory = Inventory.load(path, vm_ram_dirs=[Path("/dev/shm/balloon")])
     vm1 = inventory.get("vm1")
     assert vm1.pages == 262144 and vm1.listen == Address("unix", path="/run/balloon/vm1.sock")
     assert vm1.ram_file == Path("/dev/shm/balloon/vm1.ram")
@@ -77,7 +77,7 @@ def test_bad_ids_are_refused(guest):
 
 def test_clashes_between_entries_are_refused(tmp_path):
     inventory = Inventory([parse_entry("a", {"memory": "1GiB", "listen": "unix:/run/a.sock",
-                                             "ram_file": "/dev/shm/a.ram", "uid": 5})])
+                                             "ram_file": "/dev/shm/a.ram", "uid": 5})], vm_ram_dirs=["/dev/shm"])
     for table, what in (({"listen": "unix:/run/./a.sock"}, "listen"), ({"ram_file": "/dev/shm/a.ram"}, "ram_file"),
                         ({"uid": 5}, "uid")):
         with pytest.raises(InventoryError, match=f"{what} .* is already guest a's"):

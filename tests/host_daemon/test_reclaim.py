@@ -13,6 +13,7 @@ from host_daemon.reclaim import (
     PAGE_SIZE,
     RamDirError,
     RamFile,
+    VmRamDirs,
     madvise_remove,
     ram_files,
     remove_ram_file,
@@ -106,14 +107,14 @@ def test_reopen_keeps_data_and_a_new_claim_never_shrinks_or_wipes_the_file(ram_d
 def test_a_provisioned_file_is_opened_never_created_resized_or_removed(ram_dir, tmp_path):
     path = ram_dir / "vm1.ram"
     with pytest.raises(RamDirError, match="cannot open"):
-        RamFile.open_provisioned(path, 16)
+        RamFile.open_provisioned(path, 16, VmRamDirs([ram_dir]))
     assert not path.exists()
     with open(path, "wb") as handle:
         handle.truncate(8 * PAGE_SIZE)
     with pytest.raises(RamDirError, match="less than"):
-        RamFile.open_provisioned(path, 16)
+        RamFile.open_provisioned(path, 16, VmRamDirs([ram_dir]))
     assert os.path.getsize(path) == 8 * PAGE_SIZE
-    ram = RamFile.open_provisioned(path, 4)  # bigger than provisioned is fine: only 4 pages are punched
+    ram = RamFile.open_provisioned(path, 4, VmRamDirs([ram_dir]))  # bigger than provisioned is fine: only 4 pages are punched
     mapping = fill(ram, 8)
     ram.discard(np.array([0], dtype=np.uint64), np.array([100], dtype=np.uint64))
     words = first_words(mapping, 8)
@@ -124,12 +125,12 @@ def test_a_provisioned_file_is_opened_never_created_resized_or_removed(ram_dir, 
     link = ram_dir / "vm2.ram"
     link.symlink_to(path)
     with pytest.raises(RamDirError, match="symlink"):
-        RamFile.open_provisioned(link, 4)
+        RamFile.open_provisioned(link, 4, VmRamDirs([ram_dir]))
     link.unlink()
     fifo = ram_dir / "vm3.ram"
     os.mkfifo(fifo)
     with pytest.raises(RamDirError, match="regular"):
-        RamFile.open_provisioned(fifo, 4)
+        RamFile.open_provisioned(fifo, 4, VmRamDirs([ram_dir]))
     fifo.unlink()
 
 
