@@ -1,8 +1,10 @@
 """The host's HTTP side (aiohttp): /metrics, /healthz, /readyz and the admin API.
 
-JSON shapes are fixed in CONTRACT.md (balloonctl consumes them). Binds 127.0.0.1 by
-default (DESIGN §5); mutating calls need ``Authorization: Bearer <token>`` when the host
-runs with ``--admin-token-file``.
+JSON shapes are in docs/API.md (balloonctl consumes them). Binds 127.0.0.1 by default.
+Reads (GET) are open to whoever reaches the port; every other method — the calls that move
+balloons, provision guests and aim the hole punch — needs ``Authorization: Bearer <token>``,
+always: the token of ``--admin-token-file``, or the one the host generated at start
+(auth.AdminToken). One middleware checks it for every route, so a new route cannot forget.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ log = logging.getLogger("balloon.host.admin")
 MAX_BODY = 4096
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+#: Methods that read only; everything else must carry the admin token.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class AdminApp:
     def __init__(self, host) -> None:
         self.host = host
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._authenticate])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -76,13 +82,26 @@ class AdminApp:
             return _error(404, f"no guest {guest!r}")
         return web.json_response(record.to_json())
 
-    def _authorized(self, request: web.Request) -> bool:
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler):
+        """401 without a bearer token, 403 with a wrong one, for every method but reads —
+        before the body is read or the guest looked up, so a refused caller learns nothing."""
+        if request.method in READ_METHODS:
+            return await handler(request)
         token = self.host.admin_token
-        if token is None:
-            return True
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and same_secret(given.strip() or None, token)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            same_secret(None, token)  # the same work as a comparison
+            where = self.host.admin_token_where
+            return _error(401, f"{request.method} needs the admin token: send 'Authorization: Bearer "
+                               f"<token>' ({where})",
+                          headers={"WWW-Authenticate": 'Bearer realm="balloon-host"'})
+        if not same_secret(given, token):
+            log.warning("admin call with a wrong token refused", extra={
+                "method": request.method, "path": request.path[:200], "peer": request.remote})
+            return _error(403, "wrong admin token")
+        return await handler(request)
 
     async def _json_body(self, request: web.Request) -> dict:
         try:
@@ -104,8 +123,6 @@ class AdminApp:
         The size rounds down to whole pages and may not exceed the guest's RAM. A guest that
         is disconnected gets its TARGET right after its next WELCOME.
         """
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
         guest, record = self._record(request)
         if record is None:
             return _error(404, f"no guest {guest!r}")
@@ -130,8 +147,6 @@ class AdminApp:
 
     async def hint(self, request: web.Request) -> web.Response:
         """Start a free page hinting command: 202 {"cmd_id": n}; 409 if the guest cannot hint now."""
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
         guest, record = self._record(request)
         if record is None:
             return _error(404, f"no guest {guest!r}")
@@ -149,8 +164,6 @@ class AdminApp:
         201 (new) or 200 with the entry; 400 for a bad entry; 409 when the id is connected
         as an open-mode guest, or its size/listener/RAM file would change under its session.
         """
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
         from .server import ListenError  # server imports this module
 
         guest = request.match_info["id"]
@@ -183,8 +196,6 @@ class AdminApp:
 
     async def delete(self, request: web.Request) -> web.Response:
         """Forget a guest now (inventory entry, record, series, open-mode RAM file): 204; 409 if connected."""
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
         guest = request.match_info["id"]
         registry = self.host.registry
         entry = registry.inventory.get(guest)
@@ -213,8 +224,6 @@ class AdminApp:
     async def set_policy(self, request: web.Request) -> web.Response:
         """Change the policy at runtime: {"guest_memory_budget": "512MiB"} and/or knobs as in
         --policy-config (e.g. {"policy": "balance", "block_low": "30s"}) → 200 with GET's body."""
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
         body = await self._json_body(request)
         budget = None
         try:

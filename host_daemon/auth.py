@@ -18,15 +18,28 @@ to take another's id. In this order (``GuestAuth.identify``):
    ``--max-guests``, ``--retention``); it can never touch a provisioned guest.
 
 Tokens are compared with ``hmac.compare_digest`` so the time taken says nothing about how
-much of a guess was right. ``--admin-token-file``: the first non-comment line is the bearer
-token that mutating admin calls (POST, PUT, DELETE) must carry.
+much of a guess was right.
+
+**The admin token.** Every admin call that changes something (POST, PUT, DELETE) carries
+``Authorization: Bearer <token>`` — always, there is no unauthenticated mode: those calls
+provision guests and so aim the hole punch. The token is the first non-comment line of
+``--admin-token-file`` when given; otherwise the host generates one at every start and
+writes it, mode 0600, to ``--admin-token-dir``/admin-PORT.token (PORT: the --http port),
+by default beside the default socket (``/run/balloon`` as root) — as Jupyter writes its
+server token to its runtime directory. Whoever can read that file (the host's user, root)
+may change things; balloonctl finds it by the same rule (``admin_token_path``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import os
+import secrets
+import stat
 from pathlib import Path
 
+from shared.addresses import default_socket_path
 from shared.errors import RemoteProtocolError
 from shared.messages import valid_guest_id
 
@@ -60,9 +73,12 @@ def load_guest_tokens(path: Path) -> dict[str, str]:
 
 
 def load_admin_token(path: Path) -> str:
+    """The admin token in ``path`` (the first non-comment line, at least 8 characters)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise TokenFileError(f"cannot read admin token file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
         raise TokenFileError(f"cannot read admin token file {path}: {error}") from None
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -71,6 +87,66 @@ def load_admin_token(path: Path) -> str:
                 raise TokenFileError(f"{path}: the admin token is shorter than 8 characters")
             return line
     raise TokenFileError(f"{path}: no token in the admin token file")
+
+
+def default_admin_token_dir(uid: int | None = None, environ=None) -> Path:
+    """Where a host without ``--admin-token-file`` writes its token: the default socket's
+    directory (``/run/balloon`` for root, ``$XDG_RUNTIME_DIR/balloon``, ``/tmp/balloon-UID``)."""
+    return Path(default_socket_path(uid, environ)).parent
+
+
+def admin_token_path(port: int, directory: Path | str | None = None) -> Path:
+    """The generated token's file for the host whose admin API is on ``port``: one file per
+    port, so hosts of one user on different ports (demos, tests) never share a token."""
+    return Path(directory if directory is not None else default_admin_token_dir()) / f"admin-{port}.token"
+
+
+def generate_admin_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+def write_admin_token(path: Path, token: str) -> int:
+    """Write ``token`` to ``path`` readable by this user only; returns the file's inode.
+
+    The directory is created (0750) if missing and must belong to this user (or root) and
+    be writable by nobody else — else another user could replace the file. The file is
+    made fresh (O_EXCL, O_NOFOLLOW, 0600) and renamed into place, so it is never readable
+    by others, not even for a moment, and a stale file of an earlier run is replaced."""
+    path = Path(path)
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        info = os.stat(directory, follow_symlinks=False)
+    except OSError as error:
+        raise TokenFileError(f"cannot create {directory} for the admin token: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise TokenFileError(f"{directory} is not a directory (a symlink?); the admin token needs a real one")
+    if info.st_uid not in (os.geteuid(), 0) or info.st_mode & 0o022:
+        raise TokenFileError(f"{directory} belongs to uid {info.st_uid} with mode {info.st_mode & 0o777:o}: "
+                             "another user could replace the admin token there; give --admin-token-dir a "
+                             "directory only this user can write")
+    temporary = directory / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, (token + "\n").encode())
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise TokenFileError(f"cannot write the admin token to {path}: {error.strerror}") from None
+    return inode
+
+
+def remove_admin_token(path: Path, inode: int) -> None:
+    """Delete the token file at stop, if it is still the one this host wrote."""
+    with contextlib.suppress(OSError):
+        if os.stat(path, follow_symlinks=False).st_ino == inode:
+            os.unlink(path)
 
 
 def same_secret(given: str | None, expected: str) -> bool:

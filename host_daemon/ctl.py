@@ -23,9 +23,12 @@ would stop short anyway) and warns when the guest uses more than it would keep.
 
 Sizes: K/M/G/T are binary as in QEMU (256M = 256MiB); KB/MB/GB are refused as ambiguous.
 
-The host is ``--host URL`` (default http://127.0.0.1:9470, or $BALLOON_CTL_HOST). The
-admin token comes from ``--token-file`` (or $BALLOON_CTL_TOKEN_FILE): the file holds
-the token alone, the same file the host reads with ``--admin-token-file``.
+The host is ``--host URL`` (default http://127.0.0.1:9470, or $BALLOON_CTL_HOST). setmem,
+target and hint change things, so they send the host's admin token: from ``--token-file``
+(or $BALLOON_CTL_TOKEN_FILE) — the file the host reads with ``--admin-token-file`` — or else
+the one the host generated at start, found by itself in DIR/admin-PORT.token (PORT of
+--host; DIR /run/balloon as root, else $XDG_RUNTIME_DIR/balloon or /tmp/balloon-UID), which
+only the host's user and root can read.
 
 Exit codes: 0 done; 1 the host is unreachable or refused the request (one line on
 stderr says why); 2 bad command line, or a request the host calls malformed (HTTP 400,
@@ -658,6 +661,38 @@ def cmd_hint(client: AdminClient, args) -> int:
 # -- command line ------------------------------------------------------------------------
 
 
+#: Commands that change something: the host wants its admin token for them.
+MUTATING = ("target", "setmem", "hint")
+
+
+def admin_token(host: str, token_file: str | None = None, environ=None) -> str:
+    """The admin token for ``host``: ``--token-file``, $BALLOON_CTL_TOKEN_FILE, or the file
+    the host generated (auth.admin_token_path, the same rule the host writes by)."""
+    from .auth import TokenFileError, admin_token_path, load_admin_token
+
+    environ = os.environ if environ is None else environ
+    given = token_file or environ.get("BALLOON_CTL_TOKEN_FILE") or None
+    if given:
+        path = given
+    else:
+        url = urllib.parse.urlsplit(host if "://" in host else "http://" + host)
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            raise UsageError(f"--host {host}: not a URL with a valid port") from None
+        path = admin_token_path(port)
+        if not os.path.exists(path):
+            raise CtlError(f"no admin token at {path}: the host writes it there at start unless it runs with "
+                           "--admin-token-file or --admin-token-dir (then give that file with --token-file)")
+        if not os.access(path, os.R_OK):
+            raise CtlError(f"cannot read the admin token {path}: only the host's user and root may "
+                           "(run balloonctl as one of them, or give --token-file)")
+    try:
+        return load_admin_token(path)
+    except TokenFileError as error:
+        raise CtlError(str(error)) from None
+
+
 def _interval(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
@@ -708,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("size", type=argument_type(parse_size, "size"),
                                  help="balloon size, e.g. 64MiB or 1G (M = MiB, as QEMU), or bytes")
         command.add_argument("--token-file", metavar="FILE",
-                             help="admin token file (default $BALLOON_CTL_TOKEN_FILE)")
+                             help="the admin token's file (default $BALLOON_CTL_TOKEN_FILE, else the token "
+                                  "the host generated: DIR/admin-PORT.token, see below)")
         command.add_argument("--json", action="store_true", help="print the host's answer as JSON")
     return parser
 
@@ -717,17 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     host = getattr(args, "host", None) or os.environ.get("BALLOON_CTL_HOST") or DEFAULT_HOST
-    token = None
-    token_file = getattr(args, "token_file", None) or (
-        os.environ.get("BALLOON_CTL_TOKEN_FILE") if args.command in ("target", "setmem", "hint") else None)
     try:
-        if token_file:
-            try:
-                token = open(token_file).read().strip()
-            except OSError as error:
-                raise CtlError(f"cannot read the token file {token_file}: {error.strerror}") from None
-            if not token:
-                raise CtlError(f"the token file {token_file} is empty")
+        token = admin_token(host, getattr(args, "token_file", None)) if args.command in MUTATING else None
         client = AdminClient(host, token, getattr(args, "timeout", 5.0))
         handler = {"status": cmd_status, "top": cmd_top, "target": cmd_target, "setmem": cmd_setmem,
                    "wait": cmd_wait, "hint": cmd_hint, "policy": cmd_policy}[args.command]

@@ -31,7 +31,16 @@ from shared.vocabulary import HINTING
 
 from .admin import AdminApp
 from .admission import Admitter
-from .auth import GuestAuth, load_admin_token, load_guest_tokens
+from .auth import (
+    GuestAuth,
+    TokenFileError,
+    admin_token_path,
+    generate_admin_token,
+    load_admin_token,
+    load_guest_tokens,
+    remove_admin_token,
+    write_admin_token,
+)
 from .connection import GuestProtocol
 from .inventory import Inventory, InventoryError
 from .listeners import ListenError, unix_socket, vsock_socket
@@ -72,7 +81,14 @@ class HostServer:
         self.metrics_registry = make_registry(self)
         self.auth = GuestAuth(tokens, self.inventory, settings.allow_open_tcp, settings.max_guests > 0)
         self.admitter = Admitter(settings, self.registry, self.auth)
-        self.admin_token = load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
+        # Admin calls that change something always need this token (auth module docstring).
+        if settings.admin_token_file:
+            self.admin_token = load_admin_token(settings.admin_token_file)
+            self.admin_token_where = f"the token in the host's --admin-token-file {settings.admin_token_file}"
+        else:
+            self.admin_token = generate_admin_token()
+            self.admin_token_where = "the host generated it at start and keeps it in memory"
+        self._token_file: tuple[Path, int] | None = None  # (path, inode) of the generated token's file
         self.connections: set[GuestProtocol] = set()
         self.addresses: list[Address] = []  # as bound (TCP port 0 resolved)
         self.http_address: tuple[str, int] | None = None
@@ -221,6 +237,21 @@ class HostServer:
             raise ListenError(f"--http {host}:{port}: {error.strerror or error}") from None
         sockname = site._server.sockets[0].getsockname()
         self.http_address = (sockname[0], sockname[1])
+        self._write_admin_token(sockname[1])
+
+    def _write_admin_token(self, port: int) -> None:
+        """Put the generated token where balloonctl looks for it (auth.admin_token_path)."""
+        settings = self.settings
+        if settings.admin_token_file or settings.admin_token_dir is None:
+            return
+        path = admin_token_path(port, settings.admin_token_dir)
+        try:
+            inode = write_admin_token(path, self.admin_token)
+        except TokenFileError as error:
+            raise ListenError(f"admin token: {error}") from None
+        self._token_file = (path, inode)
+        self.admin_token_where = f"the host wrote it to {path}, where balloonctl finds it by itself"
+        log.info("admin token written", extra={"file": str(path)})
 
     async def _close_listeners(self) -> None:
         servers = list(self._servers.values())
@@ -235,6 +266,9 @@ class HostServer:
         self._guest_listeners.clear()
         for address in list(self._unix_paths):
             self._unlink(address)
+        if self._token_file is not None:
+            remove_admin_token(*self._token_file)
+            self._token_file = None
 
     def _bound_handshake_caps(self, fd_limit: int | None) -> None:
         """Keep the pre-HELLO caps under the descriptor limit: a flood that reaches EMFILE

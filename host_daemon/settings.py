@@ -69,6 +69,9 @@ class HostSettings:
     allow_open_tcp: bool = False
     token_file: Path | None = None
     admin_token_file: Path | None = None
+    #: where the generated admin token is written (admin-PORT.token) when there is no
+    #: admin_token_file; None keeps it in memory only (HostServer.admin_token: embedders, tests)
+    admin_token_dir: Path | None = None
     ram_dir: Path | None = None
     vm_ram_dirs: tuple[Path, ...] = ()
     debug_apply_delay: float = 0.0
@@ -125,6 +128,8 @@ def check(s: HostSettings) -> None:
                        ("--guests", s.guests)):
         if path is not None and not Path(path).is_file():
             raise SettingsError(f"{name}: {path} is not a readable file")
+    if s.admin_token_dir is not None and not Path(s.admin_token_dir).is_absolute():
+        raise SettingsError(f"--admin-token-dir must be an absolute path, got {s.admin_token_dir}")
     for directory in s.vm_ram_dirs:
         if not Path(directory).is_absolute():
             raise SettingsError(f"--vm-ram-dirs: {directory} must be an absolute path")
@@ -164,6 +169,12 @@ def policy_settings(s: HostSettings):
     except (PolicyConfigError, HostMemoryError) as error:
         raise SettingsError(f"policy: {error}") from None
     return config, source
+
+
+def _default_token_dir() -> Path:
+    from .auth import default_admin_token_dir
+
+    return default_admin_token_dir()
 
 
 def _http(text: str) -> tuple[str, int] | None:
@@ -254,7 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
              "refused unless --allow-open-tcp (ERROR auth-failed). Provisioned guests keep their token "
              "in --guests")
     add("--admin-token-file", type=Path, default=None, metavar="FILE",
-        help="bearer token required by mutating admin calls (POST /api/v1/...)")
+        help="the admin token (its first non-comment line, 8+ characters) that every admin call "
+             "changing something (POST, PUT, DELETE) must send as 'Authorization: Bearer TOKEN'; "
+             "reads (GET) need none. Without it the host generates a new token at every start "
+             "into --admin-token-dir (admin calls are never open)")
+    add("--admin-token-dir", type=Path, default=None, metavar="DIR",
+        help="where a host without --admin-token-file writes its generated token, as "
+             "DIR/admin-PORT.token (PORT: the --http port; mode 0600, removed at stop), for "
+             "balloonctl to find by itself. DIR must be writable by the host's user only. "
+             f"Default: the default socket's directory ({os.path.dirname(ROOT_SOCKET_PATH)} as root, "
+             "else $XDG_RUNTIME_DIR/balloon or /tmp/balloon-UID)")
     add("--ram-dir", type=Path, default=None, metavar="DIR",
         help="directory (a tmpfs such as /dev/shm/balloon) for shared guest RAM files DIR/<guest>.ram; "
              "guests offering the shared-ram feature get one, and reported/inflated ranges are "
@@ -317,6 +337,7 @@ def parse_settings(argv, environ=None) -> HostSettings:
         allow_open_tcp=ns.allow_open_tcp,
         token_file=ns.token_file,
         admin_token_file=ns.admin_token_file,
+        admin_token_dir=ns.admin_token_dir if ns.admin_token_dir is not None else _default_token_dir(),
         ram_dir=ns.ram_dir,
         vm_ram_dirs=tuple(ns.vm_ram_dirs),
         debug_apply_delay=ns.debug_apply_delay,

@@ -31,6 +31,7 @@ async def make_host(tmp_path: Path):
         server.tcp = (tcps[0].host, tcps[0].port) if tcps else None
         if server.http_address:
             server.url = f"http://{server.http_address[0]}:{server.http_address[1]}"
+        server.admin_headers = {"Authorization": f"Bearer {server.admin_token}"}  # for POST/PUT/DELETE
         return server
 
     yield start

@@ -113,8 +113,12 @@ def test_unknown_guest_and_unreachable_host_fail_in_one_line(host):
 
 def test_target_needs_the_admin_token(host):
     host.load("--batches", "5")
-    refused = ctl("--host", host.url, "target", "load-0", "128MiB")
-    assert refused.returncode == 1 and "401" in refused.stderr
+    refused = ctl("--host", host.url, "target", "load-0", "128MiB")  # this host reads --admin-token-file
+    assert refused.returncode == 1 and "no admin token at" in refused.stderr and "--token-file" in refused.stderr
+    wrong = host.token_file.parent / "wrong.token"
+    wrong.write_text("not-the-admin-token\n")
+    refused = ctl("--host", host.url, "target", "load-0", "128MiB", "--token-file", str(wrong))
+    assert refused.returncode == 1 and "403" in refused.stderr and "wrong admin token" in refused.stderr
     done = ctl("--host", host.url, "target", "load-0", "128MiB", "--token-file", str(host.token_file))
     assert done.returncode == 0, done.stderr
     assert "32768 pages" in done.stdout

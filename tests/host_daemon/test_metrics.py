@@ -25,7 +25,8 @@ async def test_renamed_target_is_also_exported_under_its_old_name(make_host):
     guest = await RawGuest.connect(host.unix)
     await guest.hello("renamed", 65536)
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{host.url}/api/v1/guests/renamed/target", json={"size": "32MiB"}) as response:
+        async with http.post(f"{host.url}/api/v1/guests/renamed/target", json={"size": "32MiB"},
+                             headers=host.admin_headers) as response:
             assert response.status == 202
     text = await scrape(host.url)
     for old, new in DEPRECATED.items():
@@ -51,7 +52,8 @@ async def test_vmm_vocabulary_gauges_follow_stats_and_the_balloon(make_host):
     assert sample(text, "balloon_target_shortfall_bytes", guest="vmm") == 0
 
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{host.url}/api/v1/guests/vmm/target", json={"size": "8MiB"}) as response:
+        async with http.post(f"{host.url}/api/v1/guests/vmm/target", json={"size": "8MiB"},
+                             headers=host.admin_headers) as response:
             assert response.status == 202
     await guest.send([STATS, [[4, 100 << 20], [5, 250 << 20], [6, 180 << 20]]])
     seq = await guest.batch(INFLATE, [(0, 512)])  # 2 MiB of the 8 MiB asked for

@@ -138,7 +138,7 @@ async def test_target_via_post_reaches_the_guest(make_host, tmp_path):
             assert response.status == 401
         async with http.post(url, json={"size": "64MiB"},
                              headers={"Authorization": "Bearer wrong-token-xx"}) as response:
-            assert response.status == 401
+            assert response.status == 403
         headers = {"Authorization": "Bearer s3cret-admin-token"}
         async with http.post(url, json={"size": "64MiB"}, headers=headers) as response:
             assert response.status == 202
@@ -216,7 +216,7 @@ async def test_hint_command_via_post(make_host):
     guest = await RawGuest.connect(host.unix)
     await guest.hello("mig", PAGES, features=["hinting"])
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{host.url}/api/v1/guests/mig/hint") as response:
+        async with http.post(f"{host.url}/api/v1/guests/mig/hint", headers=host.admin_headers) as response:
             assert response.status == 202
             cmd_id = (await response.json())["cmd_id"]
     assert await guest.recv() == [HINT_START, cmd_id]
@@ -229,7 +229,8 @@ async def test_hint_command_via_post(make_host):
     await guest.close()
     plain = await RawGuest.connect(host.unix)
     await plain.hello("nohint", PAGES)
-    async with aiohttp.ClientSession() as http, http.post(f"{host.url}/api/v1/guests/nohint/hint") as response:
+    async with aiohttp.ClientSession() as http, http.post(f"{host.url}/api/v1/guests/nohint/hint",
+                                                          headers=host.admin_headers) as response:
         assert response.status == 409
     await plain.close()
 
