@@ -38,7 +38,7 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--listen", "--http", "--window", "--max-ranges", "--max-message-bytes", "--max-guests",
                  "--handshake-timeout", "--idle-timeout", "--retention", "--token-file",
-                 "--admin-token-file", "--ram-dir", "--debug-apply-delay", "--config", "--log-format",
+                 "--admin-token-file", "--admin-token-dir", "--ram-dir", "--vm-ram-dirs", "--debug-apply-delay", "--config", "--log-format",
                  "--log-level", "BALLOON_HOST_"):
         assert flag in result.stdout, flag
 
@@ -50,6 +50,9 @@ def test_help_explains_every_flag():
     (["--listen", "unix:/tmp/x.sock", "--idle-timeout", "soon"], "duration"),
     (["--listen", "unix:/tmp/x.sock", "--token-file", "/nonexistent/tokens"], "--token-file"),
     (["--listen", "unix:/tmp/x.sock", "--ram-dir", "relative/dir"], "absolute"),
+    (["--listen", "unix:/tmp/x.sock", "--vm-ram-dirs", "relative/dir"], "--vm-ram-dirs"),
+    (["--listen", "unix:/tmp/x.sock", "--vm-ram-dirs", "/nonexistent/vm-ram"], "not an existing directory"),
+    (["--listen", "unix:/tmp/x.sock", "--admin-token-dir", "relative/dir"], "--admin-token-dir"),
 ])
 def test_bad_options_exit_2_with_a_clear_message(args, message, capsys, monkeypatch):
     for name in [n for n in os.environ if n.startswith("BALLOON_HOST_")]:
