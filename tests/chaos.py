@@ -221,7 +221,7 @@ class Chaos:
         if size is None:
             size = self.rng.randint(0, int(self.memory * 0.4) // (4 * MIB)) * 4 * MIB
         with contextlib.suppress(OSError, urllib.error.URLError):
-            post_json(f"{self.host.url}/api/v1/guests/{name}/target", {"bytes": size})
+            post_json(f"{self.host.url}/api/v1/guests/{name}/target", {"bytes": size}, self.host.admin_token)
             self.targets[name] = size
             self.summary.resizes += 1
 

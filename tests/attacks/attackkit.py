@@ -143,6 +143,7 @@ class AttackedHost:
         argv = [sys.executable, "-m", "host_daemon", "--listen", f"unix:{self.sock}",
                 "--listen", f"tcp:{self.tcp[0]}:{self.tcp[1]}", "--http", self.http[7:],
                 "--guests", str(self.dir / "guests.toml"), "--ram-dir", str(self.ram_dir),
+                "--vm-ram-dirs", str(self.shm),
                 "--admin-token-file", str(self.dir / "admin.token"),
                 "--max-guest-memory", f"{OPEN_CAP >> 20}MiB", "--max-guests", "16",
                 "--retention", "30s", "--forget-after", "0.2s", "--handshake-timeout", "2s",

@@ -64,9 +64,11 @@ def wait_for(condition, deadline: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {deadline}s waiting for {what} (last error: {last_error})")
 
 
-def post_json(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+def post_json(url: str, body: dict, token: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:  # the admin token: every POST/PUT/DELETE needs it
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=2) as response:
         return json.load(response)
 
@@ -86,6 +88,12 @@ class Process:
 
     def metrics(self) -> dict:
         return scrape(f"{self.url}/metrics")
+
+    @property
+    def admin_token(self) -> str:
+        """A host's generated admin token (Daemons.host puts it in the run's folder)."""
+        port = self.url.rsplit(":", 1)[1]
+        return (self.log.parent / f"admin-{port}.token").read_text().strip()
 
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -117,7 +125,7 @@ class Daemons:
     def host(self, *extra: str, http_port: int | None = None) -> Process:
         port = http_port or free_port()
         argv = [sys.executable, "-m", "host_daemon", "--listen", f"unix:{self.socket}",
-                "--http", f"127.0.0.1:{port}", *extra]
+                "--http", f"127.0.0.1:{port}", "--admin-token-dir", str(self.folder), *extra]
         process = Process("host", argv, self.folder / "host.log", f"http://127.0.0.1:{port}")
         self.processes.append(process)
         wait_for(lambda: self._ready(process, "/readyz"), 20, f"host ready\n{process.tail()}")

@@ -77,11 +77,11 @@ def test_balloon_follows_the_target_and_the_window_is_never_exceeded(daemons):
     guest = daemons.guest("g1", "--workload", "churn", "--utilization", "0.3", "--rate", "2000",
                           "--capacity", "4", "--seed", "7", "--period", "2s")
     wait_for(lambda: value(guest.metrics(), "balloon_guest_batches_total", kind="report") >= 4, 20, "reports")
-    response = post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "64MiB"})
+    response = post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "64MiB"}, host.admin_token)
     assert response["target_pages"] == 64 * MIB // 4096
     wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 64 * MIB
              and value(guest.metrics(), "balloon_guest_inflated_bytes") == 64 * MIB, 20, "inflate to 64MiB")
-    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "16MiB"})
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "16MiB"}, host.admin_token)
     wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 16 * MIB
              and value(guest.metrics(), "balloon_guest_inflated_bytes") == 16 * MIB, 20, "deflate to 16MiB")
     wait_for(lambda: value(guest.metrics(), "balloon_guest_batches_total", kind="reuse") >= 1, 30,
@@ -145,7 +145,7 @@ def test_shared_ram_canaries_survive_host_sigkills_while_the_balloon_reclaims(da
                           "--shared-ram", "--seed", "3", memory="128MiB")
     wait_for(lambda: value(guest.metrics(), "balloon_guest_canary_pages_checked_total") > 0, 20,
              f"canaries checked\n{guest.tail()}")
-    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "48MiB"})
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "48MiB"}, host.admin_token)
     wait_for(lambda: value(host.metrics(), "balloon_inflated_bytes", guest="g1") == 48 * MIB, 30,
              lambda: f"inflate: {views(host, guest)}\n{guest.tail()}")
     for crash in range(2):
@@ -205,7 +205,7 @@ def test_procfs_source_hints_possibly_reclaimable_pages_for_a_host_command(daemo
              20, f"a scan\n{guest.tail()}")
     assert value(guest.metrics(), "balloon_guest_batches_total", kind="hint") == 0  # never unsolicited
     assert value(guest.metrics(), "balloon_guest_batches_total", kind="report") == 0  # nothing isolated
-    cmd = post_json(f"{host.url}/api/v1/guests/g1/hint", {})
+    cmd = post_json(f"{host.url}/api/v1/guests/g1/hint", {}, host.admin_token)
     assert cmd["cmd_id"] >= 1
     wait_for(lambda: value(host.metrics(), "balloon_hinted_bytes", guest="g1") == free_pages * 4096, 20,
              f"hints at the host\n{guest.tail()}")
@@ -247,11 +247,11 @@ def test_actual_memory_fresh_stats_and_an_unreachable_target_are_said(daemons):
     assert seen["usable_bytes"] is not None and seen["stats_age_seconds"] < 5
     assert seen["actual_bytes"] == 64 * MIB and seen["target_state"] is None
     # reachable: keep 48MiB (balloon 16MiB) of an idle guest that uses 10 %
-    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "16MiB"})
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "16MiB"}, host.admin_token)
     wait_for(lambda: _guest_json(host)["target_state"] == "reached", 20, "the balloon reaches 16MiB")
     assert _guest_json(host)["actual_bytes"] == 48 * MIB
     # unreachable: the whole guest; it stops at its working set + low watermark, and says so
-    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "64MiB"})
+    post_json(f"{host.url}/api/v1/guests/g1/target", {"size": "64MiB"}, host.admin_token)
     wait_for(lambda: _guest_json(host)["target_state"] == "unreachable", 30,
              lambda: f"unreachable target: {_guest_json(host)}\n{guest.tail()}")
     seen = _guest_json(host)

@@ -122,7 +122,7 @@ def test_balance_policy_keeps_guests_under_a_budget_and_gives_memory_back(daemon
     squeezed = get(f"{host.url}/api/v1/guests")["guests"]
     assert sum(g["inflated_bytes"] for g in squeezed) > 0
 
-    answer = post_json(f"{host.url}/api/v1/policy", {"guest_memory_budget": "1GiB"})
+    answer = post_json(f"{host.url}/api/v1/policy", {"guest_memory_budget": "1GiB"}, host.admin_token)
     assert answer["guest_memory_budget"] == 1 << 30
     wait_for(lambda: all(g["inflated_bytes"] <= 4 * MIB for g in get(f"{host.url}/api/v1/guests")["guests"]),
              25, lambda: f"deflated after the budget was raised: {watch.poll()[1]['decisions']}", interval=0.5)

@@ -62,7 +62,8 @@ def test_a_provisioned_guest_reclaims_through_its_own_file_and_cannot_be_taken(d
     vm1_sock = daemons.folder / "vm1.sock"
     inventory = daemons.folder / "guests.toml"
     inventory.write_text(f'[guest.vm1]\nmemory = "128MiB"\nlisten = "unix:{vm1_sock}"\nram_file = "{ram}"\n')
-    host = daemons.host("--guests", str(inventory), "--ram-dir", str(shm / "open"), "--retention", "30s")
+    host = daemons.host("--guests", str(inventory), "--ram-dir", str(shm / "open"), "--vm-ram-dirs", str(shm),
+                        "--retention", "30s")
     vm1 = daemons.guest("vm1", "--connect", f"unix:{vm1_sock}", "--shared-ram", "--workload", "churn",
                         memory="128MiB")
     wait_for(lambda: (guest_json(host, "vm1").get("reclaimed_bytes") or 0) > 16 * MIB, 30,

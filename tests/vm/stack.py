@@ -62,8 +62,11 @@ class Stack:
 
     def start_host(self) -> None:
         # --listen: the host wants one shared listener; --max-guests 0 admits no open guest on it.
+        # --vm-ram-dirs: QEMU's RAM file is the only file the host may punch; the admin token
+        # goes to this run's folder (admin_headers), not to the machine's default directory.
         argv = [sys.executable, "-m", "host_daemon", "--guests", str(self.inventory()), "--max-guests", "0",
-                "--listen", f"unix:{self.folder}/shared.sock",
+                "--listen", f"unix:{self.folder}/shared.sock", "--vm-ram-dirs", str(self.vm.ram_file.parent),
+                "--admin-token-dir", str(self.folder),
                 "--http", f"127.0.0.1:{self.http_port}", *self.host_args]
         with open(self.host_log, "ab") as out:
             self.host = subprocess.Popen(["timeout", "-s", "KILL", "1200", *argv], stdout=out,
@@ -98,10 +101,15 @@ class Stack:
                     return float(line.rsplit(" ", 1)[1])
         return None
 
+    def admin_headers(self) -> dict:
+        """What a POST to the admin API needs: the token the host generated into this folder."""
+        token = (self.folder / f"admin-{self.http_port}.token").read_text().strip()
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+
     def target(self, mib: int) -> None:
         body = json.dumps({"bytes": mib << 20}).encode()
         request = urllib.request.Request(f"{self.url}/api/v1/guests/{self.name}/target", data=body,
-                                         method="POST", headers={"Content-Type": "application/json"})
+                                         method="POST", headers=self.admin_headers())
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 202, response.status
 

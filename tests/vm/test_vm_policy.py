@@ -29,7 +29,7 @@ def policy(stack: Stack, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"{stack.url}/api/v1/policy", data=data,
                                      method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=stack.admin_headers())
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.load(response)
 

@@ -99,7 +99,7 @@ async def test_dashboard_shows_every_guest_with_the_hosts_numbers_and_survives_a
         assert rows["idle"]["reported_bytes"]["value"] == api["idle"]["reported_bytes"]
 
         # a balloon target reaches the page (balloon and actual columns, balloon chart)
-        post_json(f"{host.url}/api/v1/guests/churn/target", {"size": "32MiB"})
+        post_json(f"{host.url}/api/v1/guests/churn/target", {"size": "32MiB"}, host.admin_token)
         await page.wait_for("document.querySelector('tr[data-guest=churn] td[data-field=inflated_bytes]')"
                             f"?.dataset.value == {32 * MIB}", 30, "churn's 32 MiB balloon on the page")
         rows = {row["guest"]: row["cells"] for row in await page.evaluate(ROWS)}
@@ -147,7 +147,7 @@ async def test_screenshot_for_the_docs(daemons):
         await page.goto(f"{host.url}/ui/?interval=1&minutes=2")
         await page.wait_for("Number(document.body.dataset.polls) >= 2", 30, "the first polls")
         await asyncio.sleep(seconds / 2)  # history for the picture, not synchronisation
-        post_json(f"{host.url}/api/v1/guests/churn/target", {"size": "96MiB"})
+        post_json(f"{host.url}/api/v1/guests/churn/target", {"size": "96MiB"}, host.admin_token)
         await asyncio.sleep(seconds / 2)
         await page.evaluate("window.scrollTo(0, 0)")
         await page.screenshot(target)
