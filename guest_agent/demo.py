@@ -195,7 +195,11 @@ class Demo:
         if self.policy:
             p(f"  policy {self.policy} under a {self.budget} guest-memory budget: "
               f".venv/bin/balloonctl --host {self.host_url} policy")
-            p(f"  raise the budget: curl -d '{{\"guest_memory_budget\": \"1GiB\"}}' {self.host_url}/api/v1/policy")
+            from host_daemon.auth import admin_token_path  # the host writes its admin token there
+
+            token = admin_token_path(self.host_port)
+            p(f"  raise the budget: curl -H \"Authorization: Bearer $(cat {token})\" "
+              f"-d '{{\"guest_memory_budget\": \"1GiB\"}}' {self.host_url}/api/v1/policy")
         p("  pids: " + " ".join(f"{name}={child.pid}" for name, child in self.children))
         p(f"  try, in another terminal of this folder: .venv/bin/balloonctl --host {self.host_url} setmem churn 192MiB")
         p("Ctrl-C stops the demo" + (f" (or after {self.seconds:g}s)" if self.seconds else ""))
