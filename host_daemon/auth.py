@@ -1,4 +1,4 @@
-"""Who a connection is: the host's side decides (DESIGN §4 invariant 5), never HELLO alone.
+"""Who a connection is, and who may call the admin API: the host's side decides, never HELLO alone.
 
 A guest's id labels its metrics, its tracker and its RAM file, so a guest must not be able
 to take another's id. In this order (``GuestAuth.identify``):

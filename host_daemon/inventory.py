@@ -1,6 +1,6 @@
 """The guests this host is configured to serve: ``--guests FILE`` (TOML) and the admin API.
 
-DESIGN §4 invariant 5: a guest's id, size and RAM file come from the host's side, never
+A guest's id, size and RAM file come from the host's side, never
 from what HELLO says. An entry fixes them, the way a VM's configuration fixes its memory
 and its devices::
 

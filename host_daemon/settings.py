@@ -269,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
              "changing something (POST, PUT, DELETE) must send as 'Authorization: Bearer TOKEN'; "
              "reads (GET) need none. Without it the host generates a new token at every start "
              "into --admin-token-dir (admin calls are never open)")
-    add("--admin-token-dir", type=Path, default=None, metavar="DIR",
+    add("--admin-token-dir", type=Path, default=str(_default_token_dir()), metavar="DIR",
         help="where a host without --admin-token-file writes its generated token, as "
              "DIR/admin-PORT.token (PORT: the --http port; mode 0600, removed at stop), for "
-             "balloonctl to find by itself. DIR must be writable by the host's user only. "
-             f"Default: the default socket's directory ({os.path.dirname(ROOT_SOCKET_PATH)} as root, "
-             "else $XDG_RUNTIME_DIR/balloon or /tmp/balloon-UID)")
+             "balloonctl to find by itself. DIR must be writable by the host's user only. It defaults "
+             f"to the default socket's directory: {os.path.dirname(ROOT_SOCKET_PATH)} as root, else "
+             "$XDG_RUNTIME_DIR/balloon or /tmp/balloon-UID")
     add("--ram-dir", type=Path, default=None, metavar="DIR",
         help="directory (a tmpfs such as /dev/shm/balloon) for shared guest RAM files DIR/<guest>.ram; "
              "guests offering the shared-ram feature get one, and reported/inflated ranges are "
