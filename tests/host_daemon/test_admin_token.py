@@ -79,14 +79,14 @@ async def test_balloonctl_finds_the_token_of_a_host_with_default_settings(make_h
     path = admin_token_path(host.http_address[1])
     assert path.exists()
     guest = await RawGuest.connect(host.unix)
-    assert (await guest.hello("g1", 4096))[0] == WELCOME
+    assert (await guest.hello("g1", 16384))[0] == WELCOME
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALLOON_CTL_")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "host_daemon.ctl", "--host", host.url, "setmem", "g1", "12MiB",
+        sys.executable, "-m", "host_daemon.ctl", "--host", host.url, "setmem", "g1", "48MiB",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()
-    assert await guest.recv() == [TARGET, 1024]  # 16 MiB - 12 MiB kept = a 4 MiB balloon
+    assert await guest.recv() == [TARGET, 4096]  # 64 MiB - 48 MiB kept = a 16 MiB balloon
     await guest.close()
     await host.stop()
     assert not path.exists()
