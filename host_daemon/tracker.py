@@ -249,7 +249,12 @@ def _total(counts: np.ndarray) -> int:
 
 
 class PageSetView:
-    """One set of a tracker, read side: page count, maximal runs, the span it wrote."""
+    """One set of a tracker, read side: page count, maximal runs, the span it wrote.
+
+    Made on demand by the tracker's properties, never stored on it: a stored view would
+    make every tracker a reference cycle, and a forgotten guest's bitmaps would then wait
+    for the cyclic collector's oldest generation instead of going back when dropped.
+    """
 
     __slots__ = ("owner", "row")
 
@@ -298,12 +303,21 @@ class GuestTracker:
         self._bits, self._sets = pageset.new_sets(self._pages)
         self._result = np.zeros(RESULT_SIZE, dtype=U64)
         self._accepted = np.empty(64, dtype=np.intp)  # scratch of apply_batch, grown on demand
-        self.reported = PageSetView(self, REPORTED)
-        self.inflated = PageSetView(self, INFLATED)
-        self.hinted = PageSetView(self, HINTED)
         self.hint_command: int | None = None
 
     # --- views ------------------------------------------------------------------------
+
+    @property
+    def reported(self) -> PageSetView:
+        return PageSetView(self, REPORTED)
+
+    @property
+    def inflated(self) -> PageSetView:
+        return PageSetView(self, INFLATED)
+
+    @property
+    def hinted(self) -> PageSetView:
+        return PageSetView(self, HINTED)
 
     @property
     def pages(self) -> int:
