@@ -185,9 +185,10 @@ class GuestProtocol(asyncio.Protocol):
 
     def _resume(self, future) -> None:
         session = self.session
-        if session.ended:
-            return
         ok = True if future is None else future.result()
+        if session.ended:  # the connection went away meanwhile: only now is the guest id free
+            session.resume(self._loop.time(), failed=not ok)
+            return
         self.flow.release(DISCARD)
         self._handle(session.resume(self._loop.time(), failed=not ok))
         self._arm()

@@ -14,8 +14,12 @@ pool; this class owns everything the protocol decides, so it is tested without s
 - ``next_deadline()`` / ``on_timer(now)``: the handshake timeout, the keepalive PING after
   a third of the idle timeout, and the idle timeout. Silence is measured in whole
   messages: bytes of a message that never completes do not keep a session alive.
-- The session ends exactly once (``_end``): its admission is released at that moment,
-  before the close is even written, so a HELLO sent right after finds the id free.
+- The session ends exactly once (``_end``). Every batch it applied is acked first: the
+  ACKs of batches read before a BYE or ERROR from the guest go out ahead of the close
+  (docs/PROTOCOL.md §7.1). Its admission is released at that moment — unless a batch is
+  still being applied (a discard in the worker pool, a debug delay) because the connection
+  broke under it: then the id stays taken until that apply is done (``resume``), so a new
+  session's WELCOME means the old session's punches have landed.
 
 A malformed message anywhere in a chunk ends the session before anything of that chunk
 is applied: the chunk is parsed whole first, so the window slots of every batch read are
@@ -68,13 +72,16 @@ class Discard:
     pfns: object
     counts: object
     pages: int
+    delay: float = 0.0  # --debug-apply-delay: a slow punch, spent in the worker pool
 
     @property
     def offload(self) -> bool:
-        """Large enough to run in the worker pool (reading pauses meanwhile)."""
-        return self.pages >= OFFLOAD_PAGES
+        """Large (or slow) enough to run in the worker pool (reading pauses meanwhile)."""
+        return self.pages >= OFFLOAD_PAGES or self.delay > 0
 
     def run(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)  # a worker thread, never the event loop
         self.ram.discard(self.pfns, self.counts)
 
 
@@ -112,6 +119,7 @@ class GuestSession:
         self._events: list = []
         self._at = 0
         self._pending = None  # (kind, batch, result, start) while a discard or delay runs
+        self._held_admission: Admission | None = None  # released once the pending apply is done
         self._eof = False
         self._stopping = False
 
@@ -170,37 +178,33 @@ class GuestSession:
         return self._run()
 
     def resume(self, now: float, failed: bool = False) -> Output:
-        """The discard (or the debug delay) that the last Output asked for is done."""
+        """The discard (or the debug delay) that the last Output asked for is done.
+
+        Called also when the connection went away meanwhile: the batch was applied (a punch
+        cannot be taken back), so it is counted, and only now is the guest id released."""
         self._now = now
         kind, batch, result, start = self._pending
         self._pending = None
         if self.result is not None:
+            if not failed and self.record is not None:
+                self._ack(kind, batch, result, start)  # applied; its ACK has no connection to go to
+            self._release()
             return Output()
         if failed:
             return self._fail([], RemoteProtocolError("internal", "the host could not discard pages"))
-        if result is None:  # a debug delay before applying this batch
-            return self._run(apply_first=(kind, batch))
         return self._run(finished=self._ack(kind, batch, result, start))
 
-    def _run(self, apply_first=None, finished: Ack | None = None) -> Output:
+    def _run(self, finished: Ack | None = None) -> Output:
         """Handle the parsed events from ``_at`` on; stops early for a discard or a delay."""
         out: list[bytes] = []  # control replies, in order with the ACKs
         acks: list[Ack] = [] if finished is None else [finished]
         events = self._events
-        delay = self.settings.debug_apply_delay
         try:
-            if apply_first is not None:
-                stop = self._batch(*apply_first, acks)
-                if stop is not None:
-                    return self._flush(out, acks, stop)
             while self._at < len(events):
                 event = events[self._at]
                 self._at += 1
                 kind = getattr(event, "KIND", None)  # batches name their kind
                 if kind is not None:
-                    if delay:  # a slow host: wait, apply, and let this ACK leave at once
-                        self._pending = (kind, event, None, 0.0)
-                        return self._flush(out, acks, Output(delay=delay))
                     stop = self._batch(kind, event, acks)
                     if stop is not None:
                         return self._flush(out, acks, stop)
@@ -230,8 +234,10 @@ class GuestSession:
         return output
 
     def _pack(self, out: list[bytes], acks: list[Ack]) -> bytes:
-        if self.conn.state is State.CLOSED:  # the chunk ended with the guest's BYE or ERROR:
-            return b""  # nothing more may be sent on this connection
+        if self.conn.state is State.CLOSED and self.conn.goodbye != "received":
+            return b""  # the connection is dead or over: nothing more may be sent
+        # After the guest's BYE or ERROR only the ACKs it is owed go out (``out`` is empty:
+        # ``_control`` answers nothing once the chunk's ending has been parsed).
         if acks:
             send = self.conn.send
             out.extend([send(ack) for ack in acks])
@@ -248,10 +254,14 @@ class GuestSession:
         result = record.tracker.apply(kind, batch.pfns, batch.counts,
                                       batch.cmd_id if kind == HINT else None)
         discard = result.discard
+        delay = self.settings.debug_apply_delay
         if record.ram is not None and discard[0].size:
             pages = int(discard[1].sum())
             self._pending = (kind, batch, result, start)
-            return Output(discard=Discard(record.ram, discard[0], discard[1], pages))
+            return Output(discard=Discard(record.ram, discard[0], discard[1], pages, delay))
+        if delay:  # a slow host (testing): this ACK leaves ``delay`` later
+            self._pending = (kind, batch, result, start)
+            return Output(delay=delay)
         acks.append(self._ack(kind, batch, result, start))
         return None
 
@@ -375,11 +385,12 @@ class GuestSession:
         return self._fail([], error)
 
     def connection_lost(self, error: BaseException | None, now: float) -> None:
-        """The transport is gone; if the session had not ended yet, it ends now."""
+        """The transport is gone; if the session had not ended yet, it ends now. A batch
+        being applied keeps the guest id until ``resume`` (its punch is still running)."""
         self._now = now
-        self._pending = None
         if self.result is None:
-            self._end("reset" if error is not None else "closed", "reset" if error is not None else "closed")
+            result = "reset" if error is not None else "closed"
+            self._end(result, result)
 
     def _fail(self, head: list[bytes] | bytes, error: ProtocolError, result: str | None = None) -> Output:
         """ERROR ``error.code`` after ``head`` (what was acked before it), then close."""
@@ -401,19 +412,25 @@ class GuestSession:
         return Output(data=data, close=True)
 
     def _end(self, result: str, reason: str) -> None:
-        """The one place a session ends: count it, log it, release the guest id now."""
+        """The one place a session ends: count it, log it, and release the guest id — now,
+        or once the batch being applied is done (``resume``)."""
         if self.result is not None:
             return
         self.result = result
         self.reason = reason
-        self._pending = None
         self._events = []
         stats = self.stats.sessions
         stats[result] = stats.get(result, 0) + 1
-        admission = self.admission
-        if admission is not None:
-            self.admission = None
-            self.admitter.release(admission, self.owner, result)
+        self._held_admission, self.admission = self.admission, None
+        if self._pending is None:
+            self._release()
         log.info("session end", extra={
             "guest": self.guest, "address": self.peer.address,
             "duration_s": round(self._now - self.started, 3), "reason": reason})
+
+    def _release(self) -> None:
+        admission = self._held_admission
+        if admission is not None:
+            self._held_admission = None
+            self.admitter.release(admission, self.owner, self.result)
+        self.owner = None  # the shell and the session no longer refer to each other

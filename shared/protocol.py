@@ -218,6 +218,12 @@ RECEIVE_RULES = _rules("receive", {
 
 #: What a dead connection may still send: the ERROR that reports why it died.
 _LAST_WORDS = Move(State.CLOSED, Error, _emit)
+#: The ACKs a host still owes after the guest's BYE or ERROR closed the session: every batch
+#: the host applied is acked (docs/PROTOCOL.md §7.1), so a batch read in the same chunk as
+#: the BYE is acked after it; the window still holds its seq, so nothing else can follow.
+_OWED_ACK = Move(State.CLOSED, Ack, _host_sends_ack)
+#: ... and a guest that said BYE or ERROR accepts them (and only them).
+_LATE_ACK = Move(State.CLOSED, Ack, _guest_receives_ack)
 
 
 def negotiate_features(offered, supported) -> tuple[str, ...]:
@@ -258,6 +264,7 @@ class Connection:
         self._pending_error: RemoteProtocolError | None = None
         self._dead: RemoteProtocolError | None = None
         self._eof = False
+        self._goodbye = ""  # "sent" / "received": who ended the session with BYE or ERROR
         self._packer = msgpack.Packer(use_bin_type=True)
         self.state = State.IDLE
         self.features: tuple[str, ...] = ()
@@ -278,6 +285,11 @@ class Connection:
         self._state = state
         self._receive_moves = RECEIVE_RULES[(self.role, state)]
         self._send_moves = SEND_RULES[(self.role, state)]
+
+    @property
+    def goodbye(self) -> str:
+        """Who ended the session with BYE or ERROR: "sent", "received", or "" (not ended so)."""
+        return self._goodbye
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -342,7 +354,10 @@ class Connection:
             return NEED_DATA
         obj = self._objects.popleft()
         try:
-            move = self._receive_moves.get(message_type(obj))
+            kind = message_type(obj)
+            move = self._receive_moves.get(kind)
+            if move is None and kind == M.ACK and self._goodbye == "sent" and self.role is Role.GUEST:
+                move = _LATE_ACK
             if move is None:
                 raise RemoteProtocolError(
                     "bad-state", f"a {self.role.value} in state {self.state.value} cannot receive "
@@ -353,6 +368,8 @@ class Connection:
             message = move.handle(self, obj)
         except ProtocolError as error:
             self._die(as_remote(error))
+        if move.after is State.CLOSED and not self._goodbye:
+            self._goodbye = "received"
         self.state = move.after
         self.messages_received += 1
         return message
@@ -385,6 +402,8 @@ class Connection:
             move = _LAST_WORDS
         else:
             move = self._send_moves.get(message.WIRE_TYPE)
+            if move is None and type(message) is Ack and self._goodbye == "received" and self.role is Role.HOST:
+                move = _OWED_ACK
             if move is None:
                 raise LocalProtocolError(
                     "bad-state", f"a {self.role.value} in state {self.state.value} cannot send {message.TYPE.name}")
@@ -392,6 +411,8 @@ class Connection:
                 raise LocalProtocolError(
                     "feature-not-negotiated", f"{message.TYPE.name} needs the {move.feature!r} feature")
         data = self._packer.pack(move.handle(self, message))
+        if move.after is State.CLOSED and not self._goodbye:
+            self._goodbye = "sent"
         self.state = move.after
         self.bytes_sent += len(data)
         return data

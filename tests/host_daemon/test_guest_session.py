@@ -211,9 +211,72 @@ async def test_hello_and_bye_in_one_chunk_end_quietly():
     assert host.stats.sessions["internal"] == 0 and host.registry.get("g1") is None
 
 
-async def test_batches_then_bye_in_one_chunk_are_applied():
+async def test_batches_then_bye_in_one_chunk_are_applied_and_acked_before_the_close():
+    """A reproduced case: REPORT seq 1 [(1, 1)] then BYE "now" in one read. Applied means acked."""
     host = Host()
     session = welcomed(host)
-    out = session.receive(batch(REPORT, 0, [(0, 8)]) + msgpack.packb([BYE, ""]), 1.0)
-    assert out.close and out.data == b"" and session.result == "bye"
-    assert host.registry.get("g1").batches["report"] == 1
+    record = host.registry.get("g1")
+    assert decode(session.receive(batch(REPORT, 0, [(64, 8)]), 1.0).data) == [[ACK, 0, 0]]
+    record.ram = FakeRam()
+    out = session.receive(bytes.fromhex("930301c40801100000000000009211a36e6f77"), 1.0)
+    assert out.discard is not None and out.data == b"" and not out.close  # the punch first
+    out.discard.run()
+    out = session.resume(1.0)
+    assert decode(out.data) == [[ACK, 1, 0]] and out.close and session.result == "bye"
+    assert record.batches["report"] == 2 and record.tracker.reported_pages == 9
+    assert record.ram.discarded == [([1], [1])]
+
+
+async def test_batches_then_a_guest_error_in_one_chunk_are_acked_before_the_close():
+    host = Host()
+    session = welcomed(host)
+    chunk = batch(REPORT, 0, [(0, 8)]) + batch(INFLATE, 1, [(64, 8)]) + msgpack.packb([ERROR, "internal", "oops"])
+    out = session.receive(chunk, 1.0)
+    assert decode(out.data) == [[ACK, 0, 0], [ACK, 1, 0]]
+    assert out.close and session.result == "guest-error"
+    assert host.registry.get("g1").batches["report"] == host.registry.get("g1").batches["inflate"] == 1
+
+
+async def test_a_bye_read_while_a_discard_runs_waits_for_its_ack():
+    host = Host()
+    session = welcomed(host)
+    host.registry.get("g1").ram = FakeRam()
+    out = session.receive(batch(REPORT, 0, [(0, 8)]) + batch(REPORT, 1, [(64, 8)]) + msgpack.packb([BYE, ""]), 1.0)
+    assert out.discard is not None and out.data == b""
+    out.discard.run()
+    out = session.resume(1.0)
+    assert decode(out.data) == [[ACK, 0, 0]] and out.discard is not None and not out.close
+    out.discard.run()
+    out = session.resume(1.0)
+    assert decode(out.data) == [[ACK, 1, 0]] and out.close and session.result == "bye"
+
+
+async def test_the_guest_id_stays_taken_until_a_discard_cut_off_by_a_reset_is_done():
+    """The connection breaks while a punch runs: the session is over, but a new HELLO for
+    the id is guest-busy until the punch is done — a new WELCOME means the old work is over."""
+    host = Host()
+    session = welcomed(host)
+    record = host.registry.get("g1")
+    record.ram = FakeRam()
+    out = session.receive(batch(REPORT, 0, [(0, 2048)]), 1.0)
+    assert out.discard is not None and out.discard.offload
+    session.connection_lost(ConnectionResetError(), 1.1)
+    assert session.result == "reset" and record.session is session
+    early = host.session(1.2).receive(hello("g1"), 1.2)
+    assert decode(early.data)[0][:2] == [ERROR, "guest-busy"]
+    out.discard.run()
+    assert session.resume(1.3).data == b""
+    assert record.session is None and record.batches["report"] == 1  # applied, counted
+    late = host.session(1.4).receive(hello("g1"), 1.4)
+    assert decode(late.data)[0][0] == WELCOME
+
+
+async def test_a_debug_delay_cut_off_by_a_reset_also_holds_the_id():
+    host = Host(debug_apply_delay=0.5)
+    session = welcomed(host)
+    out = session.receive(batch(REPORT, 0, [(0, 8)]), 1.0)
+    assert out.delay == 0.5 and out.data == b""
+    session.connection_lost(None, 1.1)
+    assert host.registry.get("g1").session is session
+    session.resume(1.5)
+    assert host.registry.get("g1").session is None
