@@ -16,6 +16,7 @@ help:
 	@echo "make rules       deploy/'s alert rules with your runbook base: RUNBOOK_BASE=https://... (to build/prometheus)"
 	@echo "make chaos       long crash test: host and guests killed at random, no page may be lost"
 	@echo "make attacks-long the attack suite (tests/attacks) with 5 minutes of fuzzing (ATTACK_FUZZ_SECONDS=N)"
+	@echo "                 and 100 rounds of guests coming and going for the host's memory (ATTACK_MEMORY_ROUNDS=N)"
 	@echo "make lint        ruff"
 	@echo "make deploy-test slower checks of deploy/ (real Prometheus, schemas)"
 	@echo "make container-test build and run the image with podman"
@@ -88,9 +89,11 @@ stack: $(STAMP)
 	@$(MAKE) -s system-deps SYSTEM_DEPS=prometheus:prometheus
 	$(BIN)/python deploy/stack.py
 
-# tests/attacks with 5 minutes of structured fuzzing (make test runs it with 12 s). See docs/OPERATIONS.md.
+# tests/attacks with 5 minutes of structured fuzzing (make test runs it with 12 s) and 100 rounds of
+# 60 guests at the open-mode cap coming and going (make test: 3). See docs/OPERATIONS.md.
 attacks-long: $(STAMP)
-	BALLOON_ATTACK_FUZZ_SECONDS=$${ATTACK_FUZZ_SECONDS:-300} $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/attacks $(PYTEST_ARGS)
+	BALLOON_ATTACK_FUZZ_SECONDS=$${ATTACK_FUZZ_SECONDS:-300} BALLOON_ATTACK_MEMORY_ROUNDS=$${ATTACK_MEMORY_ROUNDS:-100} \
+	  $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/attacks $(PYTEST_ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos --crashes $${CHAOS_CRASHES:-20}

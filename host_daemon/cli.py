@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     from . import loops
+    from .malloc import pin_mmap_threshold
+
+    pin_mmap_threshold()  # a forgotten guest's memory goes back at once (host_daemon/malloc.py)
 
     name = loops.loop_name(settings.listen)
     log.info("starting", extra={"loop": name})

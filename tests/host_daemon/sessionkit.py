@@ -74,3 +74,6 @@ class FakeRam:
 
     def close(self) -> None:
         pass
+
+    def remove(self) -> None:
+        pass
