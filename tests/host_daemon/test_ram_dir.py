@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hostkit import ACK, INFLATE, WELCOME, RawGuest, eventually, sample, scrape
+from hostkit import ACK, ERROR, INFLATE, REPORT, WELCOME, RawGuest, eventually, sample, scrape
 
 PAGES = 8192  # 32 MiB
 
@@ -147,3 +147,64 @@ async def test_failed_discard_is_an_internal_error_after_acking_what_was_applied
     assert seen[0] == [ACK, 0, 0]
     assert seen[-1][:2] == [ERROR, "internal"]
     await eventually(lambda: host.stats.protocol_errors["internal"] == 1)
+
+
+async def test_report_and_bye_in_one_write_are_punched_and_acked(make_host, ram_dir):
+    """Issue 17 item 3: the host applied the REPORT and sent no ACK. Applied means acked."""
+    from pathlib import Path
+
+    host = await make_host(ram_dir=Path(ram_dir))
+    guest = await RawGuest.connect(host.unix)
+    welcome = await guest.hello("vm1", 1024, features=["ranges52", "shared-ram"])
+    _fill(welcome[1]["ram_file"], 1024)
+    before = os.stat(welcome[1]["ram_file"]).st_blocks
+    await guest.send_raw(bytes.fromhex("930300c408011000000000000092 11a36e6f77".replace(" ", "")))
+    assert await guest.recv() == [ACK, 0, 0]  # REPORT seq 0 [(1, 1)], then BYE "now"
+    assert await guest.recv() is None
+    assert (before - os.stat(welcome[1]["ram_file"]).st_blocks) * 512 == 4096
+    record = host.registry.get("vm1")
+    assert record.batches["report"] == 1 and record.tracker.reported_pages == 1
+
+
+async def test_a_reconnect_waits_for_the_punch_of_a_batch_cut_off(make_host, ram_dir):
+    """A slow punch (--debug-apply-delay runs in the worker pool before it), the connection
+    killed under it, a reconnect at once: HELLO is refused guest-busy until the punch has
+    landed, so the WELCOME the guest finally gets means the old session's work is over and
+    the REPORT's pages, unacked, can go back to its free lists (docs/PROTOCOL.md §7.1)."""
+    import asyncio
+    import time
+    from pathlib import Path
+
+    host = await make_host(ram_dir=Path(ram_dir), debug_apply_delay=1.0)
+    guest = await RawGuest.connect(host.unix)
+    welcome = await guest.hello("vm1", 1024, features=["ranges52", "shared-ram"])
+    ram_file = welcome[1]["ram_file"]
+    _fill(ram_file, 1024)
+    before = os.stat(ram_file).st_blocks
+    await guest.batch(REPORT, [(0, 256)])
+    await eventually(lambda: host.registry.get("vm1").session.session.busy)  # the punch is running
+    session = host.registry.get("vm1").session.session
+    guest.writer.transport.abort()  # the guest's agent dies mid-batch
+    await eventually(lambda: guest.writer.get_extra_info("socket").fileno() == -1)
+    # Reading is paused while the punch runs, so the host learns of it when it next writes:
+    # a TARGET (the admin API, a policy tick) hits the closed socket and the session ends.
+    host.set_target("vm1", 8)
+    await eventually(lambda: session.ended)
+    refusals = 0
+    deadline = time.monotonic() + 10
+    while True:
+        again = await RawGuest.connect(host.unix)
+        reply = await again.hello("vm1", 1024, features=["ranges52", "shared-ram"])
+        if reply[0] == WELCOME:
+            break
+        assert reply[:2] == [ERROR, "guest-busy"], reply
+        if not refusals:  # refused while the punch is still to come
+            assert os.stat(ram_file).st_blocks == before
+        refusals += 1
+        await again.close()
+        assert time.monotonic() < deadline, "the guest id was never released"
+        await asyncio.sleep(0.02)
+    assert refusals > 0
+    assert (before - os.stat(ram_file).st_blocks) * 512 == 256 * 4096  # the punch came first
+    assert host.stats.sessions["reset"] + host.stats.sessions["closed"] == 1
+    await again.close()
