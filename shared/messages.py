@@ -99,6 +99,33 @@ def _map(value: Any, what: str) -> dict:
     return value
 
 
+def _version(value: Any, speaker: str) -> int:
+    version = _uint(value, "version")
+    if version != v.PROTOCOL_VERSION:
+        raise RemoteProtocolError("bad-version", f"{speaker} version {v.PROTOCOL_VERSION}, not {version}")
+    return version
+
+
+class OddMap(tuple):
+    """A msgpack map with a key that is not a str, as the decoder hands it over: its pairs.
+
+    Such a key can be an array or a map, which no dict can hold; building one raised
+    TypeError inside the decoder (``bad-msgpack``) although the message is well-formed
+    msgpack with a field of the wrong type (``bad-shape``, docs/PROTOCOL.md §2). Where a map
+    is a message body, ``_map`` refuses it; as the value of an unknown key it is ignored.
+    """
+
+    __slots__ = ()
+
+
+def map_from_pairs(pairs: list) -> dict | OddMap:
+    """The decoder's ``object_pairs_hook``: a dict when every key is a str, else an OddMap."""
+    for key, _value in pairs:
+        if type(key) is not str:
+            return OddMap(pairs)
+    return dict(pairs)
+
+
 def _require(fields: dict, key: str, what: str) -> Any:
     if key not in fields:
         raise _bad(f"{what} lacks required key {key!r}")
@@ -154,13 +181,26 @@ class Hello(Message):
 
     @classmethod
     def parse(cls, fields: list) -> Hello:
+        """Each field checked whole — its type, then its own code — in the table's order
+        (docs/PROTOCOL.md §5.1 step 6): a HELLO of version 2 is ``bad-version`` whatever
+        follows it."""
         body = _map(fields[1], "HELLO body")
+        version = _version(_require(body, "version", "HELLO"), "this host speaks")
+        guest = _text(_require(body, "guest", "HELLO"), "guest", MAX_NAME_LEN)
+        if not valid_guest_id(guest):
+            raise RemoteProtocolError("bad-guest-id", f"{describe(guest)} is not a valid guest id")
+        page_size = _uint(_require(body, "page_size", "HELLO"), "page_size")
+        if page_size != v.PAGE_SIZE:
+            raise RemoteProtocolError("bad-page-size", f"page size must be {v.PAGE_SIZE}, not {page_size}")
+        pages = _uint(_require(body, "pages", "HELLO"), "pages", v.MAX_GUEST_PAGES)
+        if pages < 1:
+            raise _bad("a guest has at least one page")
         token = body.get("token")
         return cls(
-            version=_uint(_require(body, "version", "HELLO"), "version"),
-            guest=_text(_require(body, "guest", "HELLO"), "guest", MAX_NAME_LEN),
-            page_size=_uint(_require(body, "page_size", "HELLO"), "page_size"),
-            pages=_uint(_require(body, "pages", "HELLO"), "pages", v.MAX_GUEST_PAGES),
+            version=version,
+            guest=guest,
+            page_size=page_size,
+            pages=pages,
             features=_features(_require(body, "features", "HELLO")),
             token=None if token is None else _text(token, "token", v.MAX_TOKEN_LEN),
         )
@@ -200,6 +240,7 @@ class Welcome(Message):
     @classmethod
     def parse(cls, fields: list) -> Welcome:
         body = _map(fields[1], "WELCOME body")
+        version = _version(_require(body, "version", "WELCOME"), "the host speaks")
         window = _uint(_require(body, "window", "WELCOME"), "window", v.MAX_WINDOW)
         max_ranges = _uint(_require(body, "max_ranges", "WELCOME"), "max_ranges", v.MAX_RANGES_LIMIT)
         if window < 1 or max_ranges < 1:
@@ -208,7 +249,7 @@ class Welcome(Message):
         ram_file = body.get("ram_file")
         pages = body.get("pages")
         return cls(
-            version=_uint(_require(body, "version", "WELCOME"), "version"),
+            version=version,
             window=window,
             max_ranges=max_ranges,
             features=_features(_require(body, "features", "WELCOME")),

@@ -453,9 +453,51 @@ def test_stream_of_small_messages_larger_than_the_limit_in_one_read():
     assert [e.seq for e in host.events()] == list(range(600))
 
 
-@pytest.mark.parametrize("garbage", [b"\xc1", b"\x93\xc1\x00\x00", b"\x91\x81\x92\x01\x02\x01"])
+@pytest.mark.parametrize("garbage", [b"\xc1", b"\x93\xc1\x00\x00"])
 def test_garbage_is_bad_msgpack(garbage):
     assert remote_error(HostConnection(), garbage).code == "bad-msgpack"
+
+
+def _hello_with_key(key_bytes: bytes, value_bytes: bytes = b"\x01") -> bytes:
+    """A valid HELLO body plus one entry whose key is raw msgpack (an array or a map)."""
+    body = msgpack.packb(HELLO)
+    assert 0x80 <= body[0] < 0x8F
+    return bytes([0x92, 0x01, body[0] + 1]) + body[1:] + key_bytes + value_bytes
+
+
+@pytest.mark.parametrize("key", [b"\x92\x01\x02", b"\x90", b"\x81\xa1a\x01", b"\x01"], ids=["array", "empty-array", "map", "int"])
+def test_a_hello_key_that_is_not_a_string_is_bad_shape(key):
+    """§2: maps have str keys only; a key no dict can hold used to crash the decoder (bad-msgpack)."""
+    error = remote_error(HostConnection(), _hello_with_key(key))
+    assert error.code == "bad-shape" and "string keys" in error.detail
+
+
+def test_a_map_with_an_int_key_as_an_unknown_keys_value_is_ignored():
+    """An unknown key's value is not otherwise checked (§2.1), whatever keys it holds (an
+    array key there would sit at level 4: too deep, §2.1)."""
+    host = HostConnection()
+    host.receive_data(_hello_with_key(b"\xa5extra", b"\x81\x01\x03"))
+    assert isinstance(host.next_event(), Hello)
+
+
+@pytest.mark.parametrize("field,value", [("features", [0]), ("pages", 0), ("page_size", 512), ("guest", "../x")])
+def test_the_version_is_checked_before_the_fields_after_it(field, value):
+    """§5.1 step 6: fields in order, each with its own code — version first."""
+    assert remote_error(HostConnection(), raw(1, {**HELLO, "version": 2, field: value})).code == "bad-version"
+    welcome = {"version": 2, "window": 0, "max_ranges": 1, "features": []}
+    guest = GuestConnection("g1", 10)
+    guest.hello()
+    assert remote_error(guest, raw(2, welcome)).code == "bad-version"
+
+
+def test_fields_are_checked_in_the_tables_order():
+    host_codes = [
+        ({"guest": "../x", "page_size": 512}, "bad-guest-id"),
+        ({"page_size": 512, "pages": 0}, "bad-page-size"),
+        ({"pages": 0, "features": [0]}, "bad-shape"),
+    ]
+    for fields, code in host_codes:
+        assert remote_error(HostConnection(), raw(1, {**HELLO, **fields})).code == code
 
 
 def test_not_an_array_is_bad_shape():
