@@ -660,3 +660,47 @@ def test_message_over_the_limit_split_across_reads_is_too_large():
     with pytest.raises(RemoteProtocolError) as caught:
         host.next_event()
     assert caught.value.code == "too-large"
+
+
+def test_objects_count_as_they_arrive_not_as_a_header_announces_them():
+    """§2.1: [13, [...]] announcing 1,000 pairs passes its header and is refused at object 513."""
+    host = ready_host_stats()
+    data = b"\x92\x0d\xdc" + (1000).to_bytes(2, "big")  # 3 objects so far
+    host.receive_data(data)
+    assert host.next_event() is NEED_DATA
+    objects = 3
+    pair = b"\x92\x01\x02"
+    while objects + 3 <= 512:
+        host.receive_data(pair)
+        objects += 3
+        assert host.next_event() is NEED_DATA
+    assert objects == 510
+    host.receive_data(pair[:2])  # objects 511 and 512: still fine
+    assert host.next_event() is NEED_DATA
+    host.receive_data(pair[2:])  # the 513th
+    with pytest.raises(RemoteProtocolError) as caught:
+        host.next_event()
+    assert caught.value.code == "too-large" and "512" in caught.value.detail
+
+
+def test_resync_filler_completes_a_half_batch_which_is_handled_then_bad_msgpack():
+    """§1.1 step 3: 0xC1 inside a half-written bin body is body bytes; the batch it completes
+    is acted on (every range out-of-range), and the next 0xC1 is bad-msgpack."""
+    host = ready_host_stats()
+    report = raw(3, 0, encode_ranges([5], [1]))
+    host.receive_data(report[:-4])  # the guest died inside the payload
+    assert host.next_event() is NEED_DATA
+    host.receive_data(b"\xc1" * 8)
+    batch = host.next_event()
+    assert isinstance(batch, Report) and batch.pfns.tolist()[0] > 1 << 40  # far beyond the guest
+    with pytest.raises(RemoteProtocolError) as caught:
+        host.next_event()
+    assert caught.value.code == "bad-msgpack"
+
+
+def ready_host_stats() -> HostConnection:
+    host = HostConnection()
+    host.receive_data(raw(1, HELLO))
+    assert isinstance(host.next_event(), Hello)
+    host.send(Welcome(window=4, max_ranges=64, features=("ranges52", "stats")))
+    return host
