@@ -174,16 +174,19 @@ class PolicyDriver:
         info = GaugeMetricFamily("balloon_policy_info", "The policy in force (value 1).", labels=["policy", "source"])
         info.add_metric([self.config.policy, self.source.kind], 1)
         yield info
+        known = self.host.registry.guests  # a guest forgotten since the last tick has no series
         target = GaugeMetricFamily("balloon_policy_target_bytes",
                                    "Balloon size the policy decided at its last tick.", labels=["guest"])
         for decision in engine.last_decisions.values():
-            target.add_metric([decision.guest], decision.target_bytes)
+            if decision.guest in known:
+                target.add_metric([decision.guest], decision.target_bytes)
         yield target
         decisions = CounterMetricFamily("balloon_policy_decisions_total",
                                         "Policy decisions, one per guest per tick.",
                                         labels=["guest", "direction", "reason"])
         for (guest, direction, reason), count in self.decisions_total.items():
-            decisions.add_metric([guest, direction, reason], count)
+            if guest in known:
+                decisions.add_metric([guest, direction, reason], count)
         yield decisions
         errors = CounterMetricFamily("balloon_policy_errors_total", "Policy ticks that failed or were skipped.")
         errors.add_metric([], self.errors)

@@ -95,3 +95,29 @@ async def test_the_inventory_limits_reach_the_policy(make_host, caplog):
     first = lines[0]
     assert (first.guest, first.reason, first.rule, first.direction) == ("vm1", "disconnected", "rail:freeze", "hold")
     assert first.in_memory_bytes == 1 << 30 and first.policy == "mom"
+
+
+async def test_a_forgotten_guest_has_no_series_even_before_the_next_tick(make_host):
+    """docs/API.md: a forgotten guest leaves no stale series — the policy's included, at once.
+    Also counts a guest's series, as docs/API.md lists them."""
+    from hostkit import BYE, WELCOME, RawGuest, eventually, scrape
+
+    host = await make_host(policy="balance", guest_memory_budget=64 << 20, retention=30.0, forget_after=30.0)
+    guest = await RawGuest.connect(host.unix)
+    assert (await guest.hello("gone", 4096, features=["ranges52", "stats"]))[0] == WELCOME
+    await guest.send([13, [[4, 1 << 20], [5, 16 << 20], [6, 8 << 20]]])  # MEMFREE, MEMTOT, AVAIL
+    await guest.report([(0, 16)])
+    await host.policy.tick()
+    text = await scrape(host.url)
+    series = [line for line in text.splitlines() if 'guest="gone"' in line and not line.startswith("#")]
+    names = {line.split("{")[0] for line in series}
+    assert {"balloon_policy_target_bytes", "balloon_policy_decisions_total"} <= names
+    # docs/API.md "Host metrics": 32 series every known guest has, 4 from its STATS (three
+    # tags and their age), 2 from the policy (its target and the one decision it made)
+    assert len(series) == 32 + 4 + 2, sorted(series)
+    await guest.send([BYE, ""])
+    await guest.closed()
+    await eventually(lambda: host.registry.get("gone").session is None)
+    host.registry.forget("gone")
+    text = await scrape(host.url)
+    assert 'guest="gone"' not in text
