@@ -25,9 +25,9 @@ AT_ONCE = 60  # the issue's reproduction: 60 at once, under --max-guests 64
 CAP = 16 << 30
 PAGES = CAP // 4096
 MIB = 1 << 20
-#: docs/OPERATIONS.md "Host memory": a connection costs at most 256 KiB plus the unfinished
-#: message it buffers (none here); a tracker row (one bit per page) a guest writes, pages/8 bytes.
-CONNECTION = 256 << 10
+#: docs/OPERATIONS.md "Host memory": a connection costs about 50 KiB plus the unfinished message
+#: it buffers (none here); a tracker row (one bit per page) that a guest writes, pages / 8 bytes.
+CONNECTION = 64 << 10
 ROW = PAGES // 8
 RETURN_SLACK = 4 * MIB
 
