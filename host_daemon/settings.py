@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
              "through no symlink, be a regular file with one link, and belong to the host's user "
              "or the directory's owner; anything else is refused (admin API 400, --guests exit 2)")
     add("--debug-apply-delay", type=_duration, default="0", metavar="DURATION",
-        help="testing only: wait this long before applying each batch, to play a slow host")
+        help="testing only: play a slow host: each batch's ACK leaves this much later; a batch "
+             "that punches the RAM file waits in the worker pool before its punch (a slow fallocate)")
     add("--policy", choices=("manual", "mom", "balance"), default="manual",
         help="automatic balloon sizing: manual (targets only from the admin API), mom (oVirt MOM's "
              "bands) or balance (ChromeOS's balance of guest and host headroom); every policy keeps "
