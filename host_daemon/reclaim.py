@@ -227,8 +227,13 @@ def ram_file_name(guest: str) -> str:
     return guest + SUFFIX
 
 
-def _byte_ranges(pfns, counts, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merged byte (offset, length) ranges, clipped to the file (tracker-validated anyway)."""
+def _byte_ranges(pfns, counts, size: int, layout=None) -> tuple[np.ndarray, np.ndarray]:
+    """Merged byte (offset, length) ranges of the file, clipped to it (tracker-validated anyway).
+
+    ``layout`` (host_daemon/ramlayout.py) maps guest pages to file pages first: a VM's RAM
+    above QEMU's PCI hole is stored below 4 GiB in the file. None or flat: the identity."""
+    if layout is not None and not layout.flat:
+        pfns, counts = layout.translate(np.asarray(pfns, dtype=np.uint64), np.asarray(counts, dtype=np.uint64))
     pfns, counts = sort_and_coalesce(pfns, counts)
     if not pfns.size:
         return pfns, counts
@@ -296,6 +301,8 @@ class RamFile:
         self.ineffective_discards = 0
         self._warned_at = -WARN_EVERY_S
         self.owned = owned
+        #: guest page -> file page map (ramlayout.RamLayout); None: the identity
+        self.layout = None
 
     @property
     def path(self) -> Path:
@@ -372,7 +379,7 @@ class RamFile:
 
     def discard(self, pfns, counts) -> int:
         """Give the pages back to the kernel; returns the bytes it actually freed."""
-        offsets, lengths = _byte_ranges(pfns, counts, self.size)
+        offsets, lengths = _byte_ranges(pfns, counts, self.size, self.layout)
         if not offsets.size:
             return 0
         requested = int(lengths.sum())

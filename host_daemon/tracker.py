@@ -21,6 +21,9 @@ against later ranges:
 ``conflict``
     A REPORT or REUSE range that touches any page in the balloon (inflated): a page the
     guest gave away can be neither free in the guest nor taken back without DEFLATE.
+``not-ram``
+    Inside the guest's span but touching a hole in its RAM map (QEMU's PCI hole below
+    4 GiB, host_daemon/ramlayout.py): those guest-physical pages are no RAM.
 ``stale``
     HINT batches whose cmd_id is not the current hinting command (virtio-balloon: hints
     for an old command id are ignored). The whole batch is skipped and counted.
@@ -73,7 +76,8 @@ from .pageset import (
 
 MAX_PAGES = FLAT_LIMIT
 KINDS = BATCH_KINDS
-REASONS = ("zero-length", "out-of-range", "overlap", "conflict", "stale")
+REASONS = ("zero-length", "out-of-range", "overlap", "conflict", "stale", "not-ram")
+NOT_RAM = "not-ram"
 KIND_CODES = {kind: code for code, kind in enumerate(BATCH_KINDS)}
 _REPORT, _REUSE, _INFLATE = KIND_CODES[REPORT], KIND_CODES[REUSE], KIND_CODES[INFLATE]
 _DEFLATE, _HINT = KIND_CODES[DEFLATE], KIND_CODES[HINT]
@@ -296,10 +300,12 @@ def _as_words(values) -> np.ndarray:
 class GuestTracker:
     """The host's view of one guest's pages in this session (rules: the module docstring)."""
 
-    def __init__(self, pages: int) -> None:
+    def __init__(self, pages: int, holes: tuple[tuple[int, int], ...] = ()) -> None:
         if not 0 < pages <= MAX_PAGES:
             raise ValueError(f"the host tracks guests of 1..{MAX_PAGES} pages, got {pages}")
         self._pages = int(pages)
+        #: page ranges [start, end) inside the span that are not RAM (ramlayout.RamLayout.holes)
+        self.holes = tuple((int(start), int(end)) for start, end in holes)
         self._bits, self._sets = pageset.new_sets(self._pages)
         self._result = np.zeros(RESULT_SIZE, dtype=U64)
         self._accepted = np.empty(64, dtype=np.intp)  # scratch of apply_batch, grown on demand
@@ -349,6 +355,32 @@ class GuestTracker:
 
     # --- commands ---------------------------------------------------------------------
 
+    def _not_ram(self, pfns: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """Which ranges, valid otherwise (non-zero, inside the span), touch a hole; None: none."""
+        limit = U64(self._pages)
+        with np.errstate(over="ignore"):
+            inside = (counts != 0) & (pfns < limit) & (counts - _U1 < limit - pfns)
+            ends = pfns + counts
+        hit = np.zeros(pfns.size, dtype=bool)
+        for start, end in self.holes:
+            hit |= (pfns < U64(end)) & (ends > U64(start))
+        hit &= inside
+        return hit if hit.any() else None
+
+    def _apply_around_holes(self, kind, pfns, counts, hit, cmd_id) -> ApplyResult:
+        """Reject the ranges in a hole (``not-ram``), apply the others: a rejected range
+        changes nothing and counts against no other, so dropping it first is the same pass."""
+        keep = ~hit
+        result = self.apply(kind, pfns[keep], counts[keep], cmd_id) if keep.any() else ApplyResult(kind)
+        pages = _total(counts[hit])
+        ranges = int(hit.sum())
+        rejected = dict(result.rejected)
+        rejected_ranges = dict(result.rejected_ranges)
+        rejected[NOT_RAM] = pages
+        rejected_ranges[NOT_RAM] = ranges
+        return ApplyResult(kind, result.ranges + ranges, result.pages + pages, result.accepted_pages,
+                           result.rejected_pages + pages, rejected, rejected_ranges, result.discard)
+
     def set_hint_command(self, cmd_id: int | None) -> None:
         """Start hinting command ``cmd_id`` (a fresh, empty hinted set), or end it (None).
 
@@ -386,6 +418,10 @@ class GuestTracker:
         if code == _HINT and (cmd_id is None or cmd_id != self.hint_command):
             pages = _total(counts)
             return ApplyResult(kind, n, pages, 0, pages, {"stale": pages}, {"stale": n})
+        if self.holes:
+            hit = self._not_ram(pfns, counts)
+            if hit is not None:
+                return self._apply_around_holes(kind, pfns, counts, hit, cmd_id)
         if not _compiled:
             load_kernels()
         out = np.empty(2 * n, dtype=U64) if code == _REPORT or code == _INFLATE else _EMPTY
