@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from host_daemon.ramlayout import CONTIGUOUS_LIMIT, LayoutError, RamLayout, RamRegion, from_mtree, needs_map
+from host_daemon.ramlayout import (
+    CONTIGUOUS_LIMIT,
+    LayoutError,
+    RamLayout,
+    RamRegion,
+    from_mtree,
+    needs_map,
+)
 
 from .vmm.fakeqemu import GIB, mtree
 
