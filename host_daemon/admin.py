@@ -191,6 +191,7 @@ class AdminApp:
             return _error(409 if isinstance(error, Conflict) else 400, str(error))
         if moved and old.listen is not None:
             await self.host.close_guest_listener(old.listen)
+        self.host.vmms.sync(guest)  # a new or changed qmp: (re)connect the VMM link
         log.info("guest provisioned", extra={"guest": guest, "new": created, "pages": entry.pages})
         return web.json_response(entry.to_json(), status=201 if created else 200)
 
@@ -207,6 +208,7 @@ class AdminApp:
             return _error(409, str(error))
         if entry is not None and entry.listen is not None:
             await self.host.close_guest_listener(entry.listen)
+        self.host.vmms.sync(guest)  # its VMM link goes with it
         log.info("guest deleted", extra={"guest": guest, "provisioned": entry is not None})
         return web.Response(status=204)
 

@@ -32,7 +32,7 @@ from shared.vocabulary import DEFLATE_ON_OOM, HINTING, PAGE_SIZE, PFN32, RANGES5
 log = logging.getLogger("balloon.host.admission")
 
 #: Codes that refuse a well-formed HELLO.
-REFUSALS = frozenset({"auth-failed", "guest-busy", "too-many-guests", "bad-size"})
+REFUSALS = frozenset({"auth-failed", "guest-busy", "too-many-guests", "bad-size", "not-ready"})
 #: Features this host implements; "shared-ram" only where there is a RAM file to give.
 BASE_FEATURES = (RANGES52, PFN32, HINTING, STATS, DEFLATE_ON_OOM)
 
@@ -77,10 +77,18 @@ class Admitter:
 
     def admit(self, hello, peer: Peer, owner: object) -> Admission:
         entry = self.auth.identify(hello.guest, hello.token, peer.transport, peer.guest_id, peer.uid)
+        layout = None
         if entry is not None:
-            if hello.pages > entry.pages:
+            record = self.registry.get(entry.id)
+            layout = record.layout() if record is not None else None
+            if layout is None:  # a VM that may be split around the PCI hole, its VMM not heard yet
                 raise RemoteProtocolError(
-                    "bad-size", f"guest {entry.id!r} has {entry.pages} pages on this host; HELLO claims {hello.pages}")
+                    "not-ready", f"guest {entry.id!r}: the host does not know this VM's RAM layout yet "
+                                 "(its VMM has not answered); retry")
+            if hello.pages > layout.span_pages:
+                raise RemoteProtocolError(
+                    "bad-size", f"guest {entry.id!r} has {layout.span_pages} pages on this host; "
+                                f"HELLO claims {hello.pages}")
             pages = entry.pages
             shared_ram = entry.ram_file is not None
         else:
@@ -92,7 +100,7 @@ class Admitter:
             shared_ram = self.ram_dir_enabled
         supported = BASE_FEATURES + ((SHARED_RAM,) if shared_ram else ())
         features = negotiate_features(hello.features, supported)
-        record = self.registry.claim(hello.guest, pages, owner, peer.address, entry)
+        record = self.registry.claim(hello.guest, pages, owner, peer.address, entry, layout)
         record.features = features
         ram_file = None
         if (entry is not None and entry.ram_file is not None) or SHARED_RAM in features:
@@ -106,7 +114,8 @@ class Admitter:
         elif record.ram is not None:  # this session does not use the shared file
             record.ram.close()
             record.ram = None
-        return Admission(record, pages, features, ram_file)
+        # WELCOME pages: the span the host counts ranges against (RAM plus any hole below its end)
+        return Admission(record, pages if layout is None else layout.span_pages, features, ram_file)
 
     def release(self, admission: Admission, owner: object, result: str = "closed") -> None:
         self.registry.release(admission.record, owner, result)

@@ -257,6 +257,11 @@ class GuestSession:
         delay = self.settings.debug_apply_delay
         if record.ram is not None and discard[0].size:
             pages = int(discard[1].sum())
+            blocked = record.discard_block()
+            if blocked is not None:  # the VMM says punching is unsafe now: ack, punch nothing
+                record.inhibited[blocked] = record.inhibited.get(blocked, 0) + pages * PAGE_SIZE
+                acks.append(self._ack(kind, batch, result, start))
+                return None
             self._pending = (kind, batch, result, start)
             return Output(discard=Discard(record.ram, discard[0], discard[1], pages, delay))
         if delay:  # a slow host (testing): this ACK leaves ``delay`` later

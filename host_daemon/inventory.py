@@ -12,6 +12,13 @@ and its devices::
     uid        = 1001                         # a unix peer with this uid is vm1
     min_memory = "256MiB"                     # host policy: floor ...
     max_memory = "1GiB"                       # ... and ceiling (<= memory)
+    qmp        = "unix:/run/balloon/vm1.qmp"  # the VM's QEMU monitor (-qmp unix:PATH,server=on,wait=off)
+    ram_map    = [{gpa = 0, size = 3221225472, offset = 0}, ...]  # GPA -> file offset, without qmp
+
+``qmp`` lets the host learn the VM's RAM layout and when discards are unsafe, and drive
+QEMU's own balloon for a guest that runs no agent (host_daemon/vmms.py). A VM whose RAM
+file is large enough to be split around QEMU's PCI hole (``memory`` >= 2.75 GiB) needs
+``qmp`` or ``ram_map``: the host never guesses where its pages are in the file.
 
 This module only parses and checks entries and answers look-ups; who may claim which
 entry is ``auth.GuestAuth``, what a session gets is ``admission``. A ``ram_file`` aims the
@@ -33,13 +40,15 @@ from shared.config import format_size, parse_size, read_toml
 from shared.messages import valid_guest_id
 from shared.vocabulary import PAGE_SIZE
 
+from .ramlayout import CONTIGUOUS_LIMIT, LayoutError, RamLayout, needs_map
+
 #: Most entries one host keeps (file and admin API together): each may own a listener.
 MAX_ENTRIES = 4096
 MAX_PAGES = 1 << 32  # the most the host tracks per guest (tracker.MAX_PAGES: 16 TiB)
 MAX_TOKEN = 256  # HELLO's token limit (docs/PROTOCOL.md §4)
 MIN_TOKEN = 8
 MAX_UID = (1 << 32) - 2  # (uid_t)-1 means "no uid"
-KEYS = ("memory", "listen", "ram_file", "token", "uid", "min_memory", "max_memory")
+KEYS = ("memory", "listen", "ram_file", "token", "uid", "min_memory", "max_memory", "qmp", "ram_map")
 
 
 class InventoryError(ValueError):
@@ -58,6 +67,8 @@ class ProvisionedGuest:
     uid: int | None = None
     min_pages: int | None = None
     max_pages: int | None = None
+    qmp: str | None = None  # "unix:/path": the VM's QEMU monitor
+    ram_map: RamLayout | None = None  # the GPA -> file offset map given in the inventory
 
     def to_json(self) -> dict:
         """The entry as the admin API shows it (the token itself is never shown)."""
@@ -71,6 +82,8 @@ class ProvisionedGuest:
             "uid": self.uid,
             "min_memory_bytes": None if self.min_pages is None else self.min_pages * PAGE_SIZE,
             "max_memory_bytes": None if self.max_pages is None else self.max_pages * PAGE_SIZE,
+            "qmp": self.qmp,
+            "ram_map": None if self.ram_map is None else self.ram_map.to_json(),
         }
 
 
@@ -135,7 +148,27 @@ def _parse_entry(guest: str, table: Any) -> ProvisionedGuest:
         raise ValueError("max_memory cannot exceed memory")
     if low is not None and low > (pages if high is None else high):
         raise ValueError("min_memory cannot exceed max_memory (or memory)")
-    return ProvisionedGuest(guest, pages, listen, ram_file, token, uid, low, high)
+    qmp = table.get("qmp")
+    if qmp is not None:
+        if (type(qmp) is not str or not qmp.startswith("unix:") or not os.path.isabs(qmp[5:])
+                or "\0" in qmp or len(qmp) > 4096):
+            raise ValueError("qmp must be \"unix:/absolute/path\" (QEMU's -qmp unix:PATH,server=on,wait=off)")
+        qmp = "unix:" + os.path.normpath(qmp[5:])
+    ram_map = table.get("ram_map")
+    if ram_map is not None:
+        try:
+            ram_map = RamLayout.parse(ram_map)
+        except LayoutError as error:
+            raise ValueError(f"ram_map: {error}") from None
+        if ram_map.ram_pages != pages:
+            raise ValueError(f"ram_map holds {ram_map.ram_pages * PAGE_SIZE} bytes of RAM, memory says "
+                             f"{pages * PAGE_SIZE}")
+    if ram_file is not None and qmp is None and ram_map is None and needs_map(pages * PAGE_SIZE):
+        raise ValueError(
+            f"memory {pages * PAGE_SIZE} bytes is at least {CONTIGUOUS_LIMIT} (2.75 GiB): QEMU may split this "
+            "VM's RAM around its PCI hole, so guest-physical addresses are not file offsets; give qmp "
+            "(the host asks QEMU) or ram_map (a list of {gpa, size, offset}) so the host punches the right pages")
+    return ProvisionedGuest(guest, pages, listen, ram_file, token, uid, low, high, qmp, ram_map)
 
 
 class Inventory:
@@ -203,6 +236,8 @@ class Inventory:
                 raise InventoryError(f"guest {entry.id}: listen {entry.listen} is already guest {other.id}'s")
             if entry.ram_file is not None and entry.ram_file == other.ram_file:
                 raise InventoryError(f"guest {entry.id}: ram_file {entry.ram_file} is already guest {other.id}'s")
+            if entry.qmp is not None and entry.qmp == other.qmp:
+                raise InventoryError(f"guest {entry.id}: qmp {entry.qmp} is already guest {other.id}'s")
             if entry.uid is not None and entry.uid == other.uid:
                 raise InventoryError(f"guest {entry.id}: uid {entry.uid} is already guest {other.id}'s")
         if entry.ram_file is not None:

@@ -25,6 +25,7 @@ from shared.vocabulary import PAGE_SIZE
 from .guest_session import RESULTS
 from .registry import STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 from .tracker import KINDS
+from .vmm import INHIBIT_REASONS
 
 #: old name -> its replacement; both are exported through the 0.2 releases, the old one goes in 0.3.
 DEPRECATED = {"balloon_balloon_target_bytes": "balloon_target_bytes"}
@@ -113,7 +114,7 @@ class HostCollector(Collector):
             memory.add_metric([g], r.pages * PAGE_SIZE)
             tracker = r.tracker
             reported.add_metric([g], tracker.reported_pages * PAGE_SIZE)
-            inflated.add_metric([g], tracker.inflated_pages * PAGE_SIZE)
+            inflated.add_metric([g], r.balloon_pages * PAGE_SIZE)
             hinted.add_metric([g], tracker.hinted_pages * PAGE_SIZE)
             target.add_metric([g], (r.target_pages or 0) * PAGE_SIZE)
             window = session.window_state() if session is not None else None
@@ -132,6 +133,7 @@ class HostCollector(Collector):
         yield from deprecated_aliases((target,))
         yield from vmm_vocabulary(records, time.monotonic())
         yield from discard.values()
+        yield from vmm_families(records)
         policy = getattr(host, "policy", None)
         if policy is not None:
             yield from policy.collect()
@@ -177,6 +179,26 @@ def vmm_vocabulary(records, now: float):
         unreachable.add_metric([g], 1 if r.target_state(now) == "unreachable" else 0)
         shortfall.add_metric([g], (r.target_shortfall_pages or 0) * PAGE_SIZE)
     yield from (actual, *stats.values(), age, unreachable, shortfall)
+
+
+def vmm_families(records):
+    """The VMM interlock (host_daemon/vmm/): pages left unpunched because discards were unsafe,
+    and whether each VM's VMM answers. Only guests the inventory gives a VMM (``qmp``) appear."""
+    inhibited = CounterMetricFamily("balloon_discard_inhibited_bytes_total",
+                                    "Bytes the host did not discard because the VMM said discards were "
+                                    "unsafe (migration, snapshot, pinned RAM, VMM unreachable).",
+                                    labels=["guest", "reason"])
+    up = GaugeMetricFamily("balloon_vmm_up", "1 while the guest's VMM answers (QMP), 0 otherwise.", labels=["guest"])
+    blocked = GaugeMetricFamily("balloon_vmm_discard_blocked",
+                                "1 while the VMM's interlocks block discards of the guest's RAM.", labels=["guest"])
+    for r in records:
+        if r.vmm is None:
+            continue
+        for reason in INHIBIT_REASONS:
+            inhibited.add_metric([r.id, reason], r.inhibited.get(reason, 0))
+        up.add_metric([r.id], 1 if r.vmm.state == "connected" else 0)
+        blocked.add_metric([r.id], 0 if r.discard_block() is None else 1)
+    yield from (inhibited, up, blocked)
 
 
 def deprecated_aliases(families):

@@ -96,10 +96,10 @@ class PolicyDriver:
             stats_at = record.stats_at
             guests.append(GuestState(
                 id=record.id, memory_bytes=record.pages * PAGE_SIZE,
-                balloon_bytes=record.tracker.inflated_pages * PAGE_SIZE,
+                balloon_bytes=record.balloon_pages * PAGE_SIZE,
                 target_bytes=None if record.target_pages is None else record.target_pages * PAGE_SIZE,
                 stats=dict(record.stats), stats_age=None if stats_at is None else max(0.0, now - stats_at),
-                connected=record.session is not None,
+                connected=record.reachable,  # an agent session, or a stock guest's VMM
                 min_memory=None if min_pages is None else min_pages * PAGE_SIZE,
                 max_memory=None if max_pages is None else max_pages * PAGE_SIZE,
                 discard_requested_bytes=requested or 0, discard_released_bytes=released or 0,

@@ -36,6 +36,7 @@ from shared.vocabulary import PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 
 from .histogram import LatencyHistogram
 from .inventory import Inventory
+from .ramlayout import RamLayout, needs_map
 from .tracker import KINDS, REASONS, GuestTracker
 
 log = logging.getLogger("balloon.host.registry")
@@ -74,6 +75,9 @@ class GuestRecord:
         self._unreachable_logged: int | None = None  # the target we said is unreachable
         self.features: tuple[str, ...] = ()
         self.ram = None  # reclaim.RamFile when the guest uses shared RAM
+        self.vmm = None  # vmm.VmmLink when the inventory gives the VM's VMM (qmp)
+        #: pages the host did not punch because its VMM said discards were unsafe, by reason (bytes)
+        self.inhibited: dict[str, int] = {}
         self.apply = LatencyHistogram()
         self._forget: asyncio.TimerHandle | None = None
         self._batches_at_claim = 0
@@ -81,6 +85,48 @@ class GuestRecord:
     @property
     def connected(self) -> bool:
         return self.session is not None
+
+    @property
+    def driver(self) -> str | None:
+        """Who moves this guest's balloon: ``agent`` (our agent has connected since the host
+        started) or ``virtio-balloon`` (a stock guest: QEMU's own balloon, through the VMM)."""
+        if self.sessions or self.session is not None:
+            return "agent"
+        if self.vmm is not None and self.vmm.has_balloon:
+            return "virtio-balloon"
+        return None
+
+    @property
+    def reachable(self) -> bool:
+        """The balloon can be moved now: an agent session, or a stock guest's VMM answering."""
+        if self.session is not None:
+            return True
+        return self.driver == "virtio-balloon" and self.vmm.state == "connected"
+
+    @property
+    def balloon_pages(self) -> int:
+        """The balloon's size: the agent's inflated pages, or RAM − QEMU's "actual"."""
+        if self.driver == "virtio-balloon" and self.vmm.balloon_actual is not None:
+            return max(0, self.pages - self.vmm.balloon_actual // PAGE_SIZE)
+        return self.tracker.inflated_pages
+
+    def layout(self) -> RamLayout | None:
+        """Where this guest's pages are in its RAM file: the inventory's ``ram_map``, else what
+        the VMM said, else flat when the VM is too small to be split; None: unknown yet."""
+        entry = self.provisioned
+        if entry is None:
+            return RamLayout.identity(self.pages)
+        if entry.ram_map is not None:
+            return entry.ram_map
+        if self.vmm is not None and self.vmm.layout is not None:
+            return self.vmm.layout
+        if needs_map(entry.pages * PAGE_SIZE) and (entry.qmp is not None or entry.ram_file is not None):
+            return None
+        return RamLayout.identity(entry.pages)
+
+    def discard_block(self) -> str | None:
+        """Why the host must not punch this guest's RAM now (its VMM's interlocks); None: it may."""
+        return None if self.vmm is None else self.vmm.discard_block()
 
     @property
     def stats(self) -> dict[int, int]:
@@ -95,12 +141,12 @@ class GuestRecord:
     @property
     def actual_pages(self) -> int:
         """The memory the guest keeps (QEMU's "actual", libvirt's actual_balloon): RAM − balloon."""
-        return self.pages - self.tracker.inflated_pages
+        return self.pages - self.balloon_pages
 
     @property
     def target_shortfall_pages(self) -> int | None:
         """How far the balloon is from its target (either way); None without a target."""
-        return None if self.target_pages is None else abs(self.target_pages - self.tracker.inflated_pages)
+        return None if self.target_pages is None else abs(self.target_pages - self.balloon_pages)
 
     def target_state(self, now: float | None = None) -> str | None:
         """Where the balloon stands against its target: None (no target), "reached", "moving"
@@ -110,7 +156,7 @@ class GuestRecord:
         only ever show "actual" short of the target; this says so. Logged once per target.
         """
         now = time.monotonic() if now is None else now
-        target, inflated = self.target_pages, self.tracker.inflated_pages
+        target, inflated = self.target_pages, self.balloon_pages
         seen = (inflated, self.batches.get("inflate", 0) + self.batches.get("deflate", 0), target)
         if seen != self._balloon_seen:
             self._balloon_seen = seen
@@ -120,7 +166,7 @@ class GuestRecord:
         if inflated == target:
             self._unreachable_logged = None
             return "reached"
-        if self.session is None or now - self._balloon_moved_at < TARGET_STALL_S:
+        if not self.reachable or now - self._balloon_moved_at < TARGET_STALL_S:
             return "moving"
         if self._unreachable_logged != target:
             self._unreachable_logged = target
@@ -157,8 +203,8 @@ class GuestRecord:
             "memory_bytes": self.pages * PAGE_SIZE,
             "reported_pages": tracker.reported_pages,
             "reported_bytes": tracker.reported_pages * PAGE_SIZE,
-            "inflated_pages": tracker.inflated_pages,
-            "inflated_bytes": tracker.inflated_pages * PAGE_SIZE,
+            "inflated_pages": self.balloon_pages,
+            "inflated_bytes": self.balloon_pages * PAGE_SIZE,
             "target_pages": self.target_pages,
             "target_bytes": None if self.target_pages is None else self.target_pages * PAGE_SIZE,
             # QEMU's `info balloon` "actual" / libvirt's actual_balloon: the memory the guest keeps
@@ -187,6 +233,10 @@ class GuestRecord:
             "stats": {str(tag): value for tag, value in stats.items()},
             # the inventory entry (token redacted), or null for an open-mode guest
             "provisioned": None if self.provisioned is None else self.provisioned.to_json(),
+            # who moves the balloon (agent | virtio-balloon | null) and the VM's VMM (null: none given)
+            "driver": self.driver,
+            "vmm": None if self.vmm is None else self.vmm.to_json(),
+            "discard_inhibited_bytes": dict(self.inhibited),
         }
 
 
@@ -205,6 +255,8 @@ class Registry:
         self.guests: dict[str, GuestRecord] = {}
         self._orphans: dict[str, asyncio.TimerHandle] = {}
         self.forgotten = 0
+        #: called with a record whose session just ended (the host's VMM links reopen its view)
+        self.after_release = None
         #: apply-time samples of forgotten guests, so the host-wide histogram stays monotonic
         self.retired_apply = LatencyHistogram()
         for entry in self.inventory:
@@ -233,11 +285,13 @@ class Registry:
         """Open-mode records (connected or retained): what ``--max-guests`` caps."""
         return sum(1 for record in self.guests.values() if record.provisioned is None)
 
-    def claim(self, guest: str, pages: int, session, address: str, provisioned=None) -> GuestRecord:
+    def claim(self, guest: str, pages: int, session, address: str, provisioned=None,
+              layout: RamLayout | None = None) -> GuestRecord:
         """Bind ``guest`` to ``session`` for a new session, or raise the ERROR to send.
 
         ``provisioned`` is the inventory entry the connection proved (auth.GuestAuth), None
-        for an open-mode guest; ``pages`` is the size that counts (the host's)."""
+        for an open-mode guest; ``pages`` is the size that counts (the host's); ``layout``
+        the VM's RAM map, whose GPA span (holes included) the tracker covers."""
         record = self.guests.get(guest)
         if record is not None and record.session is not None:
             raise RemoteProtocolError("guest-busy", f"guest {guest!r} already has a live session")
@@ -255,7 +309,9 @@ class Registry:
                 record._forget.cancel()
                 record._forget = None
             record.pages = pages
-            record.tracker = GuestTracker(pages)  # a new session starts empty: the guest re-reports
+            # a new session starts empty: the guest re-reports
+            record.tracker = (GuestTracker(pages) if layout is None
+                              else GuestTracker(layout.span_pages, layout.holes))
         orphan = self._orphans.pop(guest, None)
         if orphan is not None:
             orphan.cancel()
@@ -282,6 +338,7 @@ class Registry:
             if entry.ram_file is None:
                 raise ValueError(f"guest {record.id} has no ram_file")
             record.ram = RamFile.open_provisioned(entry.ram_file, record.pages, self.inventory.ram_dirs)
+            record.ram.layout = record.layout()  # GPA -> file offset (the PCI hole)
         else:
             record.ram = RamFile.open(self.ram_dir, record.id, record.pages)
         return str(record.ram.path)
@@ -339,6 +396,8 @@ class Registry:
             record.ram.close()  # reopened at the next session: the VMM may make a new file
             record.ram = None
         if record.provisioned is not None:
+            if self.after_release is not None:
+                self.after_release(record)
             return
         idle = sum(record.batches.values()) == record._batches_at_claim
         delay = self.forget_after if result == "bye" or idle else self.retention

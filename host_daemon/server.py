@@ -48,6 +48,7 @@ from .metrics import HostStats, make_registry
 from .policy_driver import PolicyDriver
 from .registry import Registry
 from .settings import HostSettings, policy_settings
+from .vmms import VmmLinks
 
 __all__ = ["HostServer", "ListenError"]
 
@@ -109,6 +110,8 @@ class HostServer:
         #: hole punching of large discards, off the event loop (guest_session.OFFLOAD_PAGES)
         self.discard_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="discard")
         self.policy = PolicyDriver(self, *policy_settings(settings))  # automatic sizing (--policy)
+        self.vmms = VmmLinks(self)  # one QMP link per inventory entry with qmp
+        self.registry.after_release = self.vmms.after_release
 
     async def start(self) -> None:
         settings = self.settings
@@ -135,6 +138,7 @@ class HostServer:
             if self._runner is not None:
                 await self._runner.cleanup()
             raise
+        self.vmms.start()
         self.policy.start()
         # The tracker's compiled kernels load off the loop (numba: ~0.5 s from its cache, seconds
         # cold), so the host listens at once; connections accepted meanwhile wait, unread.
@@ -334,6 +338,10 @@ class HostServer:
         """
         record = self.registry.guests[guest_id]
         record.target_pages = pages
+        if record.driver == "virtio-balloon":  # a stock guest: QEMU's own balloon, through QMP
+            self.vmms.set_balloon(record, pages)
+            log.info("balloon target set", extra={"guest": guest_id, "target_pages": pages, "driver": record.driver})
+            return record.reachable
         queued = self._send(record, Target(pages))
         log.info("balloon target set", extra={"guest": guest_id, "target_pages": pages, "queued": queued})
         return queued
@@ -383,6 +391,7 @@ class HostServer:
         self.ready = False
         log.info("host stopping", extra={"sessions": len(self.connections)})
         await self.policy.stop()
+        await self.vmms.stop()
         for server in self._servers.values():  # stop accepting first
             server.close()
         for connection in list(self.connections):

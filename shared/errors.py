@@ -29,6 +29,7 @@ CODES: dict[str, str] = {
     "guest-busy": "another live session already holds this guest id",
     "too-many-guests": "the host already serves its maximum number of guests",
     "bad-size": "HELLO claims more pages than the host allows for this guest",
+    "not-ready": "the host cannot admit this guest yet (its VMM has not told the host the VM's RAM layout); retry later",
     "too-many-connections": "the host already holds its maximum of connections that have not sent HELLO",
     "handshake-timeout": "no valid HELLO arrived in time",
     "idle-timeout": "nothing arrived from the peer within the idle timeout",

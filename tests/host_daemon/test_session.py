@@ -178,7 +178,8 @@ async def test_admin_api_guest_shape(make_host):
                 "pages_total", "rejected_pages", "window", "last_message_at", "errors", "apply_seconds_p99",
                 "apply_seconds_p99_recent",
                 "stats", "provisioned", "actual_bytes", "target_actual_bytes", "target_state",
-                "target_shortfall_bytes", "available_bytes", "usable_bytes", "unused_bytes", "stats_age_seconds"}
+                "target_shortfall_bytes", "available_bytes", "usable_bytes", "unused_bytes", "stats_age_seconds",
+                "driver", "vmm", "discard_inhibited_bytes"}
     assert set(item) == expected  # docs/API.md's GUEST table, no more, no less
     assert item["actual_bytes"] == item["memory_bytes"] and item["target_state"] is None
     assert item["stats_age_seconds"] is None and item["unused_bytes"] is None  # no STATS yet
