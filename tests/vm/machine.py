@@ -62,7 +62,8 @@ class Machine:
     def __init__(self, artifacts: harness.Artifacts, folder: Path, *, memory_mib: int = 1024,
                  socket_path: Path | None = None, ram_file: Path | None = None, prealloc: bool = False,
                  qemu_balloon: bool = False, free_page_reporting: bool = False, lifetime: float = 600,
-                 name: str = "vm1") -> None:
+                 name: str = "vm1", machine: str = "pc", hostroot: bool = True, host_qmp: bool = False,
+                 zero_fill: bool = False) -> None:
         self.artifacts = artifacts
         self.folder = Path(folder)
         self.name = name
@@ -73,7 +74,12 @@ class Machine:
         self.qemu_balloon = qemu_balloon or free_page_reporting
         self.free_page_reporting = free_page_reporting
         self.lifetime = lifetime
+        self.machine = machine  # "pc" or "q35": where the PCI hole splits RAM differs
+        self.hostroot = hostroot  # the host's / over 9p (QEMU refuses to migrate while it is mounted)
+        self.zero_fill = zero_fill  # write zeros to the RAM file before boot: every page backed, fast
         self.qmp_path = self.folder / f"{name}.qmp"
+        #: a second QMP monitor, for the host daemon (the test keeps ``qmp_path``)
+        self.host_qmp_path = self.folder / f"{name}.host.qmp" if host_qmp else None
         self.console_log = self.folder / f"{name}.console.log"
         self.popen: subprocess.Popen | None = None
         self.boot_seconds: float | None = None
@@ -93,13 +99,17 @@ class Machine:
         kvm = harness.kvm_usable()
         argv = ["timeout", "-s", "KILL", str(int(self.lifetime)), harness.QEMU,
                 "-accel", "kvm" if kvm else "tcg", "-cpu", "host" if kvm else "max", "-smp", "1",
-                "-m", size, "-object", backend, "-machine", "pc,memory-backend=mem",
+                "-m", size, "-object", backend, "-machine", f"{self.machine},memory-backend=mem",
                 "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-net", "none",
                 "-kernel", str(self.artifacts.vmlinux), "-initrd", str(self.artifacts.initramfs),
-                "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0 balloon.hostroot"
+                "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0"
+                + (" balloon.hostroot" if self.hostroot else "")
                 + (" balloon.port" if self.socket_path is not None else "") + _tmp_keep(self.repo),
-                "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if self.hostroot:
+            argv += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"]
+        if self.host_qmp_path is not None:
+            argv += ["-qmp", f"unix:{self.host_qmp_path},server=on,wait=off"]
         if self.socket_path is not None:
             argv += ["-device", "virtio-serial-pci",
                      "-chardev", f"socket,id=ch0,path={self.socket_path},server=off,reconnect=1",
@@ -112,6 +122,8 @@ class Machine:
         return argv
 
     def start(self, timeout: float = 60) -> Machine:
+        if self.zero_fill:
+            _write_zeros(self.ram_file, self.memory_mib << 20)
         t0 = time.monotonic()
         self.popen = subprocess.Popen(self.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True)
@@ -148,8 +160,10 @@ class Machine:
                 self.popen.stdin.close()
         with contextlib.suppress(FileNotFoundError):
             self.ram_file.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()
+        for path in (self.qmp_path, self.host_qmp_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def __enter__(self) -> Machine:
         return self.start()
@@ -257,6 +271,16 @@ class Machine:
                     raise GuestError(f"QMP {command}: {reply['error']}")
                 results.append(reply["return"])
             return results[1:]
+
+
+def _write_zeros(path: Path, size: int) -> None:
+    """Back every page of a new RAM file: tmpfs counts fallocated-but-unwritten pages as holes
+    (SEEK_DATA), and QEMU's prealloc=on takes ~15 s for 5 GiB under TCG; writing is ~2x faster."""
+    chunk = bytes(64 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.write(bytes(size % len(chunk)))
 
 
 def short_folder(prefix: str = "bvm-") -> Path:

@@ -56,8 +56,10 @@ class Stack:
 
     def inventory(self) -> Path:
         path = self.folder / "guests.toml"
+        qmp = self.vm.host_qmp_path
         path.write_text(f'[guest.{self.name}]\nmemory = "{self.vm.memory_mib}MiB"\n'
-                        f'listen = "unix:{self.socket}"\nram_file = "{self.vm.ram_file}"\n')
+                        f'listen = "unix:{self.socket}"\nram_file = "{self.vm.ram_file}"\n'
+                        + (f'qmp = "unix:{qmp}"\n' if qmp is not None else ""))
         return path
 
     def start_host(self) -> None:
@@ -89,6 +91,10 @@ class Stack:
         with contextlib.suppress(OSError):
             return "\n".join(self.host_log.read_text(errors="replace").splitlines()[-n:])
         return ""
+
+    def auth_headers(self) -> dict:
+        """What a mutating admin call carries (none while the host needs no admin token)."""
+        return {}
 
     def guest(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/api/v1/guests/{self.name}", timeout=2) as response:

@@ -1,7 +1,7 @@
 """The one real-VM test in ``make test``: a Linux guest under QEMU, the project's own agent
 inside it on a virtio-serial port, and the host daemon punching the guest's RAM file.
 
-It proves the whole path at once: the serial transport (and the resync a new agent starts
+It proves the whole path at once: the host's QMP link to QEMU (the RAM layout it learns), the serial transport (and the resync a new agent starts
 with), ``--source linux`` inflating mlocked pages by their real PFNs, the host discarding
 exactly those pages of QEMU's RAM file (st_blocks, never an mmap), and a deflate after
 which the guest writes and reads back that memory without a single bad word.
@@ -18,10 +18,13 @@ BALLOON_MIB = 256
 
 @pytest.mark.timeout(240)
 def test_real_guest_balloon_returns_exactly_the_inflated_memory():
-    with Stack(memory_mib=1024, prealloc=True) as stack:
+    with Stack(memory_mib=1024, prealloc=True, host_qmp=True) as stack:
         vm = stack.vm
         stack.start_agent("--source linux", "--no-reporting", "--log-level info")
-        stack.wait_connected(150)
+        record = stack.wait_connected(150)
+        # the host asked QEMU (QMP) where guest RAM lives: one flat region for a 1 GiB pc guest
+        assert record["vmm"]["state"] == "connected" and record["vmm"]["discard_blocked"] is None
+        assert record["vmm"]["layout"] == [{"gpa": 0, "size": 1 << 30, "offset": 0}]
         before = vm.ram_allocated()
         assert before == 1024 << 20  # prealloc: every page backed, so only a punch can lower it
 

@@ -1,0 +1,110 @@
+"""The host talking to real QEMU over QMP (``make vm-test``): VMs of any size, stock guests,
+and the migration interlock.
+
+- A 5 GiB ``pc`` and a 3 GiB ``q35`` guest run the agent; their RAM is split around the PCI
+  hole, so the host must learn the layout from QEMU (``info mtree``) to punch the right
+  file pages. The balloon is large enough to take pages above 4 GiB; the RAM file must lose
+  exactly the balloon's bytes, a canary held across inflate and deflate must survive, and
+  fresh memory written afterwards must read back intact.
+- A stock guest (no agent, QEMU's ``free-page-reporting=on``) is sized by the ``balance``
+  policy through QEMU's own balloon under a budget, and its kernel's free page reporting
+  shows as reclaimed with no agent at all.
+- A slow migration (1 MiB/s to ``exec:cat > /dev/null``) blocks discards while it runs; the
+  guest has no 9p share mounted, since QEMU refuses to migrate with one.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.vm.stack import Stack, poll
+from tests.vm.test_vm_e2e import check_fresh_memory, start_canary, stop_canary
+
+pytestmark = [pytest.mark.vm_full, pytest.mark.timeout(900)]
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def balloon_above_4g(stack: Stack, balloon_mib: int, below_4g: int) -> None:
+    vm = stack.vm
+    stack.start_agent("--source linux", "--no-reporting")
+    record = stack.wait_connected(240)
+    layout = record["vmm"]["layout"]
+    assert record["vmm"]["state"] == "connected"
+    assert layout == [{"gpa": 0, "size": below_4g, "offset": 0},
+                      {"gpa": 4 * GIB, "size": vm.memory_mib * MIB - below_4g, "offset": below_4g}]
+    assert record["memory_bytes"] == vm.memory_mib * MIB  # RAM; WELCOME gave the agent the span
+    start_canary(stack)
+    before = vm.ram_allocated()
+    stack.target(balloon_mib)
+    record = stack.wait_inflated(balloon_mib, 600)
+    # exactly the balloon, above 4 GiB included (the last batch's punch may still be running)
+    poll(lambda: before - vm.ram_allocated() == balloon_mib * MIB, 60,
+         lambda: f"the RAM file to drop by {balloon_mib} MiB: {(before - vm.ram_allocated()) / MIB} MiB")
+    assert record["rejected_pages"].get("not-ram", 0) == 0
+    stack.target(0)
+    stack.wait_inflated(0, 300)
+    check_fresh_memory(stack, 512)
+    assert "memcheck ok" in stop_canary(stack)
+
+
+def test_a_5gib_pc_guest_balloons_pages_above_4gib():
+    with Stack(memory_mib=5120, prealloc=False, zero_fill=True, host_qmp=True, lifetime=1200) as stack:
+        balloon_above_4g(stack, 4096, 3 * GIB)
+
+
+def test_a_3gib_q35_guest_balloons_pages_above_4gib():
+    with Stack(memory_mib=3072, prealloc=False, zero_fill=True, host_qmp=True, machine="q35") as stack:
+        balloon_above_4g(stack, 2048, 2 * GIB)
+
+
+def post(stack: Stack, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{stack.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **stack.auth_headers()})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def test_a_stock_guest_is_sized_by_the_balance_policy_through_qmp(tmp_path):
+    budget_mib = 700
+    config = tmp_path / "policy.toml"
+    config.write_text('[policy]\ninterval = "1s"\nguest_floor = "256MiB"\nblock_low = "5s"\nblock_high = "2s"\n'
+                      'stale_intervals = 10\n')
+    host_args = ("--policy", "balance", "--guest-memory-budget", f"{budget_mib}MiB", "--policy-config", str(config))
+    with Stack(memory_mib=1024, prealloc=False, zero_fill=True, host_qmp=True, free_page_reporting=True,
+               hostroot=False, host_args=host_args) as stack:
+        vm = stack.vm
+        poll(lambda: stack.guest()["driver"] == "virtio-balloon", 60, lambda: f"{stack.guest()}\n{stack.host_tail()}")
+        # the kernel's own free page reporting, through QEMU, shows as reclaimed: no agent involved
+        poll(lambda: (stack.guest()["reclaimed_bytes"] or 0) > 256 * MIB, 120, lambda: stack.guest())
+        vm.run("dd if=/dev/zero of=/dev/null bs=1M count=1 2>/dev/null; cat /proc/meminfo | head -3")
+        poll(lambda: stack.guest()["usable_bytes"] is not None, 60, lambda: stack.guest())
+        poll(lambda: vm.ram_allocated() <= budget_mib * MIB and stack.guest()["inflated_bytes"] > 0, 240,
+             lambda: f"{stack.guest()}\n{stack.host_tail()}")
+        record = stack.guest()
+        assert record["driver"] == "virtio-balloon" and record["vmm"]["balloon_device"] is True
+        assert record["target_bytes"] is not None
+        actual = vm.qmp({"execute": "query-balloon"})[0]["actual"]
+        assert record["actual_bytes"] == actual  # the host's view is QEMU's
+        post(stack, "/api/v1/policy", {"guest_memory_budget": "4GiB"})
+        poll(lambda: stack.guest()["inflated_bytes"] == 0, 240, lambda: stack.guest())
+        out = vm.run("free -m")
+        assert "Mem:" in out
+
+
+def test_a_migration_blocks_discards_until_it_is_cancelled():
+    with Stack(memory_mib=1024, prealloc=False, zero_fill=True, host_qmp=True, hostroot=False) as stack:
+        vm = stack.vm
+        poll(lambda: stack.guest()["vmm"]["state"] == "connected", 60, lambda: stack.guest())
+        assert stack.guest()["vmm"]["discard_blocked"] is None
+        vm.qmp({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": MIB}},
+               {"execute": "migrate", "arguments": {"uri": "exec:cat > /dev/null"}})
+        poll(lambda: stack.guest()["vmm"]["discard_blocked"] == "migration", 30, lambda: stack.guest())
+        assert vm.qmp({"execute": "query-migrate"})[0]["status"] == "active"  # still running: 1 GiB at 1 MiB/s
+        assert stack.metric("balloon_vmm_discard_blocked") == 1
+        vm.qmp({"execute": "migrate_cancel"})
+        poll(lambda: stack.guest()["vmm"]["discard_blocked"] is None, 30, lambda: stack.guest())
+        assert vm.alive()
