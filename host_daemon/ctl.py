@@ -262,6 +262,26 @@ def _window(guest: dict) -> str:
     return f"{window.get('in_use', 0)}/{window.get('size', 0)}"
 
 
+def _up(guest: dict) -> str:
+    """up: an agent session; vmm: a stock guest whose QEMU answers (no agent); down otherwise."""
+    if guest.get("connected"):
+        return "up"
+    vmm = guest.get("vmm") or {}
+    return "vmm" if guest.get("driver") == "virtio-balloon" and vmm.get("state") == "connected" else "down"
+
+
+def _vmm(guest: dict) -> str:
+    """The VMM link: - (none), ok, held:<why discards are blocked>, down, error, ..."""
+    vmm = guest.get("vmm")
+    if not vmm:
+        return "-"
+    state = vmm.get("state")
+    if state == "connected":
+        blocked = vmm.get("discard_blocked")
+        return f"held:{blocked}" if blocked else "ok"
+    return {"unreachable": "down", "connecting": "..."}.get(state, str(state))
+
+
 def _per_second(value: float | None) -> str:
     return "-" if value is None else human_bytes(value) + "/s"
 
@@ -273,7 +293,7 @@ def _top_only(cell):
 # With ids of up to ~12 characters, the columns of priority <= 3 fit 80 columns.
 COLUMNS = (
     Column("guest", 0, lambda g, r: str(g.get("id")), left=True),
-    Column("up", 1, lambda g, r: "up" if g.get("connected") else "down", left=True),
+    Column("up", 1, lambda g, r: _up(g), left=True),
     Column("memory", 2, lambda g, r: human_bytes(g.get("memory_bytes"))),
     Column("actual", 1, lambda g, r: human_bytes(g.get("actual_bytes"))),
     Column("balloon", 1, lambda g, r: human_bytes(g.get("inflated_bytes"))),
@@ -282,6 +302,9 @@ COLUMNS = (
     Column("usable", 3, lambda g, r: human_bytes(g.get("usable_bytes"))),
     Column("stats", 3, lambda g, r: human_duration(g.get("stats_age_seconds"))),
     Column("reclaimed", 5, lambda g, r: human_bytes(g.get("reclaimed_bytes"))),
+    Column("vmm", 4, lambda g, r: _vmm(g), left=True),
+    Column("driver", 6, lambda g, r: {"virtio-balloon": "virtio"}.get(g.get("driver"), g.get("driver") or "-"),
+           left=True),
     Column("report/s", 4, _top_only(lambda g, r: _per_second(r.get("report_bytes_per_s")))),
     Column("inflate/s", 6, _top_only(lambda g, r: _per_second(r.get("inflate_bytes_per_s")))),
     Column("batches/s", 5, _top_only(lambda g, r: human_rate(r.get("batches_per_s"), ""))),

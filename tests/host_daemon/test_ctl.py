@@ -319,3 +319,24 @@ def test_load_guests_say_bye_and_the_host_forgets_them_soon(host):
     assert not any(g["connected"] for g in guests)
     _poll(lambda: json.loads(ctl("--host", host.url, "status", "--json").stdout)["guests"] == [], timeout=30,
           what="the host forgets the load guests")
+
+
+def test_status_shows_the_driver_and_the_vmm_link():
+    from host_daemon.ctl import render_table
+
+    base = {"memory_bytes": 1 << 30, "actual_bytes": 1 << 30, "inflated_bytes": 0, "reported_bytes": 0}
+    guests = [
+        {**base, "id": "agent1", "connected": True, "driver": "agent", "vmm": None},
+        {**base, "id": "stock1", "connected": False, "driver": "virtio-balloon",
+         "vmm": {"state": "connected", "discard_blocked": None}},
+        {**base, "id": "vm3", "connected": True, "driver": "agent",
+         "vmm": {"state": "connected", "discard_blocked": "migration"}},
+        {**base, "id": "vm4", "connected": False, "driver": None, "vmm": {"state": "unreachable"}},
+    ]
+    lines = render_table(guests, None, None)
+    header = lines[0].split()
+    rows = {line.split()[0]: dict(zip(header, line.split(), strict=False)) for line in lines[1:]}
+    assert rows["agent1"]["up"] == "up" and rows["agent1"]["vmm"] == "-" and rows["agent1"]["driver"] == "agent"
+    assert rows["stock1"]["up"] == "vmm" and rows["stock1"]["vmm"] == "ok" and rows["stock1"]["driver"] == "virtio"
+    assert rows["vm3"]["vmm"] == "held:migration"
+    assert rows["vm4"]["up"] == "down" and rows["vm4"]["vmm"] == "down"

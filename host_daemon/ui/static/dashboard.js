@@ -173,6 +173,13 @@
     return td;
   }
 
+  // The VMM link (QMP): "-" none, "ok", "held: <why discards wait>", "down", "error".
+  function vmmText(vmm) {
+    if (!vmm) return "–";
+    if (vmm.state === "connected") return vmm.discard_blocked ? `held: ${vmm.discard_blocked}` : "ok";
+    return { unreachable: "down", connecting: "…" }[vmm.state] || vmm.state;
+  }
+
   function renderTable(rows) {
     const body = document.querySelector("#guests tbody");
     body.replaceChildren();
@@ -186,7 +193,10 @@
       swatch.className = "swatch";
       swatch.style.background = h.color;
       name.append(swatch, g.id);
-      cell(tr, "connected", g.connected ? 1 : 0, g.connected ? "up" : "down");
+      // a stock guest (no agent) is "vmm" while its QEMU answers: its balloon is QEMU's own
+      const viaVmm = !g.connected && g.driver === "virtio-balloon" && g.vmm && g.vmm.state === "connected";
+      const up = cell(tr, "connected", g.connected || viaVmm ? 1 : 0, g.connected ? "up" : viaVmm ? "vmm" : "down");
+      if (g.driver) up.title = `balloon driven by ${g.driver === "agent" ? "the agent" : "QEMU's virtio-balloon"}`;
       cell(tr, "memory_bytes", values.memory, bytes(values.memory));
       cell(tr, "actual_bytes", values.actual, bytes(values.actual));
       cell(tr, "inflated_bytes", values.balloon, bytes(values.balloon));
@@ -209,6 +219,11 @@
       const w = g.window || { in_use: 0, size: 0 };
       cell(tr, "window", w.in_use, `${w.in_use}/${w.size}`);
       cell(tr, "apply_seconds_p99_recent", g.apply_seconds_p99_recent, bound(g.apply_seconds_p99_recent));
+      const vmm = cell(tr, "vmm", null, vmmText(g.vmm));
+      if (g.vmm) {
+        vmm.title = g.vmm.detail || `${g.vmm.kind} ${g.vmm.address}`;
+        if (g.vmm.discard_blocked || g.vmm.state !== "connected") vmm.className = "short";
+      }
       body.appendChild(tr);
     }
   }
