@@ -88,8 +88,8 @@ def inflate_qemu(guest_mib: int, balloon_mib: int) -> dict:
 def zero_rate(stack: Stack, mib: int = 512) -> float:
     """Seconds per MiB the guest spends faulting in and zeroing fresh pages (one write per page)."""
     vm = stack.vm
-    script = ("import mmap,time,numpy as n; m=mmap.mmap(-1,%d<<20); a=n.frombuffer(m,dtype=n.uint8); "
-              "t=time.perf_counter(); a[::4096]=1; print('zero_s=%%.3f' %% (time.perf_counter()-t))" % mib)
+    script = (f"import mmap,time,numpy as n; m=mmap.mmap(-1,{mib}<<20); a=n.frombuffer(m,dtype=n.uint8); "
+              "t=time.perf_counter(); a[::4096]=1; print('zero_s=' + str(time.perf_counter()-t))")
     out = vm.run(vm.python(f'-c "{script}"'), 600)
     return float(re.search(r"zero_s=([0-9.]+)", out).group(1)) / mib
 

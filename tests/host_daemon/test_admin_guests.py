@@ -220,7 +220,7 @@ async def test_status_code_of_every_admin_call(make_host, tmp_path, caplog):
     got, entry = await _call("PUT", f"{url}/api/v1/guests/vm3", {"memory": "16MiB", "token": "vm3-secret"}, token=token)
     assert got == 201 and entry == {
         "id": "vm3", "memory_bytes": 16 << 20, "pages": 4096, "listen": None, "ram_file": None, "token": True,
-        "uid": None, "min_memory_bytes": None, "max_memory_bytes": None}
+        "uid": None, "min_memory_bytes": None, "max_memory_bytes": None, "qmp": None, "ram_map": None}
     got, answer = await _call("PUT", f"{url}/api/v1/guests/vm2", {"memory": "32TiB"}, token=token)
     assert "16TiB" in answer["error"], answer
     assert (await guest.recv())[0] == TARGET and (await guest.recv())[0] == TARGET

@@ -92,10 +92,6 @@ class Stack:
             return "\n".join(self.host_log.read_text(errors="replace").splitlines()[-n:])
         return ""
 
-    def auth_headers(self) -> dict:
-        """What a mutating admin call carries (none while the host needs no admin token)."""
-        return {}
-
     def guest(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/api/v1/guests/{self.name}", timeout=2) as response:
             return json.load(response)

@@ -63,7 +63,7 @@ def test_a_3gib_q35_guest_balloons_pages_above_4gib():
 
 def post(stack: Stack, path: str, body: dict) -> dict:
     request = urllib.request.Request(f"{stack.url}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", **stack.auth_headers()})
+                                     headers=stack.admin_headers())
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.load(response)
 

@@ -72,7 +72,7 @@ async def test_an_8gib_pc_vm_is_served_through_its_layout_and_ranges_in_the_hole
     ram = ram_file(shm, 8 * GIB)
     qemu = await FakeQemu(tmp_path / "vm1.qmp", memory=8 * GIB, below_4g=3 * GIB, mem_path=str(ram)).start()
     try:
-        host = await make_host(guests=inventory(shm, tmp_path, "8GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
+        host = await make_host(vm_ram_dirs=(shm,), guests=inventory(shm, tmp_path, "8GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
         await connected(host)
         poke(ram, 3 * GIB)  # GPA 4 GiB: the first page above the hole, stored at 3 GiB in the file
         poke(ram, 4 * GIB)  # GPA 5 GiB
@@ -93,7 +93,7 @@ async def test_discards_wait_for_a_migration_and_only_the_balloon_is_punched_aft
     ram = ram_file(shm, 8 * GIB)
     qemu = await FakeQemu(tmp_path / "vm1.qmp", mem_path=str(ram)).start()
     try:
-        host = await make_host(guests=inventory(shm, tmp_path, "8GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
+        host = await make_host(vm_ram_dirs=(shm,), guests=inventory(shm, tmp_path, "8GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
         await connected(host)
         record = host.registry.get("vm1")
         vm = await RawGuest.connect(f"{tmp_path}/vm1.sock")
@@ -126,7 +126,7 @@ async def test_discards_wait_for_a_migration_and_only_the_balloon_is_punched_aft
 
 async def test_a_big_vm_whose_vmm_has_not_answered_is_told_to_retry(make_host, shm, tmp_path):
     ram = ram_file(shm, 4 * GIB)
-    host = await make_host(guests=inventory(shm, tmp_path, "4GiB", ram_file=ram, qmp=f"unix:{tmp_path}/none.qmp"))
+    host = await make_host(vm_ram_dirs=(shm,), guests=inventory(shm, tmp_path, "4GiB", ram_file=ram, qmp=f"unix:{tmp_path}/none.qmp"))
     vm = await RawGuest.connect(f"{tmp_path}/vm1.sock")
     reply = await vm.hello("vm1", (5 * GIB) // PAGE)
     assert reply[:2] == [ERROR, "not-ready"]
@@ -140,7 +140,7 @@ async def test_a_stock_guest_is_sized_through_qemus_balloon(make_host, shm, tmp_
                   "stat-total-memory": 980 << 20}
     await qemu.start()
     try:
-        host = await make_host(guests=inventory(shm, tmp_path, "1GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
+        host = await make_host(vm_ram_dirs=(shm,), guests=inventory(shm, tmp_path, "1GiB", ram_file=ram, qmp=f"unix:{qemu.path}"))
         await connected(host)
         url = f"{host.url}/api/v1/guests/vm1"
         async with aiohttp.ClientSession() as http:
@@ -149,8 +149,7 @@ async def test_a_stock_guest_is_sized_through_qemus_balloon(make_host, shm, tmp_
             assert guest["driver"] == "virtio-balloon" and guest["inflated_bytes"] == 0
             assert guest["usable_bytes"] == 700 << 20 and guest["stats_age_seconds"] is not None
             assert guest["reclaimed_bytes"] == GIB  # the RAM file is read while QEMU runs
-            headers = {"Authorization": f"Bearer {host.admin_token}"} if host.admin_token else {}
-            async with http.post(f"{url}/target", json={"size": "256MiB"}, headers=headers) as response:
+            async with http.post(f"{url}/target", json={"size": "256MiB"}, headers=host.admin_headers) as response:
                 assert response.status == 202, await response.text()
             await eventually(lambda: qemu.balloon_actual == 768 << 20, timeout=5)
             await eventually(lambda: host.registry.get("vm1").balloon_pages == (256 << 20) // PAGE, timeout=5)
