@@ -112,9 +112,9 @@ async def test_a_forgotten_guest_has_no_series_even_before_the_next_tick(make_ho
     series = [line for line in text.splitlines() if 'guest="gone"' in line and not line.startswith("#")]
     names = {line.split("{")[0] for line in series}
     assert {"balloon_policy_target_bytes", "balloon_policy_decisions_total"} <= names
-    # docs/API.md "Host metrics": 32 series every known guest has, 4 from its STATS (three
+    # docs/API.md "Host metrics": 33 series every known guest has, 4 from its STATS (three
     # tags and their age), 2 from the policy (its target and the one decision it made)
-    assert len(series) == 32 + 4 + 2, sorted(series)
+    assert len(series) == 33 + 4 + 2, sorted(series)
     await guest.send([BYE, ""])
     await guest.closed()
     await eventually(lambda: host.registry.get("gone").session is None)
