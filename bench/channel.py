@@ -7,7 +7,7 @@ same bytes from the same guest, in alternating runs, best of N:
   every message, range decoding, the window, tracker apply, metrics bookkeeping, the
   writer task.
 - **bare**: an asyncio + msgpack loop that answers HELLO with a WELCOME and every batch
-  with ``[4, seq, 0]`` — no validation, no decoding, no tracking (DESIGN §6).
+  with ``[4, seq, 0]`` — no validation, no decoding, no tracking (docs/PERFORMANCE.md, "Channel").
 
 The guest is deliberately minimal (pre-encoded payloads, one ``packb`` per frame) so the
 host side is what the figure measures. It keeps ``window`` batches in flight (closed

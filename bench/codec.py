@@ -1,6 +1,6 @@
 """Benchmark the range codec (shared/ranges.py) against a Python loop and a plain copy.
 
-DESIGN §6 sets the bar: pack and unpack of the 52/12 range words within 3x of a plain
+The bar (docs/PERFORMANCE.md, "Codec"): pack and unpack of the 52/12 range words within 3x of a plain
 numpy copy of the same bytes, and at least 50x a per-range Python loop. All three are
 timed in one run on the same ranges, best of N:
 

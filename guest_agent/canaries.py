@@ -2,9 +2,9 @@
 
 The workload gets this proxy instead of the allocator, which lets the agent
 
-* write a canary (PFN + generation, G1's ``SharedRam``) into every page the workload
+* write a canary (PFN + generation, :class:`guest_agent.memory.ram.SharedRam`) into every page the workload
   allocates, and check it when the workload frees it and on a sampling sweep — a page
-  the guest owns whose canary is gone is data the host lost (DESIGN §4.1). Pages the
+  the guest owns whose canary is gone is data the host lost (docs/OPERATIONS.md, BalloonCanaryFailures). Pages the
   guest reported or put in the balloon are treated as uninitialized: they are not
   checked, and get a fresh canary when the workload allocates them again;
 * notice allocations that fail (for deflate-on-oom).

@@ -1,7 +1,7 @@
 """Free page hinting from a source the agent cannot isolate (``--source procfs``).
 
 The procfs source reads the machine's own free pages (/proc/kpageflags + /proc/kpagecount,
-G1's scanner). The agent cannot take kernel pages off the free lists, so anything it sends
+guest_agent/memory/procfs.py). The agent cannot take kernel pages off the free lists, so anything it sends
 is *possibly reclaimable*, never reported: the kernel may hand a page out again the moment
 after the scan. That is exactly virtio-balloon free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT,
 used for live migration): the host starts a command with an id (HINT_START), the guest hints

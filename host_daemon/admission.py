@@ -1,7 +1,7 @@
 """Admission: what a HELLO on a given connection gets — an id, a size, features, a RAM file.
 
-The one call the session makes between a valid HELLO and its WELCOME (DESIGN §4
-invariant 5). Everything in it is decided from the host's side:
+The one call the session makes between a valid HELLO and its WELCOME (docs/OPERATIONS.md,
+"Security model"). Everything in it is decided from the host's side:
 
 - **who**: ``auth.GuestAuth.identify`` — the per-guest listener, a token or the Unix peer's
   uid prove a provisioned id; anything else is an open-mode guest (or refused);

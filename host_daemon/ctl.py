@@ -72,7 +72,7 @@ class UsageError(CtlError):
 
 
 class AdminClient:
-    """The admin API of CONTRACT.md over urllib (a CLI needs no event loop)."""
+    """The admin API of docs/API.md over urllib (a CLI needs no event loop)."""
 
     def __init__(self, base: str, token: str | None = None, timeout: float = 5.0) -> None:
         if "://" not in base:

@@ -4,7 +4,7 @@ Reading pauses while any *hold* is on and resumes when the last one is released:
 
 - ``WRITING``: the transport's write buffer is above its high-water mark
   (``pause_writing``): the guest does not read its ACKs, so reading more of its batches
-  would only grow host memory (DESIGN §4 invariant 4). The guest's own socket buffer then
+  would only grow host memory (docs/OPERATIONS.md, "Host memory"). The guest's own socket buffer then
   fills and it stalls itself — TCP/Unix backpressure, as a full virtqueue stalls a driver.
 - ``WARMING``: the host has just started and its tracker kernels are still loading.
 - ``DISCARD``: a large discard (or a debug delay) runs outside the event loop; the rest of

@@ -13,7 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from time import monotonic
 
-#: Apply-time buckets resolving 10 µs .. 1 s (DESIGN §5: sub-millisecond acks).
+#: Apply-time buckets resolving 10 µs .. 1 s (docs/API.md: sub-millisecond acks).
 APPLY_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
     1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,

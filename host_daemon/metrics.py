@@ -5,7 +5,7 @@ forgotten guest's series simply stop existing (no stale series, no label leak), 
 per-batch path only bumps plain integers. Each host has its own ``CollectorRegistry``
 (never the global one), so tests can run several hosts in one process.
 
-Names follow DESIGN §5: ``balloon_*``, base units, ``_total``/``_bytes``/``_seconds``.
+Names follow docs/API.md: ``balloon_*``, base units, ``_total``/``_bytes``/``_seconds``.
 ``DEPRECATED`` lists old names still exported for one release beside their replacement
 (same value, HELP text saying so); docs/API.md names the release that drops them.
 """

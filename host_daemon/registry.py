@@ -16,7 +16,7 @@ Policy (documented in docs/OPERATIONS.md "Security model" and ``--help``):
   session ended with BYE or applied no batch (load tests, probes): its record, every
   metric series labelled with it, and its RAM file in ``--ram-dir`` disappear.
 - **A new session starts from an empty tracker** (the guest re-reports its free blocks
-  and re-inflates its balloon, contract §Protocol usage); counters and the RAM file
+  and re-inflates its balloon, docs/PROTOCOL.md §7.1); counters and the RAM file
   survive across sessions.
 - RAM files found in ``--ram-dir`` at start-up (a previous host's) get the retention
   grace period, so a guest that never returns leaves nothing behind; a provisioned
@@ -177,7 +177,7 @@ class GuestRecord:
         return "unreachable"
 
     def to_json(self) -> dict:
-        """The GUEST object of the admin API (CONTRACT.md)."""
+        """The GUEST object of the admin API (docs/API.md)."""
         tracker = self.tracker
         session = self.session
         window = session.window_state() if session is not None else None

@@ -1,6 +1,6 @@
 """The rules of a batch: which ranges a guest may report, reuse, inflate, deflate or hint.
 
-The guest is untrusted (DESIGN §2: Firecracker checks every range against guest memory,
+The guest is untrusted (docs/PROTOCOL.md §8; Firecracker checks every range against guest memory,
 QEMU skips bad ranges and still acks). ``GuestTracker.apply`` therefore validates every
 range of a batch, skips and counts the bad ones by reason, and never raises on guest
 data; the session acks the batch with ``rejected_pages`` either way.

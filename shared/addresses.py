@@ -1,4 +1,4 @@
-"""Channel addresses: ``unix:/path``, ``tcp:HOST:PORT``, ``vsock:CID:PORT`` (DESIGN §3),
+"""Channel addresses: ``unix:/path``, ``tcp:HOST:PORT``, ``vsock:CID:PORT`` (docs/PROTOCOL.md §1),
 and, for a guest agent inside a VM only, ``serial:/dev/virtio-ports/NAME``.
 
 Parsing only — opening the socket (or the virtio-serial character device) is the daemons'

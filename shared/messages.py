@@ -1,7 +1,7 @@
 """The v1 message set: one small typed class per message, to and from msgpack arrays.
 
 Every message on the wire is a msgpack array whose first element is its type number
-(DESIGN §3). ``from_wire`` checks the shape and the type of every field and raises
+(docs/PROTOCOL.md §4). ``from_wire`` checks the shape and the type of every field and raises
 RemoteProtocolError ``bad-shape`` (or a more specific code) — the parsers never trust
 a length or a count the peer chose. Maps use string keys; unknown map keys are ignored
 so that later minor versions can add optional fields.

@@ -1,6 +1,6 @@
 """Range codec: the seed's 52-bit PFN + 12-bit length word, vectorized with numpy.
 
-Wire form (DESIGN §3, docs/PROTOCOL.md): each range is one unsigned 64-bit little-endian
+Wire form (docs/PROTOCOL.md §3.1): each range is one unsigned 64-bit little-endian
 word ``(pfn << 12) | count`` with ``count`` in 1..4095. A count field of 0 is the escape:
 the *next* word holds the page count (>= 1). Encoders escape only counts >= 4096 — v6 of
 the 2016 series inlined 4096, which spills into PFN bit 0; we never do.

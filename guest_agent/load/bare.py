@@ -2,8 +2,8 @@
 
 ``BareHost`` answers HELLO with WELCOME and every batch with an ACK and does nothing
 else — no validation, no decoding, no tracking, no metrics. ``bare_client`` keeps
-``window`` batches in flight with a plain msgpack loop. DESIGN §6 asks the real channel
-to reach 80% of this loop's batches/s with the same window and batch size.
+``window`` batches in flight with a plain msgpack loop. The real channel should
+reach 80% of this loop's batches/s (docs/PERFORMANCE.md, "Load") with the same window and batch size.
 
 ``BareHost`` can also misbehave on purpose (``error_after``/``close_after``) so tests
 can check that balloon-load counts what a broken host does.

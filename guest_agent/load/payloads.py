@@ -4,7 +4,7 @@ A pool of encoded payloads is cut from one synthetic free-memory layout of the l
 guest (see :mod:`.layout`): consecutive free blocks, at most ``batch_ranges`` per batch,
 never overlapping inside a batch and always inside guest RAM, so a real host's tracker
 accepts every range. Guests cycle through the pool from different offsets; re-reporting
-a range is idempotent at the host (CONTRACT: repeats are not rejected).
+a range is idempotent at the host (docs/PROTOCOL.md §8: repeats are not rejected).
 
 ``ranges52`` payloads hold the seed's 64-bit words; ``pfn32`` payloads hold one 32-bit
 PFN per page, at most 256 per batch, exactly as the legacy virtio balloon sends them.

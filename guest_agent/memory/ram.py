@@ -4,7 +4,7 @@ With ``--ram-dir`` the host creates ``DIR/<guest>.ram`` (sparse, pages x 4096 by
 names it in WELCOME; the guest maps it ``MAP_SHARED`` so the host's hole punching
 (``madvise(MADV_REMOVE)`` / ``fallocate(PUNCH_HOLE)``) on reported and inflated ranges
 really drops the guest's pages — and would drop live data too if the host ever
-discarded a page the guest still uses (DESIGN §4.1).
+discarded a page the guest still uses (docs/OPERATIONS.md, BalloonCanaryFailures).
 
 A canary is 16 bytes at the start of a page: word 0 = the PFN, word 1 = the generation
 XOR :data:`CANARY_TAG` (little-endian uint64s). The tag makes a zero page — what a

@@ -1,8 +1,8 @@
 """Test doubles for the agent's tests: a tiny page-state allocator and a sans-IO host.
 
-``FakeBuddy`` implements the allocator API of CONTRACT.md with one numpy state per page
+``FakeBuddy`` implements the allocator API of guest_agent/memory/buddy.py with one numpy state per page
 (slow, O(pages) per call, fine for a few thousand pages); it lets the agent's tests run
-without G1's allocator and check isolation exactly. ``FakeHost`` is a HostConnection
+without the real allocator and check isolation exactly. ``FakeHost`` is a HostConnection
 with a page set, so tests see what the host would believe.
 """
 

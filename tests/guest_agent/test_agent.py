@@ -401,7 +401,7 @@ class NullRam:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_random_sessions_with_the_real_allocator_never_discard_owned_pages_and_converge(seed):
-    """G1's BuddyAllocator and churn workload, random acks, targets and lost sessions."""
+    """The real BuddyAllocator and churn workload, random acks, targets and lost sessions."""
     from guest_agent.memory import BuddyAllocator
     from guest_agent.memory.workloads import make_workload
 

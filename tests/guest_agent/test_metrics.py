@@ -1,4 +1,4 @@
-"""The guest's /metrics: every name the issue and CONTRACT.md promise, /healthz, a private registry."""
+"""The guest's /metrics: every name docs/API.md promises, /healthz, a private registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A guest written only from DESIGN §3 / docs/PROTOCOL.md: msgpack arrays on a stream and
+"""A guest written only from docs/PROTOCOL.md: msgpack arrays on a stream and
 range words packed with ``struct`` — deliberately no ``shared`` import, so the host is
 tested against the documented wire format, not against its own library."""
 

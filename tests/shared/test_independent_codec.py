@@ -1,4 +1,4 @@
-"""A second codec written only from DESIGN §3 / docs/PROTOCOL.md must agree word for word.
+"""A second codec written only from docs/PROTOCOL.md must agree word for word.
 
 The reference below deliberately shares nothing with shared/ranges.py: plain Python
 integers, ``struct.pack('<Q')``, one loop iteration per word — the way a C driver

@@ -1,6 +1,6 @@
 """What a real-VM test needs on this machine kind, installed and cached once.
 
-The recipe is docs/OPERATIONS.md "Real VMs" (measured in ../shared/VM.md):
+The recipe is docs/OPERATIONS.md "Real VMs":
 
 * QEMU and a static busybox from Debian (``apt-get install qemu-system-x86 busybox-static``);
 * Debian's own kernel, never installed: ``apt-get download`` of the current
