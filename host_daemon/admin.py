@@ -21,6 +21,7 @@ from shared.vocabulary import HINTING, PAGE_SIZE
 
 from .auth import same_secret
 from .inventory import InventoryError, parse_entry
+from .listeners import ListenError
 from .metrics import render
 from .registry import Conflict
 from .ui import add_ui_routes
@@ -164,8 +165,6 @@ class AdminApp:
         201 (new) or 200 with the entry; 400 for a bad entry; 409 when the id is connected
         as an open-mode guest, or its size/listener/RAM file would change under its session.
         """
-        from .server import ListenError  # server imports this module
-
         guest = request.match_info["id"]
         body = await self._json_body(request)
         registry = self.host.registry

@@ -43,6 +43,8 @@ from shared.addresses import default_socket_path
 from shared.errors import RemoteProtocolError
 from shared.messages import valid_guest_id
 
+from .inventory import Inventory
+
 
 class TokenFileError(ValueError):
     """The token file cannot be used; the message says which line and why."""
@@ -162,8 +164,6 @@ class GuestAuth:
 
     def __init__(self, tokens: dict[str, str] | None, inventory=None, allow_open_tcp: bool = False,
                  open_mode: bool = True) -> None:
-        from .inventory import Inventory
-
         self.tokens = tokens
         self.inventory = Inventory() if inventory is None else inventory
         self.allow_open_tcp = allow_open_tcp

@@ -18,7 +18,8 @@ log = logging.getLogger("balloon.host")
 async def serve(settings) -> int:
     import asyncio
 
-    from .server import HostServer, ListenError  # loaded after parsing: --help stays light
+    from .listeners import ListenError
+    from .server import HostServer  # loaded after parsing: --help stays light
 
     server = HostServer(settings)
     try:

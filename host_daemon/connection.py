@@ -131,7 +131,7 @@ class GuestProtocol(asyncio.Protocol):
     def send(self, message) -> bool:
         """Write a host-initiated message now; False when the guest does not read its ACKs
         (its write buffer is full) — the idle timeout will close it, the caller must not wait."""
-        if self.flow.read_paused and WRITING in self.flow._holds:
+        if self.flow.holding(WRITING):
             log.warning("guest not reading; message not sent",
                         extra={"guest": self.session.guest, "message": type(message).__name__})
             return False

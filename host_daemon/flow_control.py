@@ -29,6 +29,10 @@ class FlowControl:
     def read_paused(self) -> bool:
         return bool(self._holds)
 
+    def holding(self, reason: str) -> bool:
+        """Whether ``reason`` is one of the holds keeping reading paused."""
+        return reason in self._holds
+
     def hold(self, reason: str) -> None:
         if reason in self._holds:
             return

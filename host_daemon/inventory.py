@@ -41,6 +41,7 @@ from shared.messages import valid_guest_id
 from shared.vocabulary import PAGE_SIZE
 
 from .ramlayout import CONTIGUOUS_LIMIT, LayoutError, RamLayout, needs_map
+from .reclaim import RamDirError, VmRamDirs
 
 #: Most entries one host keeps (file and admin API together): each may own a listener.
 MAX_ENTRIES = 4096
@@ -175,8 +176,6 @@ class Inventory:
     """The provisioned guests, with the look-ups identity needs (by listener, by uid)."""
 
     def __init__(self, entries=(), ram_dir: Path | None = None, vm_ram_dirs=()) -> None:
-        from .reclaim import VmRamDirs
-
         self.ram_dir = ram_dir
         #: where a ram_file may be: --ram-dir and --vm-ram-dirs
         self.ram_dirs = VmRamDirs(([ram_dir] if ram_dir is not None else []) + list(vm_ram_dirs))
@@ -241,8 +240,6 @@ class Inventory:
             if entry.uid is not None and entry.uid == other.uid:
                 raise InventoryError(f"guest {entry.id}: uid {entry.uid} is already guest {other.id}'s")
         if entry.ram_file is not None:
-            from .reclaim import RamDirError
-
             try:
                 self.ram_dirs.check(entry.ram_file)
             except RamDirError as error:

@@ -219,7 +219,8 @@ def set_runs(bits, low, high):
 KERNELS = ("popcount", "masks", "set_range", "clear_range", "any_in_range", "widen", "set_runs")
 INLINE = frozenset({"popcount", "masks", "widen"})
 
-_lock = threading.RLock()
+#: Held while kernels are swapped in (tracker.load_kernels swaps its own under it too).
+kernel_lock = threading.RLock()
 compiled = False  # True once numba compiled (or loaded from its cache) every kernel
 
 
@@ -234,7 +235,7 @@ def compile_kernels(module=None, names=KERNELS, inline=INLINE) -> bool:
     from .jit import cached_njit
 
     module = sys.modules[__name__] if module is None else module
-    with _lock:
+    with kernel_lock:
         if getattr(module, "_compiled_here", False):
             return True
         njit = cached_njit("BALLOON_TRACKER", "python")

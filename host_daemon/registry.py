@@ -37,6 +37,7 @@ from shared.vocabulary import PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 from .histogram import LatencyHistogram
 from .inventory import Inventory
 from .ramlayout import RamLayout, needs_map
+from .reclaim import RamFile, ram_files, remove_ram_file
 from .tracker import KINDS, REASONS, GuestTracker
 
 log = logging.getLogger("balloon.host.registry")
@@ -328,8 +329,6 @@ class Registry:
         Provisioned: its ``ram_file``, reopened each session (the VMM may have made a new
         one), never created or resized. Open mode: ``--ram-dir/<id>.ram``, created at the
         claimed size, grown for a larger claim, never shrunk (reclaim.RamFile.open)."""
-        from .reclaim import RamFile
-
         entry = record.provisioned
         if record.ram is not None:
             record.ram.close()
@@ -429,8 +428,6 @@ class Registry:
             elif record.ram is not None:
                 record.ram.remove()
             elif self.ram_dir is not None:  # a file from an earlier session or host
-                from .reclaim import remove_ram_file
-
                 remove_ram_file(self.ram_dir, guest)
         except OSError as error:
             log.warning("cannot remove RAM file", extra={"guest": guest, "error": str(error)})
@@ -441,8 +438,6 @@ class Registry:
         """Give RAM files left by a previous host the retention grace period."""
         if self.ram_dir is None:
             return
-        from .reclaim import ram_files
-
         loop = asyncio.get_running_loop()
         for guest in ram_files(self.ram_dir):
             # a provisioned id's file there is the VM's own ram_file: never removed
@@ -450,8 +445,6 @@ class Registry:
                 self._orphans[guest] = loop.call_later(self.retention, self._remove_orphan, guest)
 
     def _remove_orphan(self, guest: str) -> None:
-        from .reclaim import remove_ram_file
-
         self._orphans.pop(guest, None)
         if guest in self.guests or guest in self.inventory:
             return

@@ -27,8 +27,10 @@ from aiohttp import web
 from shared.addresses import Address
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.messages import HintStart, HintStop, Target
-from shared.vocabulary import HINTING
+from shared.ranges import decode_ranges, encode_ranges
+from shared.vocabulary import DEFLATE, HINT, HINTING, INFLATE, REPORT, REUSE
 
+from . import tracker
 from .admin import AdminApp
 from .admission import Admitter
 from .auth import (
@@ -46,11 +48,12 @@ from .inventory import Inventory, InventoryError
 from .listeners import ListenError, unix_socket, vsock_socket
 from .metrics import HostStats, make_registry
 from .policy_driver import PolicyDriver
+from .reclaim import RamDirError, validate_ram_dir
 from .registry import Registry
 from .settings import HostSettings, policy_settings
 from .vmms import VmmLinks
 
-__all__ = ["HostServer", "ListenError"]
+__all__ = ["HostServer"]
 
 log = logging.getLogger("balloon.host")
 SHUTDOWN_GRACE = 3.0
@@ -117,8 +120,6 @@ class HostServer:
         settings = self.settings
         self._bound_handshake_caps(_raise_fd_limit())
         if settings.ram_dir is not None:
-            from .reclaim import RamDirError, validate_ram_dir
-
             try:
                 settings.ram_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
                 self.registry.ram_dir = validate_ram_dir(settings.ram_dir)
@@ -163,7 +164,8 @@ class HostServer:
             log.error("cannot load the tracker kernels", extra={"error": f"{type(error).__name__}: {error}"})
         if not self._stopping:
             self.ready = True
-            log.info("host warm", extra={"kernels": "compiled" if _compiled() else "interpreted"})
+            compiled = error is None and future.result()
+            log.info("host warm", extra={"kernels": "compiled" if compiled else "interpreted"})
 
     # -- listeners ----------------------------------------------------------------------
 
@@ -239,7 +241,7 @@ class HostServer:
             await site.start()
         except OSError as error:
             raise ListenError(f"--http {host}:{port}: {error.strerror or error}") from None
-        sockname = site._server.sockets[0].getsockname()
+        sockname = runner.addresses[0]
         self.http_address = (sockname[0], sockname[1])
         self._write_admin_token(sockname[1])
 
@@ -421,19 +423,14 @@ class HostServer:
         await self._stopped.wait()
 
 
-def _load_kernels() -> None:
+def _load_kernels() -> bool:
     """Load the tracker's kernels and call each once with the argument types a session's
     batches have (decoded payloads, every kind, an escaped range): numba specialises on the
     first call, so loading alone left ~0.3 s on the event loop for the first guest's first
     batch. Connections wait for this (connection.py holds them unread), so no guest is
     welcomed whose first batch would compile."""
-    from shared.ranges import decode_ranges, encode_ranges
-    from shared.vocabulary import DEFLATE, HINT, INFLATE, REPORT, REUSE
-
-    from . import tracker
-
     if not tracker.load_kernels():
-        return  # interpreted: nothing to specialise
+        return False  # interpreted: nothing to specialise
     probe = tracker.GuestTracker(1 << 14)
     pfns, counts = decode_ranges(encode_ranges([0, 1024, 9000], [512, 5000, 1]))  # 5000 pages: an escape
     for kind in (REPORT, INFLATE, DEFLATE, REPORT, REUSE):
@@ -442,12 +439,7 @@ def _load_kernels() -> None:
     probe.apply(HINT, pfns, counts, 1)
     for view in (probe.reported, probe.inflated, probe.hinted):
         view.as_ranges()
-
-
-def _compiled() -> bool:
-    from . import tracker
-
-    return tracker._compiled
+    return True
 
 
 def _raise_fd_limit() -> int | None:

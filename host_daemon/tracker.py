@@ -213,7 +213,7 @@ def load_kernels() -> bool:
     if not pageset.compile_kernels():
         return False
     module = sys.modules[__name__]
-    with pageset._lock:
+    with pageset.kernel_lock:
         if not _compiled:
             any_in_range, clear_range = pageset.any_in_range, pageset.clear_range
             set_range, widen = pageset.set_range, pageset.widen

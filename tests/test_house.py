@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -102,3 +103,222 @@ def test_the_citation_scan_finds_what_it_should(line, cited):
     """The scan is only as good as its patterns: planted citations are found, real ones are not."""
     basenames = {"PROTOCOL.md", "API.md", "OPERATIONS.md"}
     assert sorted(missing_citations(line, ROOT / "docs", ROOT, basenames)) == sorted(cited)
+
+
+# -- the import graph --------------------------------------------------------------------------
+
+def project_modules(root: Path = ROOT, packages=PACKAGES) -> dict[str, Path]:
+    """Dotted name → file for every module of the project's packages."""
+    modules = {}
+    for package in packages:
+        for file in sorted((root / package).rglob("*.py")):
+            if SKIP_PARTS & set(file.parts):
+                continue
+            parts = list(file.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = file
+    return modules
+
+
+def imports_of(name: str, file: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (functions and TYPE_CHECKING too).
+
+    ``from a.b import c`` is an arrow to module ``a.b.c`` when there is one, else to ``a.b``.
+    """
+    is_package = file.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    arrows = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"), str(file))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                       for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # import a.b.c of a non-module c: a.b
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                arrows.add(target)
+    return arrows
+
+
+def import_graph(root: Path = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
+    modules = project_modules(root, packages)
+    return {name: imports_of(name, file, modules) for name, file in modules.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def plant(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_the_import_scan_counts_imports_inside_functions(tmp_path):
+    """A circle closed by a function-level import, a relative import of a sibling module and
+    ``from package import module`` are all arrows; an import of a name is one to its module."""
+    plant(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/server.py": "from .admin import App\nERROR = 1\n",
+        "pkg/admin.py": "def provision():\n    from .server import ERROR\n",
+        "pkg/cli.py": "from pkg import server\nimport pkg.admin\n",
+    })
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.cli"] == {"pkg.server", "pkg.admin"}
+    assert circles(graph) == [["pkg.admin", "pkg.server"]]
+    plant(tmp_path, {"pkg/admin.py": "from .errors import ERROR\n", "pkg/errors.py": "ERROR = 1\n"})
+    assert circles(import_graph(tmp_path, ("pkg",))) == []
+
+
+def test_no_import_circle():
+    found = circles(import_graph())
+    assert not found, "import circles (function-level imports count):\n" + "\n".join(
+        " <-> ".join(component) for component in found)
+
+
+# -- private attributes ------------------------------------------------------------------------
+
+#: Private names of the standard library's public API (namedtuple's ``_replace``, ``os._exit``).
+STDLIB_PRIVATE = frozenset({"_replace", "_asdict", "_fields", "_make", "_exit", "_getframe"})
+#: Reads of a library's private attribute that have no public equivalent, with the reason.
+ALLOWED_PRIVATE = {
+    # argparse has no public way to list a parser's options or tell a flag from an option;
+    # resolve_settings layers the environment and a file under the command line with them.
+    ("shared/config.py", "argparse._StoreTrueAction"),
+    ("shared/config.py", "argparse._StoreFalseAction"),
+    ("shared/config.py", "argparse._AppendAction"),
+    ("shared/config.py", "parser._actions"),
+}
+
+
+def own_attributes(tree: ast.AST) -> set[str]:
+    """Attribute names a module's own code defines: set on an object, in a class body, slots."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(item.name)
+                for target in getattr(item, "targets", [getattr(item, "target", None)]):
+                    if isinstance(target, ast.Name):
+                        names.add(target.id)
+                    if isinstance(target, ast.Name) and target.id == "__slots__":
+                        names.update(elt.value for elt in ast.walk(item.value)
+                                     if isinstance(elt, ast.Constant) and isinstance(elt.value, str))
+    return names
+
+
+def module_aliases(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """Names bound to a module by an import (``import argparse``, ``from . import tracker``)."""
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update(alias.asname or alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            aliases.update(alias.asname or alias.name for alias in node.names
+                           if any(name.endswith("." + alias.name) for name in modules))
+    return aliases
+
+
+def private_reads(file: Path, modules: dict[str, Path]) -> list[tuple[int, str]]:
+    """``obj._name`` in ``file`` that is not the module's own business.
+
+    ``self._x`` and ``cls._x`` are a class's own (inherited ones included); ``module._x`` is
+    always another module's; any other ``obj._x`` is fine only when this module defines
+    attribute ``_x`` itself.
+    """
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    own = own_attributes(tree) | STDLIB_PRIVATE
+    aliases = module_aliases(tree, modules)
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            continue
+        receiver = node.value.id if isinstance(node.value, ast.Name) else None
+        if receiver in ("self", "cls"):
+            continue
+        if node.attr in own and receiver not in aliases:
+            continue
+        if node.attr in STDLIB_PRIVATE:
+            continue
+        found.append((node.lineno, f"{ast.unparse(node.value)}.{node.attr}"))
+    return sorted(found)
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    modules = project_modules()
+    problems = []
+    for file in modules.values():
+        where = str(file.relative_to(ROOT))
+        problems += [f"{where}:{line}: {expr}" for line, expr in private_reads(file, modules)
+                     if (where, expr) not in ALLOWED_PRIVATE]
+    assert not problems, "private attributes read across modules:\n" + "\n".join(problems)
+
+
+def test_the_private_scan_tells_own_attributes_from_another_modules(tmp_path):
+    """``tracker._compiled`` and ``self.flow._holds`` are found; the module's own ``_x`` (set on
+    self, in a class body or its slots, read through another instance) is not."""
+    plant(tmp_path, {"pkg/__init__.py": "", "pkg/tracker.py": "", "pkg/server.py": """
+from . import tracker
+import os
+
+class Session:
+    __slots__ = ("_window",)
+
+    def __init__(self, flow):
+        self.flow = flow
+        self._window = 0
+
+    def same(self, other):
+        return other._window == self._window and self._helper()
+
+    def paused(self):
+        return self.flow._holds or tracker._compiled or os._exit
+"""})
+    modules = project_modules(tmp_path, ("pkg",))
+    found = [expr for _, expr in private_reads(tmp_path / "pkg" / "server.py", modules)]
+    assert found == ["self.flow._holds", "tracker._compiled"]

@@ -45,7 +45,7 @@ from shared.vocabulary import (
 )
 
 from ..ramlayout import LayoutError, from_mtree
-from . import (
+from .link import (
     BACKOFF_CAP_S,
     BACKOFF_FIRST_S,
     CONNECTED,

@@ -205,7 +205,7 @@ async def test_an_open_guest_that_just_dropped_is_kept_for_the_retention(make_ho
 
 
 async def test_guest_listeners_are_refused_on_shared_addresses(make_host, tmp_path):
-    from host_daemon.server import ListenError
+    from host_daemon.listeners import ListenError
 
     host = await make_host()
     with pytest.raises(ListenError, match="shared --listen"):
