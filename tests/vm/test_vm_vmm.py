@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.vm.machine import Machine
 from tests.vm.stack import Stack, poll
 from tests.vm.test_vm_e2e import check_fresh_memory, start_canary, stop_canary
 
@@ -135,3 +138,77 @@ def test_a_migration_blocks_discards_until_it_is_cancelled():
         vm.qmp({"execute": "migrate_cancel"})
         poll(lambda: stack.guest()["vmm"]["discard_blocked"] is None, 30, lambda: stack.guest())
         assert vm.alive()
+
+
+class TwoVms(Stack):
+    """One host, an agent VM (``vm1``, 5 GiB ``pc``) and a stock VM (``vm2``: no agent, QEMU's
+    balloon with free page reporting), both with ``qmp`` — what a new user would run."""
+
+    def __init__(self) -> None:
+        super().__init__(memory_mib=5120, prealloc=False, host_qmp=True, lifetime=1200)
+        self.stock = self._stock_machine()
+
+    def _stock_machine(self) -> Machine:
+        return Machine(self.artifacts, self.folder, memory_mib=1024, name="vm2", free_page_reporting=True,
+                       host_qmp=True, hostroot=False, lifetime=1200)
+
+    def inventory(self) -> Path:
+        path = super().inventory()
+        stock = self.stock
+        with open(path, "a") as f:
+            f.write(f'\n[guest.vm2]\nmemory = "1024MiB"\nram_file = "{stock.ram_file}"\n'
+                    f'qmp = "unix:{stock.host_qmp_path}"\n')
+        return path
+
+    def view(self, guest: str) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/guests/{guest}", timeout=2) as response:
+            return json.load(response)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        token = self.folder / f"admin-{self.http_port}.token"
+        return subprocess.run([sys.executable, "-m", "balloonctl" if _has_balloonctl() else "host_daemon.ctl",
+                               "--host", self.url, *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "BALLOON_CTL_TOKEN_FILE": str(token), "COLUMNS": "200"})
+
+    def close(self) -> None:
+        self.stock.close()
+        super().close()
+
+
+def _has_balloonctl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("balloonctl") is not None
+
+
+def test_an_agent_vm_and_a_stock_vm_on_one_host_survive_qemu_and_host_restarts():
+    with TwoVms() as stack:
+        stack.stock.start()
+        stack.start_agent("--source linux", "--no-reporting")
+        stack.wait_connected(240)
+        poll(lambda: stack.view("vm2")["vmm"]["state"] == "connected" and stack.view("vm2")["driver"] == "virtio-balloon",
+             60, lambda: stack.view("vm2"))
+        assert stack.ctl("setmem", "vm1", "3GiB").returncode == 0
+        assert stack.ctl("setmem", "vm2", "640MiB").returncode == 0
+        stack.wait_inflated(2048, 600)
+        poll(lambda: stack.view("vm2")["inflated_bytes"] == 384 * MIB, 120, lambda: stack.view("vm2"))
+        status = stack.ctl("status")
+        assert status.returncode == 0, status.stderr
+        rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.startswith("vm")}
+        assert "agent" in rows["vm1"] and " ok " in f" {rows['vm1']} "
+        assert "virtio" in rows["vm2"] and rows["vm2"].split()[1] == "vmm"
+
+        stack.stock.close()  # QEMU of the stock VM dies: its link goes down, nothing else notices
+        poll(lambda: stack.view("vm2")["vmm"]["state"] == "unreachable", 30, lambda: stack.view("vm2"))
+        assert stack.view("vm1")["connected"]
+        stack.stock = stack._stock_machine()
+        stack.stock.start()
+        poll(lambda: stack.view("vm2")["vmm"]["state"] == "connected", 90, lambda: stack.view("vm2"))
+
+        stack.kill_host()  # the host dies and comes back: both VMs converge again
+        stack.start_host()
+        stack.wait_connected(120)
+        poll(lambda: stack.view("vm2")["vmm"]["state"] == "connected", 60, lambda: stack.view("vm2"))
+        poll(lambda: stack.view("vm1")["inflated_bytes"] == 0 or stack.view("vm1")["target_bytes"] is None, 60,
+             lambda: stack.view("vm1"))  # targets do not survive a host restart; the agent's balloon re-syncs
+        assert "Traceback" not in stack.host_log.read_text(errors="replace"), stack.host_tail(60)
