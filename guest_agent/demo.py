@@ -35,6 +35,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shared.admin_token import admin_token_path  # where the host writes its admin token
+
 GUESTS = (
     ("idle", ["--workload", "idle"]),
     ("churn", ["--workload", "churn", "--utilization", "0.5"]),
@@ -195,8 +197,6 @@ class Demo:
         if self.policy:
             p(f"  policy {self.policy} under a {self.budget} guest-memory budget: "
               f".venv/bin/balloonctl --host {self.host_url} policy")
-            from host_daemon.auth import admin_token_path  # the host writes its admin token there
-
             token = admin_token_path(self.host_port)
             p(f"  raise the budget: curl -H \"Authorization: Bearer $(cat {token})\" "
               f"-d '{{\"guest_memory_budget\": \"1GiB\"}}' {self.host_url}/api/v1/policy")

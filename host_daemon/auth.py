@@ -27,7 +27,7 @@ provision guests and so aim the hole punch. The token is the first non-comment l
 writes it, mode 0600, to ``--admin-token-dir``/admin-PORT.token (PORT: the --http port),
 by default beside the default socket (``/run/balloon`` as root) — as Jupyter writes its
 server token to its runtime directory. Whoever can read that file (the host's user, root)
-may change things; balloonctl finds it by the same rule (``admin_token_path``).
+may change things; balloonctl finds it by the same rule (shared/admin_token.py).
 """
 
 from __future__ import annotations
@@ -39,15 +39,11 @@ import secrets
 import stat
 from pathlib import Path
 
-from shared.addresses import default_socket_path
+from shared.admin_token import TokenFileError
 from shared.errors import RemoteProtocolError
 from shared.messages import valid_guest_id
 
 from .inventory import Inventory
-
-
-class TokenFileError(ValueError):
-    """The token file cannot be used; the message says which line and why."""
 
 
 def load_guest_tokens(path: Path) -> dict[str, str]:
@@ -72,35 +68,6 @@ def load_guest_tokens(path: Path) -> dict[str, str]:
             raise TokenFileError(f"{path}:{number}: the token of {guest!r} is shorter than 8 characters")
         tokens[guest] = token
     return tokens
-
-
-def load_admin_token(path: Path) -> str:
-    """The admin token in ``path`` (the first non-comment line, at least 8 characters)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise TokenFileError(f"cannot read admin token file {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise TokenFileError(f"cannot read admin token file {path}: {error}") from None
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line:
-            if len(line) < 8:
-                raise TokenFileError(f"{path}: the admin token is shorter than 8 characters")
-            return line
-    raise TokenFileError(f"{path}: no token in the admin token file")
-
-
-def default_admin_token_dir(uid: int | None = None, environ=None) -> Path:
-    """Where a host without ``--admin-token-file`` writes its token: the default socket's
-    directory (``/run/balloon`` for root, ``$XDG_RUNTIME_DIR/balloon``, ``/tmp/balloon-UID``)."""
-    return Path(default_socket_path(uid, environ)).parent
-
-
-def admin_token_path(port: int, directory: Path | str | None = None) -> Path:
-    """The generated token's file for the host whose admin API is on ``port``: one file per
-    port, so hosts of one user on different ports (demos, tests) never share a token."""
-    return Path(directory if directory is not None else default_admin_token_dir()) / f"admin-{port}.token"
 
 
 def generate_admin_token() -> str:

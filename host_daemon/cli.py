@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     except SettingsError as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
         return 2
-    from .auth import TokenFileError, load_admin_token, load_guest_tokens
+    from shared.admin_token import TokenFileError, load_admin_token
+
+    from .auth import load_guest_tokens
     from .inventory import InventoryError
     from .server import load_inventory
 

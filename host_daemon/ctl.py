@@ -53,6 +53,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from shared.admin_token import TokenFileError, admin_token_path, load_admin_token
 from shared.config import OneLineParser, argument_type, format_size, parse_duration, parse_size
 from shared.vocabulary import BATCH_KINDS, INFLATE, PAGE_SIZE
 
@@ -690,9 +691,7 @@ MUTATING = ("target", "setmem", "hint")
 
 def admin_token(host: str, token_file: str | None = None, environ=None) -> str:
     """The admin token for ``host``: ``--token-file``, $BALLOON_CTL_TOKEN_FILE, or the file
-    the host generated (auth.admin_token_path, the same rule the host writes by)."""
-    from .auth import TokenFileError, admin_token_path, load_admin_token
-
+    the host generated (shared.admin_token: the same rule the host writes by)."""
     environ = os.environ if environ is None else environ
     given = token_file or environ.get("BALLOON_CTL_TOKEN_FILE") or None
     if given:

@@ -25,6 +25,7 @@ from pathlib import Path
 from aiohttp import web
 
 from shared.addresses import Address
+from shared.admin_token import TokenFileError, admin_token_path, load_admin_token
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.messages import HintStart, HintStop, Target
 from shared.ranges import decode_ranges, encode_ranges
@@ -35,10 +36,7 @@ from .admin import AdminApp
 from .admission import Admitter
 from .auth import (
     GuestAuth,
-    TokenFileError,
-    admin_token_path,
     generate_admin_token,
-    load_admin_token,
     load_guest_tokens,
     remove_admin_token,
     write_admin_token,
@@ -246,7 +244,7 @@ class HostServer:
         self._write_admin_token(sockname[1])
 
     def _write_admin_token(self, port: int) -> None:
-        """Put the generated token where balloonctl looks for it (auth.admin_token_path)."""
+        """Put the generated token where balloonctl looks for it (shared.admin_token)."""
         settings = self.settings
         if settings.admin_token_file or settings.admin_token_dir is None:
             return

@@ -19,6 +19,7 @@ from shared.addresses import (
     parse_address,
     split_host_port,
 )
+from shared.admin_token import default_admin_token_dir
 from shared.config import (
     ConfigFileError,
     OneLineParser,
@@ -172,8 +173,6 @@ def policy_settings(s: HostSettings):
 
 
 def _default_token_dir() -> Path:
-    from .auth import default_admin_token_dir
-
     return default_admin_token_dir()
 
 
