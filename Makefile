@@ -56,7 +56,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared guest_agent host_daemon tests bench deploy
+	$(BIN)/ruff check shared guest_agent host_daemon balloonctl tests bench deploy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

@@ -247,7 +247,7 @@ class Demo:
         if time.monotonic() - self._shown_at < cycle * SCRIPT_PERIOD + at:
             return None
         self._script_next += 1
-        argv = [sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "setmem", guest, size]
+        argv = [sys.executable, "-m", "balloonctl", "--host", self.host_url, "setmem", guest, size]
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  text=True)
         self._script_running = (f"balloonctl setmem {guest} {size}", child)
@@ -310,8 +310,8 @@ class Demo:
                     next_line = time.monotonic() + 2.0
                 time.sleep(0.1)
             return
-        if importlib.util.find_spec("host_daemon.ctl") is not None:
-            top = subprocess.Popen([sys.executable, "-m", "host_daemon.ctl", "--host", self.host_url, "top",
+        if importlib.util.find_spec("balloonctl") is not None:
+            top = subprocess.Popen([sys.executable, "-m", "balloonctl", "--host", self.host_url, "top",
                                     "--footer-file", str(self.footer_path)])
             self.children.append(("balloonctl", top))
             try:

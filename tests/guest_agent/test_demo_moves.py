@@ -33,7 +33,7 @@ def test_the_demo_moves_a_balloon_within_its_first_20_seconds():
 
 
 def test_the_footer_is_what_balloonctl_top_shows_under_each_frame(tmp_path):
-    from host_daemon.ctl import _footer
+    from balloonctl.cli import _footer
 
     path = tmp_path / "footer.txt"
     path.write_text("dashboard http://127.0.0.1:1/ui/\n" + "try: balloonctl setmem idle 192MiB " * 4 + "\n")

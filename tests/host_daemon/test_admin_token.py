@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hostkit import TARGET, WELCOME, RawGuest
 
-from host_daemon import ctl
+from balloonctl import cli as ctl
 from host_daemon.listeners import ListenError
 from shared.admin_token import admin_token_path, default_admin_token_dir
 
@@ -82,7 +82,7 @@ async def test_balloonctl_finds_the_token_of_a_host_with_default_settings(make_h
     assert (await guest.hello("g1", 16384))[0] == WELCOME
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALLOON_CTL_")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "host_daemon.ctl", "--host", host.url, "setmem", "g1", "48MiB",
+        sys.executable, "-m", "balloonctl", "--host", host.url, "setmem", "g1", "48MiB",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()

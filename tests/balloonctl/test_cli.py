@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from host_daemon.ctl import RateTracker, human_bytes, human_seconds, render_table
+from balloonctl.cli import RateTracker, human_bytes, human_seconds, render_table
 
 BIN = Path(sys.executable).parent
 
@@ -186,7 +186,7 @@ def test_rate_tracker_and_formatting():
 
 
 def test_a_p99_is_shown_as_the_bucket_edge_it_is():
-    from host_daemon.ctl import human_bound
+    from balloonctl.cli import human_bound
 
     assert [human_bound(v) for v in (25e-6, 250e-6, 2.5e-3, 0.5, 1.0, None)] == [
         "<=25µs", "<=250µs", "<=2.5ms", "<=500ms", "<=1s", "-"]
@@ -195,7 +195,7 @@ def test_a_p99_is_shown_as_the_bucket_edge_it_is():
 def test_totals_count_connected_guests_and_titles_wrap_whole():
     """A finished balloon-load guest stays listed (retention) but its memory is not in the totals;
     the title is wrapped between words at 120 columns, never cut with an ellipsis."""
-    from host_daemon.ctl import status_title, wrap
+    from balloonctl.cli import status_title, wrap
 
     guests = [_guest("a"), _guest("gone", connected=False)]
     title = status_title(guests, "http://127.0.0.1:9470")
@@ -290,7 +290,7 @@ def test_policy_shows_each_decision_with_its_reason(tmp_path):
 
 
 def test_render_policy_drops_columns_on_narrow_terminals():
-    from host_daemon.ctl import render_policy
+    from balloonctl.cli import render_policy
 
     answer = {"policy": "balance", "source": "budget", "guest_memory_budget": 1 << 30, "interval_s": 5.0,
               "last_tick_age_s": 1.0, "host": {"available_bytes": 1 << 28, "total_bytes": 1 << 30,
@@ -322,7 +322,7 @@ def test_load_guests_say_bye_and_the_host_forgets_them_soon(host):
 
 
 def test_status_shows_the_driver_and_the_vmm_link():
-    from host_daemon.ctl import render_table
+    from balloonctl.cli import render_table
 
     base = {"memory_bytes": 1 << 30, "actual_bytes": 1 << 30, "inflated_bytes": 0, "reported_bytes": 0}
     guests = [
