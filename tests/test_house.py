@@ -322,3 +322,15 @@ class Session:
     modules = project_modules(tmp_path, ("pkg",))
     found = [expr for _, expr in private_reads(tmp_path / "pkg" / "server.py", modules)]
     assert found == ["self.flow._holds", "tracker._compiled"]
+
+
+def test_balloonctl_imports_nothing_from_the_daemons():
+    """The CLI is its own package: installing or reading it must not need a daemon's modules."""
+    graph = import_graph()
+    reached, todo = set(), [name for name in graph if name.partition(".")[0] == "balloonctl"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += graph[name]
+    assert {name.partition(".")[0] for name in reached} <= {"balloonctl", "shared"}, sorted(reached)

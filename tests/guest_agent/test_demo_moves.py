@@ -33,11 +33,11 @@ def test_the_demo_moves_a_balloon_within_its_first_20_seconds():
 
 
 def test_the_footer_is_what_balloonctl_top_shows_under_each_frame(tmp_path):
-    from balloonctl.cli import _footer
+    from balloonctl.commands import footer_lines
 
     path = tmp_path / "footer.txt"
     path.write_text("dashboard http://127.0.0.1:1/ui/\n" + "try: balloonctl setmem idle 192MiB " * 4 + "\n")
-    lines = _footer(str(path), 60)
+    lines = footer_lines(str(path), 60)
     assert lines[0] == "" and lines[1] == "dashboard http://127.0.0.1:1/ui/"
     assert all(len(line) <= 60 for line in lines) and len(lines) > 3  # wrapped, never cut
-    assert _footer(str(tmp_path / "missing"), 60) == []
+    assert footer_lines(str(tmp_path / "missing"), 60) == []

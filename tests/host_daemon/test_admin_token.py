@@ -7,12 +7,10 @@ import asyncio
 import os
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 from hostkit import TARGET, WELCOME, RawGuest
 
-from balloonctl import cli as ctl
 from host_daemon.listeners import ListenError
 from shared.admin_token import admin_token_path, default_admin_token_dir
 
@@ -52,24 +50,6 @@ async def test_a_directory_others_can_write_is_refused(make_host, tmp_path, mode
     with pytest.raises(ListenError, match="another user could replace the admin token"):
         await make_host(admin_token_dir=shared)
     assert list(shared.iterdir()) == []
-
-
-def test_balloonctl_looks_where_the_host_writes(tmp_path, monkeypatch):
-    monkeypatch.delenv("BALLOON_CTL_TOKEN_FILE", raising=False)
-    assert default_admin_token_dir(0, {}) == Path("/run/balloon")
-    assert default_admin_token_dir(1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == Path("/run/user/1000/balloon")
-    assert default_admin_token_dir(1000, {}) == Path("/tmp/balloon-1000")
-    with pytest.raises(ctl.CtlError, match=r"no admin token at .*/admin-9.token.*--token-file"):
-        ctl.admin_token("http://127.0.0.1:9")
-    given = tmp_path / "token"
-    given.write_text("# the admin token\nfrom-the-file-1\n")
-    assert ctl.admin_token("http://127.0.0.1:9", str(given)) == "from-the-file-1"
-    assert ctl.admin_token("127.0.0.1:9", environ={"BALLOON_CTL_TOKEN_FILE": str(given)}) == "from-the-file-1"
-    given.write_text("short\n")
-    with pytest.raises(ctl.CtlError, match="shorter than 8"):
-        ctl.admin_token("http://127.0.0.1:9", str(given))
-    with pytest.raises(ctl.UsageError, match="port"):
-        ctl.admin_token("http://127.0.0.1:notaport")
 
 
 async def test_balloonctl_finds_the_token_of_a_host_with_default_settings(make_host):
