@@ -11,11 +11,10 @@ overlap in PFN order, the daemon in batch order (docs/PROTOCOL.md §8).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from pyroaring import BitMap64
 
+from host_daemon.tracker import ApplyResult, TrackerViews
 from shared.ranges import coalesce_ranges, pages_to_ranges
 from shared.vocabulary import BATCH_KINDS, INFLATE, MAX_GUEST_PAGES, PFN_BITS, REPORT, REUSE
 
@@ -332,30 +331,7 @@ def _bitmap_ranges(bitmap: BitMap64) -> tuple[np.ndarray, np.ndarray]:
 _EXPAND_LIMIT = 1 << 22  # pages; past this, walk runs instead of listing every page
 
 
-@dataclass(slots=True)
-class ApplyResult:
-    """What one batch did, for the ACK (``rejected_pages``) and the metrics."""
-
-    kind: str
-    ranges: int = 0
-    pages: int = 0
-    accepted_pages: int = 0
-    rejected_pages: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)  # reason -> pages
-    rejected_ranges: dict[str, int] = field(default_factory=dict)  # reason -> ranges
-    discard: tuple[np.ndarray, np.ndarray] = (_EMPTY, _EMPTY)
-
-    @property
-    def ack_rejected_pages(self) -> int:
-        """``rejected_pages`` clamped to what an ACK's uint64 field can carry."""
-        return min(self.rejected_pages, (1 << 64) - 1)
-
-    @property
-    def discard_pages(self) -> int:
-        return int(self.discard[1].sum(dtype=U64)) if self.discard[1].size else 0
-
-
-class SetTracker:
+class SetTracker(TrackerViews):
     """A tracker over a pluggable set structure (``page_set``), with the rules vectorized
     in numpy — the design before the one-pass kernel, kept to time the set structures."""
 
@@ -372,52 +348,7 @@ class SetTracker:
         self.hinted = self.page_set()
         self.hint_command: int | None = None
 
-    # --- views ------------------------------------------------------------------------
-
-    @property
-    def pages(self) -> int:
-        return self._pages
-
-    @property
-    def reported_pages(self) -> int:
-        return self.reported.pages
-
-    @property
-    def inflated_pages(self) -> int:
-        return self.inflated.pages
-
-    @property
-    def hinted_pages(self) -> int:
-        return self.hinted.pages
-
-    def reported_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.reported.as_ranges()
-
-    def inflated_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.inflated.as_ranges()
-
-    def hinted_ranges(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.hinted.as_ranges()
-
-    def memory_bytes(self) -> int:
-        return (
-            self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
-        )
-
-    # --- commands ---------------------------------------------------------------------
-
-    def set_hint_command(self, cmd_id: int | None) -> None:
-        """Start hinting command ``cmd_id`` (a fresh, empty hinted set), or end it (None).
-
-        After ``None`` every hint is stale; the finished command's set stays readable
-        until the next command starts (migration reads it after HINT_DONE).
-        """
-        if cmd_id is not None and cmd_id != self.hint_command:
-            self.hinted.clear()
-        self.hint_command = cmd_id
-
-    def clear_hints(self) -> None:
-        self.hinted.clear()
+    # --- commands (the views and the hinting command: tracker.TrackerViews) ----------
 
     def reset(self) -> None:
         """A new session: the guest re-reports and re-inflates everything."""

@@ -297,33 +297,14 @@ def _as_words(values) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values).astype(U64, copy=False).ravel())
 
 
-class GuestTracker:
-    """The host's view of one guest's pages in this session (rules: the module docstring)."""
+class TrackerViews:
+    """The read side of a tracker, written once: page counts, runs and memory of its three
+    sets, and the hinting command. A tracker provides ``reported``, ``inflated`` and
+    ``hinted`` (each with ``pages``, ``as_ranges()``, ``memory_bytes()``, ``clear()``),
+    ``_pages`` and ``hint_command``; bench/tracker_alternatives.py's set trackers do too.
+    """
 
-    def __init__(self, pages: int, holes: tuple[tuple[int, int], ...] = ()) -> None:
-        if not 0 < pages <= MAX_PAGES:
-            raise ValueError(f"the host tracks guests of 1..{MAX_PAGES} pages, got {pages}")
-        self._pages = int(pages)
-        #: page ranges [start, end) inside the span that are not RAM (ramlayout.RamLayout.holes)
-        self.holes = tuple((int(start), int(end)) for start, end in holes)
-        self._bits, self._sets = pageset.new_sets(self._pages)
-        self._result = np.zeros(RESULT_SIZE, dtype=U64)
-        self._accepted = np.empty(64, dtype=np.intp)  # scratch of apply_batch, grown on demand
-        self.hint_command: int | None = None
-
-    # --- views ------------------------------------------------------------------------
-
-    @property
-    def reported(self) -> PageSetView:
-        return PageSetView(self, REPORTED)
-
-    @property
-    def inflated(self) -> PageSetView:
-        return PageSetView(self, INFLATED)
-
-    @property
-    def hinted(self) -> PageSetView:
-        return PageSetView(self, HINTED)
+    __slots__ = ()
 
     @property
     def pages(self) -> int:
@@ -353,6 +334,48 @@ class GuestTracker:
     def memory_bytes(self) -> int:
         return self.reported.memory_bytes() + self.inflated.memory_bytes() + self.hinted.memory_bytes()
 
+    def set_hint_command(self, cmd_id: int | None) -> None:
+        """Start hinting command ``cmd_id`` (a fresh, empty hinted set), or end it (None).
+
+        After ``None`` every hint is stale; the finished command's set stays readable
+        until the next command starts (migration reads it after HINT_DONE).
+        """
+        if cmd_id is not None and cmd_id != self.hint_command:
+            self.hinted.clear()
+        self.hint_command = cmd_id
+
+    def clear_hints(self) -> None:
+        self.hinted.clear()
+
+
+class GuestTracker(TrackerViews):
+    """The host's view of one guest's pages in this session (rules: the module docstring)."""
+
+    def __init__(self, pages: int, holes: tuple[tuple[int, int], ...] = ()) -> None:
+        if not 0 < pages <= MAX_PAGES:
+            raise ValueError(f"the host tracks guests of 1..{MAX_PAGES} pages, got {pages}")
+        self._pages = int(pages)
+        #: page ranges [start, end) inside the span that are not RAM (ramlayout.RamLayout.holes)
+        self.holes = tuple((int(start), int(end)) for start, end in holes)
+        self._bits, self._sets = pageset.new_sets(self._pages)
+        self._result = np.zeros(RESULT_SIZE, dtype=U64)
+        self._accepted = np.empty(64, dtype=np.intp)  # scratch of apply_batch, grown on demand
+        self.hint_command: int | None = None
+
+    # --- views ------------------------------------------------------------------------
+
+    @property
+    def reported(self) -> PageSetView:
+        return PageSetView(self, REPORTED)
+
+    @property
+    def inflated(self) -> PageSetView:
+        return PageSetView(self, INFLATED)
+
+    @property
+    def hinted(self) -> PageSetView:
+        return PageSetView(self, HINTED)
+
     # --- commands ---------------------------------------------------------------------
 
     def _not_ram(self, pfns: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
@@ -380,19 +403,6 @@ class GuestTracker:
         rejected_ranges[NOT_RAM] = ranges
         return ApplyResult(kind, result.ranges + ranges, result.pages + pages, result.accepted_pages,
                            result.rejected_pages + pages, rejected, rejected_ranges, result.discard)
-
-    def set_hint_command(self, cmd_id: int | None) -> None:
-        """Start hinting command ``cmd_id`` (a fresh, empty hinted set), or end it (None).
-
-        After ``None`` every hint is stale; the finished command's set stays readable
-        until the next command starts (migration reads it after HINT_DONE).
-        """
-        if cmd_id is not None and cmd_id != self.hint_command:
-            self.hinted.clear()
-        self.hint_command = cmd_id
-
-    def clear_hints(self) -> None:
-        self.hinted.clear()
 
     def reset(self) -> None:
         """A new session: fresh (calloc) bitmaps, so the old ones' pages go back to the OS."""
