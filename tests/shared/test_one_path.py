@@ -16,45 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pairkit import raw, ready_guest, ready_host, remote_error
 
 from shared.errors import CODES, LocalProtocolError, RemoteProtocolError
 from shared.messages import Ack, Hello, HintDone, HintStart, Report, Stats, Welcome
-from shared.protocol import NEED_DATA, GuestConnection, HostConnection, State
+from shared.protocol import GuestConnection, HostConnection, State
 from shared.ranges import encode_pfn32, encode_ranges
 from shared.vocabulary import MAX_DEPTH, MAX_OBJECTS, MAX_STR_BYTES, U64_MAX
-
-
-def raw(*obj) -> bytes:
-    return msgpack.packb(list(obj), use_bin_type=True)
-
-
-def hello_bytes(features=("ranges52",)) -> bytes:
-    return raw(1, {"version": 1, "guest": "g1", "page_size": 4096, "pages": 1 << 20, "features": list(features)})
-
-
-def ready_host(features=("ranges52",), window=2, max_ranges=8, **kwargs) -> HostConnection:
-    host = HostConnection(**kwargs)
-    host.receive_data(hello_bytes(features))
-    assert isinstance(host.next_event(), Hello)
-    host.send(Welcome(window=window, max_ranges=max_ranges, features=features))
-    return host
-
-
-def ready_guest(features=("ranges52",), window=2) -> GuestConnection:
-    guest = GuestConnection("g1", 1 << 20, features=features)
-    guest.hello()
-    guest.receive_data(raw(2, {"version": 1, "window": window, "max_ranges": 8, "features": list(features)}))
-    assert isinstance(guest.next_event(), Welcome)
-    return guest
-
-
-def remote_error(connection, data: bytes) -> RemoteProtocolError:
-    connection.receive_data(data)
-    with pytest.raises(RemoteProtocolError) as caught:
-        while connection.next_event() is not NEED_DATA:
-            pass
-    return caught.value
-
 
 # -- seq is assigned only after every check ------------------------------------------
 

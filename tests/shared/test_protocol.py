@@ -12,6 +12,7 @@ import struct
 import msgpack
 import numpy as np
 import pytest
+from pairkit import HELLO, raw, ready_host, remote_error
 
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.messages import (
@@ -42,30 +43,6 @@ from shared.protocol import (
     negotiate_features,
 )
 from shared.ranges import decode_ranges, encode_pfn32, encode_ranges
-
-
-def raw(*obj) -> bytes:
-    return msgpack.packb(list(obj), use_bin_type=True)
-
-
-HELLO = {"version": 1, "guest": "g1", "page_size": 4096, "pages": 1024, "features": ["ranges52", "hinting", "stats"]}
-
-
-def host_after_hello(window=2, max_ranges=8, features=(), **kwargs):
-    host = HostConnection(**kwargs)
-    host.receive_data(raw(1, HELLO))
-    assert isinstance(host.next_event(), Hello)
-    host.send(Welcome(window=window, max_ranges=max_ranges, features=features))
-    return host
-
-
-def remote_error(connection, data: bytes) -> RemoteProtocolError:
-    connection.receive_data(data)
-    with pytest.raises(RemoteProtocolError) as caught:
-        while connection.next_event() is not NEED_DATA:
-            pass
-    return caught.value
-
 
 # -- a whole session -------------------------------------------------------------------
 
@@ -173,7 +150,7 @@ def test_pfn32_legacy_session(pair_factory):
 
 
 def test_pfn32_host_rejects_more_than_256(pair_factory):
-    host = host_after_hello(features=(), max_ranges=4096)
+    host = ready_host(features=(), max_ranges=4096)
     host.features = ("pfn32",)  # as if negotiated
     error = remote_error(host, raw(6, 0, np.arange(257, dtype="<u4").tobytes()))
     assert error.code == "too-many-ranges"
@@ -207,7 +184,7 @@ def test_window_full_is_a_local_error_on_the_guest(pair_factory):
 
 
 def test_window_overrun_seen_by_the_host(pair_factory):
-    host = host_after_hello(window=2)
+    host = ready_host(window=2)
     host.receive_data(raw(3, 0, b"") + raw(3, 1, b""))
     assert [type(e) for e in host.events()] == [Report, Report]
     error = remote_error(host, raw(3, 2, b""))
@@ -216,7 +193,7 @@ def test_window_overrun_seen_by_the_host(pair_factory):
 
 
 def test_window_reopens_after_host_ack():
-    host = host_after_hello(window=1)
+    host = ready_host(window=1)
     host.receive_data(raw(3, 0, b""))
     list(host.events())
     host.send(Ack(seq=0))
@@ -225,7 +202,7 @@ def test_window_reopens_after_host_ack():
 
 
 def test_host_cannot_ack_what_is_not_in_flight():
-    host = host_after_hello()
+    host = ready_host()
     with pytest.raises(LocalProtocolError) as caught:
         host.send(Ack(seq=0))
     assert caught.value.code == "bad-ack"
@@ -242,14 +219,14 @@ def test_guest_rejects_an_ack_for_nothing(pair_factory):
 
 
 def test_bad_seq():
-    host = host_after_hello(window=4)
+    host = ready_host(window=4)
     host.receive_data(raw(3, 0, b""))
     list(host.events())
     assert remote_error(host, raw(3, 2, b"")).code == "bad-seq"
 
 
 def test_seq_counts_over_every_batch_kind():
-    host = host_after_hello(window=8, features=("hinting",))
+    host = ready_host(window=8, features=("hinting",))
     host.receive_data(raw(3, 0, b"") + raw(5, 1, b"") + raw(10, 2, 1, b"") + raw(6, 3, b""))
     assert [e.seq for e in host.events()] == [0, 1, 2, 3]
     assert remote_error(host, raw(7, 3, b"")).code == "bad-seq"
@@ -268,7 +245,7 @@ def test_hello_twice_is_bad_state():
 
 
 def test_hello_twice_after_welcome_is_bad_state():
-    host = host_after_hello()
+    host = ready_host()
     assert remote_error(host, raw(1, HELLO)).code == "bad-state"
 
 
@@ -280,7 +257,7 @@ def test_report_before_welcome_is_bad_state():
 @pytest.mark.parametrize("message", [raw(4, 0, 0), raw(8, 1), raw(9, 1), raw(12, 1), raw(2, {
     "version": 1, "window": 1, "max_ranges": 1, "features": []})])
 def test_host_cannot_receive_host_messages(message):
-    host = host_after_hello()
+    host = ready_host()
     assert remote_error(host, message).code == "bad-state"
 
 
@@ -358,12 +335,12 @@ def test_guest_with_no_pages_is_bad_shape():
 
 @pytest.mark.parametrize("payload", [b"\x00" * 7, struct.pack("<Q", 5 << 12), struct.pack("<QQ", 5 << 12, 0)])
 def test_bad_payload(payload):
-    host = host_after_hello()
+    host = ready_host()
     assert remote_error(host, raw(3, 0, payload)).code == "bad-payload"
 
 
 def test_too_many_ranges():
-    host = host_after_hello(max_ranges=4)
+    host = ready_host(max_ranges=4)
     host.receive_data(raw(3, 0, encode_ranges(range(4), [1] * 4)))
     assert next(host.events()).pfns.size == 4
     host.send(Ack(seq=0))
@@ -371,7 +348,7 @@ def test_too_many_ranges():
 
 
 def test_too_many_ranges_cheap_bound_before_decoding():
-    host = host_after_hello(max_ranges=4)
+    host = ready_host(max_ranges=4)
     assert remote_error(host, raw(3, 0, b"\x01" * 8 * 9)).code == "too-many-ranges"
 
 
@@ -394,7 +371,7 @@ def test_guest_honours_the_hosts_max_message_bytes(pair_factory):
 
 
 def test_frame_announcing_200_mb_is_refused_after_the_header_only():
-    host = host_after_hello(max_ranges=1 << 20)
+    host = ready_host(max_ranges=1 << 20)
     header = b"\x93\x03\x00\xc6" + struct.pack(">I", 200_000_000)
     host.receive_data(header)
     with pytest.raises(RemoteProtocolError) as caught:
@@ -420,7 +397,7 @@ def test_oversized_announcement_anywhere_in_the_first_bytes(header):
 
 
 def test_oversized_announcement_fed_one_byte_at_a_time():
-    host = host_after_hello(max_ranges=1 << 20)
+    host = ready_host(max_ranges=1 << 20)
     header = b"\x93\x03\x00\xc6" + struct.pack(">I", 200_000_000)
     for byte in header[:-1]:
         host.receive_data(bytes([byte]))
@@ -432,12 +409,12 @@ def test_oversized_announcement_fed_one_byte_at_a_time():
 
 
 def test_complete_message_over_the_limit_is_too_large():
-    host = host_after_hello(max_ranges=1 << 20, max_message_bytes=4096)
+    host = ready_host(max_ranges=1 << 20, max_message_bytes=4096)
     assert remote_error(host, raw(3, 0, b"\x01" * 8 * 600)).code == "too-large"
 
 
 def test_message_just_under_the_limit_is_accepted():
-    host = host_after_hello(max_ranges=1 << 20, max_message_bytes=4096)
+    host = ready_host(max_ranges=1 << 20, max_message_bytes=4096)
     payload = encode_ranges(range(500), [1] * 500)
     frame = raw(3, 0, payload)
     assert len(frame) <= 4096
@@ -446,7 +423,7 @@ def test_message_just_under_the_limit_is_accepted():
 
 
 def test_stream_of_small_messages_larger_than_the_limit_in_one_read():
-    host = host_after_hello(window=1000, max_ranges=8, max_message_bytes=4096)
+    host = ready_host(window=1000, max_ranges=8, max_message_bytes=4096)
     data = b"".join(raw(3, seq, encode_ranges([seq], [1])) for seq in range(600))
     assert len(data) > 2 * 4096
     host.receive_data(data)
@@ -505,7 +482,7 @@ def test_not_an_array_is_bad_shape():
 
 
 def test_unknown_type():
-    host = host_after_hello()
+    host = ready_host()
     assert remote_error(host, raw(99, 0)).code == "unknown-type"
 
 
@@ -513,7 +490,7 @@ def test_unknown_type():
 
 
 def test_connection_is_dead_after_an_error():
-    host = host_after_hello()
+    host = ready_host()
     first = remote_error(host, raw(3, 7, b""))
     assert first.code == "bad-seq" and host.state is State.CLOSED
     for _ in range(2):
@@ -538,7 +515,7 @@ def test_connection_is_dead_after_an_error():
 
 
 def test_error_buffered_behind_good_messages_comes_after_them():
-    host = host_after_hello(window=4)
+    host = ready_host(window=4)
     host.receive_data(raw(3, 0, b"") + b"\xc1")
     assert host.next_event().seq == 0
     with pytest.raises(RemoteProtocolError) as caught:
@@ -547,7 +524,7 @@ def test_error_buffered_behind_good_messages_comes_after_them():
 
 
 def test_eof_gives_connection_closed():
-    host = host_after_hello()
+    host = ready_host()
     host.receive_data(raw(3, 0, b""))
     host.receive_data(b"")
     assert host.next_event().seq == 0
@@ -652,7 +629,7 @@ def test_message_trickling_in_is_refused_once_past_the_limit():
 
 
 def test_message_over_the_limit_split_across_reads_is_too_large():
-    host = host_after_hello(max_ranges=1 << 20, max_message_bytes=4096)
+    host = ready_host(max_ranges=1 << 20, max_message_bytes=4096)
     data = raw(3, 0, b"\x01" * 4096)  # the bin alone fits max_bin_len; the frame does not
     host.receive_data(data[:3])
     assert host.next_event() is NEED_DATA
@@ -699,8 +676,4 @@ def test_resync_filler_completes_a_half_batch_which_is_handled_then_bad_msgpack(
 
 
 def ready_host_stats() -> HostConnection:
-    host = HostConnection()
-    host.receive_data(raw(1, HELLO))
-    assert isinstance(host.next_event(), Hello)
-    host.send(Welcome(window=4, max_ranges=64, features=("ranges52", "stats")))
-    return host
+    return ready_host(window=4, max_ranges=64, features=("ranges52", "stats"))
