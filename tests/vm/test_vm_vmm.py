@@ -166,19 +166,13 @@ class TwoVms(Stack):
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         token = self.folder / f"admin-{self.http_port}.token"
-        return subprocess.run([sys.executable, "-m", "balloonctl" if _has_balloonctl() else "host_daemon.ctl",
+        return subprocess.run([sys.executable, "-m", "balloonctl",
                                "--host", self.url, *args], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "BALLOON_CTL_TOKEN_FILE": str(token), "COLUMNS": "200"})
 
     def close(self) -> None:
         self.stock.close()
         super().close()
-
-
-def _has_balloonctl() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("balloonctl") is not None
 
 
 def test_an_agent_vm_and_a_stock_vm_on_one_host_survive_qemu_and_host_restarts():
