@@ -2,9 +2,10 @@
 guests share the host's socket and tmpfs RAM dir, Prometheus and Grafana get the shipped files."""
 
 import subprocess
+import tomllib
 
 import yaml
-from deployfiles import COMPOSE, DEPLOY, PROMETHEUS_CONFIG, tool
+from deployfiles import COMPOSE, DEPLOY, PROMETHEUS_CONFIG, ROOT, tool
 
 
 def check_compose_schema(path):
@@ -96,3 +97,14 @@ def test_the_compose_schema_is_bundled_not_fetched(tmp_path):
     result = subprocess.run([unshare, "--net", tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
                              str(COMPOSE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_holds_every_package_pyproject_installs():
+    """A package pyproject.toml installs but the Dockerfile does not copy (balloonctl/, when it
+    left host_daemon/) would make an image whose console script cannot import."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [pattern.rstrip("*") for pattern in include]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for package in packages:
+        assert f"COPY {package} ./{package}\n" in dockerfile, package
+        assert f" {package}/__init__.py" in dockerfile, package  # the stub of the dependencies layer
