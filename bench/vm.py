@@ -218,8 +218,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"inflate": inflates, "reporting": reports, "busy": busy}, default=str, indent=1))
         return 0
+    only = f" --only {args.only}" if args.only in ("inflate", "reporting") else ""
     lines = [f"Measured {machine_line()} with `python -m bench.vm --guest-mib {args.guest_mib} "
-             f"--free-mib {args.free_mib}` (root)", "",
+             f"--free-mib {args.free_mib}{only}` (root)", "",
              f"Guest {args.guest_mib} MiB (`pc`, TCG, 1 vCPU, `init_on_alloc=0`, RAM written full in /dev/shm "
              f"before boot, layout over QMP), balloon {balloon} MiB ({balloon * 256} pages); one fresh guest per "
              "row, one after the other. *less zeroing*: wall time minus what the guest spent faulting in and "
