@@ -36,19 +36,19 @@ from time import perf_counter
 
 from shared.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from shared.messages import (
-    Ack,
     Bye,
     Error,
     Hello,
     HintDone,
     Ping,
     Pong,
+    ReceivedBatch,
     Stats,
     Target,
     Welcome,
 )
 from shared.protocol import CONNECTION_CLOSED, NEED_DATA, HostConnection, State
-from shared.vocabulary import HINT, PAGE_SIZE, U64_MAX
+from shared.vocabulary import PAGE_SIZE
 
 from .admission import REFUSALS, Admission, Peer
 
@@ -58,7 +58,8 @@ log = logging.getLogger("balloon.host.session")
 #: tmpfs frees ~1 GiB/s of filled pages, so 32 order-9 blocks (64 MiB) would stall the loop,
 #: i.e. every other guest's ACKs, for ~10 ms. fallocate releases the GIL.
 OFFLOAD_PAGES = 1024
-ENDINGS = (Bye, Error)
+#: The guest's messages that end the session (exact types: the session dispatches on them).
+GUEST_ENDINGS = frozenset({Bye, Error})
 
 #: Every value of balloon_sessions_total{result}, exported from the start so rates work.
 RESULTS = ("bye", "closed", "reset", "error", "rejected", "timeout", "shutdown", "guest-error", "internal")
@@ -118,7 +119,7 @@ class GuestSession:
         self._nonce = 0
         self._events: list = []
         self._at = 0
-        self._pending = None  # (kind, batch, result, start) while a discard or delay runs
+        self._pending = None  # (batch, result, start) while a discard or delay runs
         self._held_admission: Admission | None = None  # released once the pending apply is done
         self._eof = False
         self._stopping = False
@@ -164,7 +165,7 @@ class GuestSession:
                     self._eof = True
                     break
                 events.append(event)
-                if type(event) in ENDINGS:  # BYE or ERROR from the guest ends it
+                if event.__class__ in GUEST_ENDINGS:  # BYE or ERROR from the guest ends it
                     break
         except RemoteProtocolError as error:
             return self._fail([], error)
@@ -183,29 +184,30 @@ class GuestSession:
         Called also when the connection went away meanwhile: the batch was applied (a punch
         cannot be taken back), so it is counted, and only now is the guest id released."""
         self._now = now
-        kind, batch, result, start = self._pending
+        batch, result, start = self._pending
         self._pending = None
         if self.result is not None:
             if not failed and self.record is not None:
-                self._ack(kind, batch, result, start)  # applied; its ACK has no connection to go to
+                self._count(batch, result, start)  # applied; its ACK has no connection to go to
             self._release()
             return Output()
         if failed:
             return self._fail([], RemoteProtocolError("internal", "the host could not discard pages"))
-        return self._run(finished=self._ack(kind, batch, result, start))
+        acks = [self._ack(batch.seq, self._count(batch, result, start))]
+        return self._run(acks)
 
-    def _run(self, finished: Ack | None = None) -> Output:
+    def _run(self, acks: list[bytes] | None = None) -> Output:
         """Handle the parsed events from ``_at`` on; stops early for a discard or a delay."""
-        out: list[bytes] = []  # control replies, in order with the ACKs
-        acks: list[Ack] = [] if finished is None else [finished]
+        out: list[bytes] = []  # control replies; the chunk's ACKs follow them
+        if acks is None:
+            acks = []
         events = self._events
         try:
             while self._at < len(events):
                 event = events[self._at]
                 self._at += 1
-                kind = getattr(event, "KIND", None)  # batches name their kind
-                if kind is not None:
-                    stop = self._batch(kind, event, acks)
+                if event.__class__ is ReceivedBatch:
+                    stop = self._batch(event, acks)
                     if stop is not None:
                         return self._flush(out, acks, stop)
                 else:
@@ -227,82 +229,92 @@ class GuestSession:
             return self._shutdown_output(output)
         return output
 
-    def _flush(self, out: list[bytes], acks: list[Ack], output: Output) -> Output:
+    def _flush(self, out: list[bytes], acks: list[bytes], output: Output) -> Output:
         data = self._pack(out, acks)
         if data:
             output.data = data + output.data if output.data else data
         return output
 
-    def _pack(self, out: list[bytes], acks: list[Ack]) -> bytes:
+    def _pack(self, out: list[bytes], acks: list[bytes]) -> bytes:
         if self.conn.state is State.CLOSED and self.conn.goodbye != "received":
             return b""  # the connection is dead or over: nothing more may be sent
         # After the guest's BYE or ERROR only the ACKs it is owed go out (``out`` is empty:
         # ``_control`` answers nothing once the chunk's ending has been parsed).
         if acks:
-            send = self.conn.send
-            out.extend([send(ack) for ack in acks])
+            out.extend(acks)
         if not out:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def _ack(self, seq: int, rejected_pages: int) -> bytes:
+        """The ACK's bytes — none once the connection is dead or over (the guest's BYE or
+        ERROR still gets the ACKs it is owed: docs/PROTOCOL.md §7.1)."""
+        conn = self.conn
+        if conn.state is State.CLOSED and conn.goodbye != "received":
+            return b""
+        return conn.ack(seq, rejected_pages)
+
     # -- batches ----------------------------------------------------------------------
 
-    def _batch(self, kind: str, batch, acks: list[Ack]) -> Output | None:
-        """Apply one batch; its ACK goes to ``acks``, or an Output says what must run first."""
+    def _batch(self, batch: ReceivedBatch, acks: list[bytes]) -> Output | None:
+        """Apply one batch; its ACK goes to ``acks``, or an Output says what must run first
+        (the guest keeps the pages isolated until the ACK, mm/page_reporting.c, so the ACK
+        waits for the punch)."""
         start = perf_counter()
         record = self.record
-        result = record.tracker.apply(kind, batch.pfns, batch.counts,
-                                      batch.cmd_id if kind == HINT else None)
-        discard = result.discard
+        result = record.tracker.apply(batch.kind, batch.pfns, batch.counts, batch.cmd_id)
         delay = self.settings.debug_apply_delay
-        if record.ram is not None and discard[0].size:
+        if record.ram is not None and result.discard[0].size:
+            discard = result.discard
             pages = int(discard[1].sum())
             blocked = record.discard_block()
             if blocked is not None:  # the VMM says punching is unsafe now: ack, punch nothing
                 record.inhibited[blocked] = record.inhibited.get(blocked, 0) + pages * PAGE_SIZE
-                acks.append(self._ack(kind, batch, result, start))
+                acks.append(self._ack(batch.seq, self._count(batch, result, start)))
                 return None
-            self._pending = (kind, batch, result, start)
+            self._pending = (batch, result, start)
             return Output(discard=Discard(record.ram, discard[0], discard[1], pages, delay))
         if delay:  # a slow host (testing): this ACK leaves ``delay`` later
-            self._pending = (kind, batch, result, start)
+            self._pending = (batch, result, start)
             return Output(delay=delay)
-        acks.append(self._ack(kind, batch, result, start))
+        acks.append(self._ack(batch.seq, self._count(batch, result, start)))
         return None
 
-    def _ack(self, kind: str, batch, result, start: float) -> Ack:
+    def _count(self, batch: ReceivedBatch, result, start: float) -> int:
+        """Count an applied batch (per kind code); returns its rejected pages, for the ACK."""
         record = self.record
-        record.apply.observe(perf_counter() - start)
+        record.apply_seconds.observe(perf_counter() - start)
+        kind = batch.kind
         record.batches[kind] += 1
         record.ranges[kind] += result.ranges
         record.pages_total[kind] += result.pages
-        if not result.rejected_pages:
-            return Ack(batch.seq, 0)
-        rejected = record.rejected
-        for reason, pages in result.rejected.items():
-            rejected[reason] = rejected.get(reason, 0) + pages
-        return Ack(batch.seq, min(result.rejected_pages, U64_MAX))
+        rejected_pages = result.rejected_pages
+        if rejected_pages:
+            rejected = record.rejected
+            for reason, pages in result.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + pages
+        return rejected_pages
 
     # -- control messages -------------------------------------------------------------
 
     def _control(self, event, out: list[bytes]) -> tuple[str, str] | None:
-        """Non-batch messages; ``(result, reason)`` when the message ends the session."""
-        if self.conn.state is State.CLOSED and not isinstance(event, ENDINGS):
+        """Non-batch messages, by exact type; ``(result, reason)`` when it ends the session."""
+        kind = event.__class__
+        if self.conn.state is State.CLOSED and kind not in GUEST_ENDINGS:
             return None  # a BYE or ERROR later in this chunk ended it: no reply can be sent
-        if isinstance(event, Hello):
+        if kind is Hello:
             out.extend(self._welcome(event))
-        elif isinstance(event, Ping):
-            if not isinstance(event, Pong):
-                out.append(self.conn.send(Pong(event.nonce)))
-        elif isinstance(event, Stats):
+        elif kind is Ping:
+            out.append(self.conn.send(Pong(event.nonce)))
+        elif kind is Stats:
             self.record.stats = event.values
-        elif isinstance(event, HintDone):
+        elif kind is HintDone:
             self.record.hint_done = event.cmd_id
-        elif isinstance(event, Bye):
+        elif kind is Bye:
             return "bye", (f"bye: {event.reason}"[:200] if event.reason else "bye")
-        elif isinstance(event, Error):
+        elif kind is Error:
             return "guest-error", f"guest error {event.code}"[:200]
-        return None
+        return None  # PONG: the answer to our keepalive; receiving it was enough
 
     def _welcome(self, hello: Hello) -> list[bytes]:
         settings = self.settings

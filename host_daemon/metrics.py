@@ -102,10 +102,10 @@ class HostCollector(Collector):
         }
         for r in records:
             g = r.id
-            for kind in KINDS:
-                families["batches"].add_metric([g, kind], r.batches[kind])
-                families["ranges"].add_metric([g, kind], r.ranges[kind])
-                families["pages"].add_metric([g, kind], r.pages_total[kind])
+            for code, kind in enumerate(KINDS):
+                families["batches"].add_metric([g, kind], r.batches[code])
+                families["ranges"].add_metric([g, kind], r.ranges[code])
+                families["pages"].add_metric([g, kind], r.pages_total[code])
             for reason, count in r.rejected.items():
                 rejected.add_metric([g, reason], count)
             received.add_metric([g], r.received_bytes)

@@ -32,18 +32,23 @@ from pathlib import Path
 
 from shared.config import format_size
 from shared.errors import RemoteProtocolError
-from shared.vocabulary import PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
+from shared.vocabulary import DEFLATE, INFLATE, PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 
 from .histogram import LatencyHistogram
 from .inventory import Inventory
 from .ramlayout import RamLayout, needs_map
 from .reclaim import RamFile, ram_files, remove_ram_file
-from .tracker import KINDS, REASONS, GuestTracker
+from .tracker import KIND_CODES, KINDS, REASONS, GuestTracker
 
 log = logging.getLogger("balloon.host.registry")
 
 #: A balloon short of its target that has not moved for this long is "unreachable".
 TARGET_STALL_S = 5.0
+
+
+def by_kind(counts: list[int]) -> dict[str, int]:
+    """Per-kind counters (indexed by kind code) keyed by the kinds' names, for JSON and tests."""
+    return dict(zip(KINDS, counts, strict=True))
 
 
 class GuestRecord:
@@ -58,9 +63,10 @@ class GuestRecord:
         self.session = None  # the live Session, or None
         self.since = time.time()  # connected since / disconnected since
         self.address = ""
-        self.batches = dict.fromkeys(KINDS, 0)
-        self.ranges = dict.fromkeys(KINDS, 0)
-        self.pages_total = dict.fromkeys(KINDS, 0)
+        # per batch kind, indexed by its code (the index in vocabulary.BATCH_KINDS): by_kind() names them
+        self.batches = [0] * len(KINDS)
+        self.ranges = [0] * len(KINDS)
+        self.pages_total = [0] * len(KINDS)
         self.rejected = dict.fromkeys(REASONS, 0)
         self.received_bytes = 0
         self.errors = 0
@@ -79,7 +85,7 @@ class GuestRecord:
         self.vmm = None  # vmm.VmmLink when the inventory gives the VM's VMM (qmp)
         #: pages the host did not punch because its VMM said discards were unsafe, by reason (bytes)
         self.inhibited: dict[str, int] = {}
-        self.apply = LatencyHistogram()
+        self.apply_seconds = LatencyHistogram()  # time from a batch's read to its ACK (apply and punch)
         self._forget: asyncio.TimerHandle | None = None
         self._batches_at_claim = 0
 
@@ -158,7 +164,7 @@ class GuestRecord:
         """
         now = time.monotonic() if now is None else now
         target, inflated = self.target_pages, self.balloon_pages
-        seen = (inflated, self.batches.get("inflate", 0) + self.batches.get("deflate", 0), target)
+        seen = (inflated, self.batches[KIND_CODES[INFLATE]] + self.batches[KIND_CODES[DEFLATE]], target)
         if seen != self._balloon_seen:
             self._balloon_seen = seen
             self._balloon_moved_at = now
@@ -189,7 +195,7 @@ class GuestRecord:
                 resident = self.ram.resident_bytes()
             except OSError:
                 pass
-        p99 = self.apply.quantile(0.99)
+        p99 = self.apply_seconds.quantile(0.99)
         memory = self.pages * PAGE_SIZE
         stats = self._stats
         now = time.monotonic()
@@ -222,14 +228,14 @@ class GuestRecord:
             "hinted_pages": tracker.hinted_pages,
             "reclaimed_bytes": reclaimed,
             "resident_bytes": resident,
-            "batches": dict(self.batches),
-            "pages_total": dict(self.pages_total),
+            "batches": by_kind(self.batches),
+            "pages_total": by_kind(self.pages_total),
             "rejected_pages": dict(self.rejected),
             "window": {"size": window[0], "in_use": window[1]} if window else {"size": 0, "in_use": 0},
             "last_message_at": self.last_message_at,
             "errors": self.errors,
             "apply_seconds_p99": p99,
-            "apply_seconds_p99_recent": self.apply.recent_quantile(0.99),  # the last 5 minutes
+            "apply_seconds_p99_recent": self.apply_seconds.recent_quantile(0.99),  # the last 5 minutes
             # the guest's last STATS, virtio tags as strings (JSON keys): "4" is MEMFREE
             "stats": {str(tag): value for tag, value in stats.items()},
             # the inventory entry (token redacted), or null for an open-mode guest
@@ -274,7 +280,7 @@ class Registry:
         total = LatencyHistogram()
         total.merge(self.retired_apply)
         for record in self.guests.values():
-            total.merge(record.apply)
+            total.merge(record.apply_seconds)
         return total
 
     @property
@@ -320,7 +326,7 @@ class Registry:
         record.address = address
         record.since = time.time()
         record.sessions += 1
-        record._batches_at_claim = sum(record.batches.values())
+        record._batches_at_claim = sum(record.batches)
         return record
 
     def open_ram(self, record: GuestRecord) -> str:
@@ -398,7 +404,7 @@ class Registry:
             if self.after_release is not None:
                 self.after_release(record)
             return
-        idle = sum(record.batches.values()) == record._batches_at_claim
+        idle = sum(record.batches) == record._batches_at_claim
         delay = self.forget_after if result == "bye" or idle else self.retention
         if delay <= 0:
             self.forget(record.id)
@@ -420,7 +426,7 @@ class Registry:
             record._forget.cancel()
             record._forget = None
         self.forgotten += 1
-        self.retired_apply.merge(record.apply)
+        self.retired_apply.merge(record.apply_seconds)
         try:
             if not remove_file:
                 if record.ram is not None:

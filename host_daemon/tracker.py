@@ -411,11 +411,17 @@ class GuestTracker(TrackerViews):
 
     # --- the hot path -----------------------------------------------------------------
 
-    def apply(self, kind: str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
-        """Validate and apply one decoded batch in one kernel call; never raises on guest data."""
-        code = KIND_CODES.get(kind)
-        if code is None:
-            raise ValueError(f"unknown batch kind {kind!r}")
+    def apply(self, kind: int | str, pfns, counts, cmd_id: int | None = None) -> ApplyResult:
+        """Validate and apply one decoded batch in one kernel call; never raises on guest data.
+
+        ``kind`` is the batch's kind code (its index in vocabulary.BATCH_KINDS, as the host's
+        connection hands it over) or its name."""
+        if kind.__class__ is int and 0 <= kind < len(KINDS):
+            code, kind = kind, KINDS[kind]
+        else:
+            code = KIND_CODES.get(kind)
+            if code is None:
+                raise ValueError(f"unknown batch kind {kind!r}")
         if pfns.__class__ is not np.ndarray or pfns.dtype is not _U64_DTYPE or pfns.ndim != 1:
             pfns = _as_words(pfns)
         if counts.__class__ is not np.ndarray or counts.dtype is not _U64_DTYPE or counts.ndim != 1:

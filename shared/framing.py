@@ -81,7 +81,7 @@ class Framer:
     itself finds earlier in the stream wins, whatever the chunking).
     """
 
-    __slots__ = ("max_message_bytes", "max_depth", "max_objects", "error_at",
+    __slots__ = ("max_message_bytes", "max_depth", "max_objects", "error_at", "consumed",
                  "_stack", "_skip", "_carry", "_size", "_objects")
 
     def __init__(self, max_message_bytes: int, max_depth: int = MAX_DEPTH,
@@ -90,13 +90,21 @@ class Framer:
         self.max_depth = max_depth
         self.max_objects = max_objects
         self.error_at = 0
+        self.consumed = 0  # bytes of the last chunk ``scan`` walked (all of it unless ``one``)
         self._stack: list[int] = []  # elements still due in each open container, outermost first
         self._skip = 0  # body bytes of the current str/bin still to step over
         self._carry = b""  # a token header split across chunks
         self._size = 0  # bytes of the current message so far
         self._objects = 0
 
-    def scan(self, chunk) -> int:
+    @property
+    def at_boundary(self) -> bool:
+        """No message is under way: the next byte starts a new one."""
+        return not (self._stack or self._skip or self._carry)
+
+    def scan(self, chunk, one: bool = False) -> int:
+        """Walk ``chunk``; with ``one``, stop where the first message completes
+        (``consumed`` says where), so the caller can read the next one another way."""
         base = len(self._carry)  # offsets in ``data`` minus this are offsets in ``chunk``
         data = self._carry + bytes(chunk) if base else chunk
         self._carry = b""
@@ -191,6 +199,10 @@ class Framer:
                 before = 0
                 first = pos
                 objects = 0
+                if one:
+                    end = pos
+                    break
+        self.consumed = len(data) - base if self._carry else end - base
         size = before + end - first if (stack or skip or self._carry) else 0
         if size > limit:
             self.error_at = max(0, start - base)
@@ -199,3 +211,51 @@ class Framer:
         self._size = size
         self._objects = objects
         return completed
+
+
+# -- the batch lane's header: one fixed shape, recognised whole or not at all ----------------
+
+#: Batch wire types by array length: REPORT, REUSE, INFLATE, DEFLATE are ``[type, seq,
+#: payload]``; HINT is ``[10, seq, cmd_id, payload]`` (docs/PROTOCOL.md §4).
+_LANE_TYPES = {0x93: frozenset({3, 5, 6, 7}), 0x94: frozenset({10})}
+#: Width of an unsigned msgpack integer's body by its first byte (positive fixint: 0).
+_UINT_WIDTH = {**dict.fromkeys(range(0x80), 0), 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def batch_header(data, pos: int, end: int):
+    """``(type, seq, cmd_id, body_at, body_len)`` when ``data[pos:end]`` starts with a whole
+    batch header, else None — the caller then hands the bytes to the framer.
+
+    Recognised: a fixarray of 3 (4 for HINT), a positive fixint type, ``seq`` as any
+    unsigned msgpack integer, HINT's ``cmd_id`` as one of at most 32 bits, the payload as
+    ``bin``. Every field of that shape is in range by its encoding (seq < 2**64, cmd_id <
+    2**32), so no field rule is needed here; any other encoding of the same message, an
+    incomplete header and every malformed frame take the general path, which has the rules
+    and their errors. The caller still checks the frame's size against the limit before
+    it waits for the body.
+    """
+    if end - pos < 4:
+        return None
+    kinds = _LANE_TYPES.get(data[pos])
+    kind = data[pos + 1]
+    if kinds is None or kind not in kinds:
+        return None
+    at = pos + 2
+    width = _UINT_WIDTH.get(data[at])
+    if width is None or at + 1 + width >= end:
+        return None
+    seq = data[at] if width == 0 else int.from_bytes(data[at + 1 : at + 1 + width], "big")
+    at += 1 + width
+    cmd_id = None
+    if kind == 10:
+        width = _UINT_WIDTH.get(data[at])
+        if width is None or width > 4 or at + 1 + width >= end:
+            return None
+        cmd_id = data[at] if width == 0 else int.from_bytes(data[at + 1 : at + 1 + width], "big")
+        at += 1 + width
+    width = _BIN_WIDTH.get(data[at])
+    if width is None or at + 1 + width > end:
+        return None
+    length = int.from_bytes(data[at + 1 : at + 1 + width], "big")
+    return kind, seq, cmd_id, at + 1 + width, length

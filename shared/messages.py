@@ -10,11 +10,11 @@ so that later minor versions can add optional fields.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -23,8 +23,6 @@ from .errors import RemoteProtocolError
 from .vocabulary import MAX_FEATURES, MAX_NAME_LEN, MAX_STATS, MAX_TEXT_LEN, U64_MAX
 
 GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-#: ``decode(seq, payload) -> (pfns, counts)``: the receiving side's batch check (protocol.py).
-Decoder = Callable[[int, bytes], tuple]
 
 
 class MessageType(IntEnum):
@@ -263,33 +261,30 @@ class Welcome(Message):
 class Batch(Message):
     """A batch of ranges that the host must ACK: ``[type, seq, payload]``.
 
-    A guest builds one without ``seq`` (its connection numbers batches as they go out and
-    says which number it used in ``last_seq``). A received batch is built already decoded:
-    ``pfns``/``counts`` hold its ranges in the negotiated encoding (not part of the wire
-    form, so they do not take part in equality).
+    What a guest sends: it builds one without ``seq`` (its connection numbers batches as
+    they go out and says which number it used in ``last_seq``). The host receives a batch
+    as a :class:`ReceivedBatch` of plain values instead (shared/protocol.py).
     """
 
     ARITY: ClassVar = 3
     KIND: ClassVar[str]  # one of vocabulary.BATCH_KINDS: the name in metrics, the tracker and logs
     payload: bytes
     seq: int | None = None
-    pfns: np.ndarray | None = field(default=None, compare=False, repr=False)
-    counts: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_wire(self, seq: int | None = None) -> list:
         """The wire form, numbered ``seq`` (default: the message's own)."""
         return [self.WIRE_TYPE, self.seq if seq is None else seq, self.payload]
 
     @classmethod
-    def parse(cls, fields: list, decode: Decoder | None = None) -> Batch:
-        """Check the fields; ``decode(seq, payload)`` (the receiving connection's) checks the
-        batch against the session and returns its ranges, before the message is built."""
-        seq = _uint(fields[1], "seq")
-        payload = _payload(fields[2])
-        if decode is None:
-            return cls(payload, seq)
-        pfns, counts = decode(seq, payload)
-        return cls(payload, seq, pfns, counts)
+    def fields(cls, obj: list) -> tuple[int, int | None, bytes]:
+        """``(seq, cmd_id, payload)`` of a batch's wire list, each field checked (arity
+        checked by the caller); ``cmd_id`` is None but for HINT."""
+        return _uint(obj[1], "seq"), None, _payload(obj[2])
+
+    @classmethod
+    def parse(cls, fields: list) -> Batch:
+        seq, _, payload = cls.fields(fields)
+        return cls(payload, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,14 +332,30 @@ class Hint(Batch):
         return [self.WIRE_TYPE, self.seq if seq is None else seq, self.cmd_id, self.payload]
 
     @classmethod
-    def parse(cls, fields: list, decode: Decoder | None = None) -> Hint:
-        seq = _uint(fields[1], "seq")
-        cmd_id = _uint(fields[2], "cmd_id", v.MAX_CMD_ID)
-        payload = _payload(fields[3])
-        if decode is None:
-            return cls(payload, seq, cmd_id=cmd_id)
-        pfns, counts = decode(seq, payload)
-        return cls(payload, seq, pfns, counts, cmd_id)
+    def fields(cls, obj: list) -> tuple[int, int | None, bytes]:
+        return _uint(obj[1], "seq"), _uint(obj[2], "cmd_id", v.MAX_CMD_ID), _payload(obj[3])
+
+    @classmethod
+    def parse(cls, fields: list) -> Hint:
+        seq, cmd_id, payload = cls.fields(fields)
+        return cls(payload, seq, cmd_id=cmd_id)
+
+
+class ReceivedBatch(NamedTuple):
+    """A batch as the host receives it: plain values, decoded and checked against the
+    session (seq, window, max_ranges) — what a device sees in a used virtqueue buffer, not
+    a message object. Built by HostConnection whichever path read the frame."""
+
+    kind: int  # its index in vocabulary.BATCH_KINDS (REPORT 0 .. HINT 4): counters and the tracker use it
+    seq: int
+    pfns: np.ndarray
+    counts: np.ndarray
+    cmd_id: int | None  # HINT's migration command, None for the others
+
+    @property
+    def TYPE(self) -> MessageType:  # noqa: N802 - the name every message has for its type
+        """Its message type (REPORT ... HINT), as a message's class says it."""
+        return BATCH_TYPES[self.kind].TYPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,10 +457,7 @@ class Stats(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Ping(Message):
-    """Either way: keepalive; the peer answers PONG with the same nonce."""
-
-    TYPE: ClassVar = MessageType.PING
+class _Nonce(Message):
     ARITY: ClassVar = 2
     nonce: int = 0
 
@@ -457,12 +465,22 @@ class Ping(Message):
         return [self.WIRE_TYPE, self.nonce]
 
     @classmethod
-    def parse(cls, fields: list) -> Ping:
+    def parse(cls, fields: list) -> _Nonce:
         return cls(nonce=_uint(fields[1], "nonce"))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong(Ping):
+class Ping(_Nonce):
+    """Either way: keepalive; the peer answers PONG with the same nonce."""
+
+    TYPE: ClassVar = MessageType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Nonce):
+    """The answer to a PING (the same shape, not a kind of PING: receivers dispatch on the
+    exact type)."""
+
     TYPE: ClassVar = MessageType.PONG
 
 
@@ -500,6 +518,8 @@ class Error(Message):
 
 
 BATCH_TYPES = (Report, Reuse, Inflate, Deflate, Hint)
+#: Batch wire type -> its kind code, the index of its name in vocabulary.BATCH_KINDS.
+BATCH_KIND_CODES: dict[int, int] = {int(cls.TYPE): v.BATCH_KINDS.index(cls.KIND) for cls in BATCH_TYPES}
 #: Batch kind name (vocabulary.BATCH_KINDS) -> message class.
 BATCH_CLASSES: dict[str, type[Batch]] = {cls.KIND: cls for cls in BATCH_TYPES}
 MESSAGE_CLASSES: dict[int, type[Message]] = {

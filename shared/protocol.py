@@ -32,8 +32,9 @@ from typing import Any
 import msgpack
 
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, as_remote
-from .framing import Framer
+from .framing import Framer, batch_header
 from .messages import (
+    BATCH_KIND_CODES,
     BATCH_TYPES,
     MESSAGE_CLASSES,
     Ack,
@@ -42,6 +43,7 @@ from .messages import (
     Hello,
     Message,
     MessageType,
+    ReceivedBatch,
     Welcome,
     check_arity,
     map_from_pairs,
@@ -66,10 +68,14 @@ from .vocabulary import (
 from .window import FlowWindow, UnknownSequence, WindowFull
 
 M = MessageType
-BATCH_KINDS = frozenset({M.REPORT, M.REUSE, M.INFLATE, M.DEFLATE, M.HINT})
-GUEST_SENDS = BATCH_KINDS | {M.HINT_DONE, M.STATS, M.PING, M.PONG}
+ACK = int(M.ACK)
+_new_batch = tuple.__new__  # a ReceivedBatch from its values, without NamedTuple's Python __new__
+#: The message types a host acknowledges (their kind names: vocabulary.BATCH_KINDS).
+BATCH_MESSAGES = frozenset({M.REPORT, M.REUSE, M.INFLATE, M.DEFLATE, M.HINT})
+GUEST_SENDS = BATCH_MESSAGES | {M.HINT_DONE, M.STATS, M.PING, M.PONG}
 HOST_SENDS = frozenset({M.ACK, M.TARGET, M.HINT_START, M.HINT_STOP, M.PING, M.PONG})
-ENDINGS = frozenset({M.BYE, M.ERROR})
+#: The messages that end a session, either way.
+ENDING_MESSAGES = frozenset({M.BYE, M.ERROR})
 #: Messages that exist only with a negotiated feature (the feature's whole vocabulary).
 NEEDS_FEATURE = {M.HINT: HINTING, M.HINT_START: HINTING, M.HINT_DONE: HINTING, M.HINT_STOP: HINTING,
                  M.STATS: STATS}
@@ -132,16 +138,12 @@ def _host_receives_hello(host, obj: list) -> Message:
     return host._accept_hello(_parse(host, obj))
 
 
-def _host_receives_batch(cls: type[Batch]):
-    parse = cls.parse
-    arity = cls.ARITY
-
-    def receive(host, obj: list) -> Batch:
-        if len(obj) != arity:
-            check_arity(cls, obj)
-        return parse(obj, host._accept_batch)
-
-    return receive
+def _host_receives_batch(host, obj: list) -> ReceivedBatch:
+    """A batch the framer and msgpack read: its fields checked by its class, then the
+    session's rules — the same ``_accept_batch`` a batch read by the lane goes to."""
+    cls = MESSAGE_CLASSES[obj[0]]
+    check_arity(cls, obj)
+    return host._accept_batch(obj[0], *cls.fields(obj))
 
 
 def _host_sends_welcome(host, welcome: Welcome) -> list:
@@ -166,7 +168,7 @@ def _guest_sends_batch(guest, batch: Batch) -> list:
 
 _HANDLERS: dict[tuple[Role, str, MessageType], Callable] = {
     (Role.HOST, "receive", M.HELLO): _host_receives_hello,
-    **{(Role.HOST, "receive", cls.TYPE): _host_receives_batch(cls) for cls in BATCH_TYPES},
+    **{(Role.HOST, "receive", cls.TYPE): _host_receives_batch for cls in BATCH_TYPES},
     (Role.HOST, "send", M.WELCOME): _host_sends_welcome,
     (Role.HOST, "send", M.ACK): _host_sends_ack,
     (Role.GUEST, "receive", M.WELCOME): _guest_receives_welcome,
@@ -185,7 +187,7 @@ def _rules(direction: str, table: dict[tuple[Role, State], dict[MessageType, Sta
     rules = {}
     for (role, state), moves in table.items():
         if state is not State.CLOSED:
-            moves = {**moves, **dict.fromkeys(ENDINGS, State.CLOSED)}
+            moves = {**moves, **dict.fromkeys(ENDING_MESSAGES, State.CLOSED)}
         rules[(role, state)] = {
             int(kind): Move(after, MESSAGE_CLASSES[kind], _HANDLERS.get((role, direction, kind), default),
                             NEEDS_FEATURE.get(kind))
@@ -267,6 +269,7 @@ class Connection:
         self._eof = False
         self._goodbye = ""  # "sent" / "received": who ended the session with BYE or ERROR
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._lane = False  # batch frames read from their header (the host: HostConnection)
         self.state = State.IDLE
         self.features: tuple[str, ...] = ()
         self.window: FlowWindow | None = None
@@ -315,6 +318,9 @@ class Connection:
             self._eof = True
             return
         self.bytes_received += len(data)
+        if self._lane:
+            self._receive_lane(data if data.__class__ is bytes else bytes(data))
+            return
         step = self.max_message_bytes  # the unpacker holds at most one message plus one step
         view = memoryview(data) if len(data) > step else None
         for start in range(0, len(data), step):
@@ -330,6 +336,47 @@ class Connection:
             self._unpack(chunk)
             if self._pending_error is not None:
                 return
+
+    def _receive_lane(self, data: bytes) -> None:
+        """The batch lane: each whole batch frame at a message boundary is taken from its
+        fixed header (``framing.batch_header``) as plain values — no msgpack object, no
+        message — and anything else, one message at a time, goes through the framer and
+        msgpack as before. So every byte is read by exactly one of them, in order, and a
+        batch frame reaches ``next_event`` the same way whichever read it (the chunking
+        tests in tests/shared/test_one_path.py hold the two to the same events and errors).
+        """
+        end = len(data)
+        pos = 0
+        limit = self.max_message_bytes
+        framer = self._framer
+        objects = self._objects
+        view = None
+        while pos < end:
+            if framer.at_boundary:
+                header = batch_header(data, pos, end)
+                if header is not None:
+                    kind, seq, cmd_id, body, length = header
+                    stop = body + length
+                    # nats: the size is checked on the header, before any body is waited for;
+                    # a frame over the limit, or not all here yet, is the framer's to read
+                    if stop <= end and stop - pos <= limit:
+                        objects.append((kind, seq, cmd_id, data[body:stop]))
+                        pos = stop
+                        continue
+            if view is None:
+                view = memoryview(data)
+            chunk = view[pos:]
+            try:
+                framer.scan(chunk, one=True)
+            except RemoteProtocolError as error:
+                self._unpack(chunk[: framer.error_at])
+                self._pending_error = self._pending_error or error
+                return
+            used = framer.consumed
+            self._unpack(chunk[:used])
+            if self._pending_error is not None:
+                return
+            pos += used
 
     def _unpack(self, chunk) -> None:
         """Feed framed bytes to msgpack and take the messages they complete."""
@@ -355,7 +402,8 @@ class Connection:
             return NEED_DATA
         obj = self._objects.popleft()
         try:
-            kind = message_type(obj)
+            lane = obj.__class__ is tuple  # (type, seq, cmd_id, payload) read by the lane
+            kind = obj[0] if lane else message_type(obj)
             move = self._receive_moves.get(kind)
             if move is None and kind == M.ACK and self._goodbye == "sent" and self.role is Role.GUEST:
                 move = _LATE_ACK
@@ -366,7 +414,7 @@ class Connection:
             if move.feature is not None and move.feature not in self._features:
                 raise RemoteProtocolError(
                     "feature-not-negotiated", f"{move.cls.TYPE.name} needs the {move.feature!r} feature")
-            message = move.handle(self, obj)
+            message = self._accept_batch(*obj) if lane else move.handle(self, obj)
         except ProtocolError as error:
             self._die(as_remote(error))
         if move.after is State.CLOSED and not self._goodbye:
@@ -505,14 +553,17 @@ class GuestConnection(Connection):
 class HostConnection(Connection):
     """The host (device) side: receives HELLO and batches, sends WELCOME and ACKs.
 
-    Every batch is decoded here with the negotiated encoding, so the daemon receives
-    messages whose ``pfns``/``counts`` arrays are already bounds-safe to index.
+    A batch arrives as a :class:`ReceivedBatch` of plain values, decoded here with the
+    negotiated encoding, so its ``pfns``/``counts`` arrays are already bounds-safe to
+    index; batch frames are read by the lane (``_receive_lane``), and ``ack`` answers one
+    with the ACK's bytes.
     """
 
     role = Role.HOST
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         super().__init__(max_message_bytes)
+        self._lane = True
         self.hello: Hello | None = None
         self.expected_seq = 0
 
@@ -520,8 +571,9 @@ class HostConnection(Connection):
         self.hello = hello  # every field was checked, in order, by Hello.parse
         return hello
 
-    def _accept_batch(self, seq: int, payload: bytes):
-        """The session's rules for a batch (seq, window, ranges); returns its decoded ranges."""
+    def _accept_batch(self, kind: int, seq: int, cmd_id: int | None, payload) -> ReceivedBatch:
+        """The session's rules for a batch (seq, window, ranges), checked once, whichever
+        path read it; returns it decoded."""
         if seq != self.expected_seq:
             raise RemoteProtocolError("bad-seq", f"expected seq {self.expected_seq}, got {seq}")
         if self.window.full:
@@ -538,7 +590,19 @@ class HostConnection(Connection):
                 raise RemoteProtocolError("too-many-ranges", f"{pfns.size} ranges exceed max_ranges {self.max_ranges}")
         self.window.consume(seq)
         self.expected_seq = seq + 1
-        return pfns, counts
+        return _new_batch(ReceivedBatch, (BATCH_KIND_CODES[kind], seq, pfns, counts, cmd_id))
+
+    def ack(self, seq: int, rejected_pages: int = 0) -> bytes:
+        """The bytes of ``send(Ack(seq, rejected_pages))``, without building the message: the
+        same table entry allows it and the same ``_ack_wire`` releases the window and clamps.
+        Anything but the plain case (the session over, an owed ACK, a dead connection) is
+        left to ``send``, which decides it."""
+        move = self._send_moves.get(ACK)
+        if move is None or self._dead is not None or move.after is not self._state:
+            return self.send(Ack(seq, rejected_pages))
+        data = self._packer.pack(self._ack_wire(seq, rejected_pages))
+        self.bytes_sent += len(data)
+        return data
 
     def _welcome_sent(self, welcome: Welcome) -> list:
         unknown = set(welcome.features) - set(self.hello.features)
@@ -550,16 +614,21 @@ class HostConnection(Connection):
         return welcome.to_wire()
 
     def _ack_sent(self, ack: Ack) -> list:
+        return self._ack_wire(ack.seq, ack.rejected_pages)
+
+    def _ack_wire(self, seq: int, rejected_pages: int) -> list:
+        """The one ACK rule: ``seq`` must be in flight (its slot is freed); rejected_pages
+        saturates, as a batch of escaped ranges can reject more than 2**64-1 pages."""
         try:
-            self.window.release(ack.seq)
+            self.window.release(seq)
         except UnknownSequence as error:
             raise LocalProtocolError("bad-ack", str(error)) from None
-        # rejected_pages saturates: a batch of escaped ranges can reject more than 2**64-1 pages.
-        return [ack.WIRE_TYPE, ack.seq, min(ack.rejected_pages, U64_MAX)]
+        return [ACK, seq, rejected_pages if rejected_pages <= U64_MAX else U64_MAX]
 
 
 __all__ = [
     "CONNECTION_CLOSED", "DEFAULT_MAX_MESSAGE_BYTES", "GuestConnection", "HostConnection",
-    "MAX_INLINE_COUNT", "NEED_DATA", "PFN32", "RANGES52", "RECEIVE_RULES", "SEND_RULES", "Move", "Role",
+    "MAX_INLINE_COUNT", "NEED_DATA", "PFN32", "RANGES52", "RECEIVE_RULES", "SEND_RULES", "Move",
+    "ReceivedBatch", "Role",
     "State", "negotiate_features",
 ]

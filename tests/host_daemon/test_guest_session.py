@@ -19,6 +19,7 @@ from sessionkit import (
     hello,
 )
 
+from host_daemon.registry import by_kind
 from shared.errors import RemoteProtocolError
 
 
@@ -223,7 +224,7 @@ async def test_batches_then_bye_in_one_chunk_are_applied_and_acked_before_the_cl
     out.discard.run()
     out = session.resume(1.0)
     assert decode(out.data) == [[ACK, 1, 0]] and out.close and session.result == "bye"
-    assert record.batches["report"] == 2 and record.tracker.reported_pages == 9
+    assert by_kind(record.batches)["report"] == 2 and record.tracker.reported_pages == 9
     assert record.ram.discarded == [([1], [1])]
 
 
@@ -234,7 +235,7 @@ async def test_batches_then_a_guest_error_in_one_chunk_are_acked_before_the_clos
     out = session.receive(chunk, 1.0)
     assert decode(out.data) == [[ACK, 0, 0], [ACK, 1, 0]]
     assert out.close and session.result == "guest-error"
-    assert host.registry.get("g1").batches["report"] == host.registry.get("g1").batches["inflate"] == 1
+    assert by_kind(host.registry.get("g1").batches)["report"] == by_kind(host.registry.get("g1").batches)["inflate"] == 1
 
 
 async def test_a_bye_read_while_a_discard_runs_waits_for_its_ack():
@@ -266,7 +267,7 @@ async def test_the_guest_id_stays_taken_until_a_discard_cut_off_by_a_reset_is_do
     assert decode(early.data)[0][:2] == [ERROR, "guest-busy"]
     out.discard.run()
     assert session.resume(1.3).data == b""
-    assert record.session is None and record.batches["report"] == 1  # applied, counted
+    assert record.session is None and by_kind(record.batches)["report"] == 1  # applied, counted
     late = host.session(1.4).receive(hello("g1"), 1.4)
     assert decode(late.data)[0][0] == WELCOME
 

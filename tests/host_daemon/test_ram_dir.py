@@ -8,6 +8,8 @@ import os
 import pytest
 from hostkit import ACK, ERROR, INFLATE, REPORT, WELCOME, RawGuest, eventually, sample, scrape
 
+from host_daemon.registry import by_kind
+
 PAGES = 8192  # 32 MiB
 
 
@@ -163,7 +165,7 @@ async def test_report_and_bye_in_one_write_are_punched_and_acked(make_host, ram_
     assert await guest.recv() is None
     assert (before - os.stat(welcome[1]["ram_file"]).st_blocks) * 512 == 4096
     record = host.registry.get("vm1")
-    assert record.batches["report"] == 1 and record.tracker.reported_pages == 1
+    assert by_kind(record.batches)["report"] == 1 and record.tracker.reported_pages == 1
 
 
 async def test_a_reconnect_waits_for_the_punch_of_a_batch_cut_off(make_host, ram_dir):

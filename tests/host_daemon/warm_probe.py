@@ -46,8 +46,8 @@ async def main(path: str) -> None:
         await session(path, "first")
         await session(path, "second")
         guests = server.registry.guests
-        print(json.dumps({"first": guests["first"].apply.sum, "second": guests["second"].apply.sum,
-                          "batches": guests["first"].apply.count, "compiled": tracker._compiled,
+        print(json.dumps({"first": guests["first"].apply_seconds.sum, "second": guests["second"].apply_seconds.sum,
+                          "batches": guests["first"].apply_seconds.count, "compiled": tracker._compiled,
                           "warmed": warmed, "after": signatures()}))
     finally:
         await server.stop(grace=1.0)

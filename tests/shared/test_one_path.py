@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pairkit import raw, ready_guest, ready_host, remote_error
+from pairkit import HELLO, raw, ready_guest, ready_host, remote_error
 
 from shared.errors import CODES, LocalProtocolError, RemoteProtocolError
-from shared.messages import Ack, Hello, HintDone, HintStart, Report, Stats, Welcome
+from shared.messages import Ack, Hello, HintDone, HintStart, ReceivedBatch, Report, Stats, Welcome
 from shared.protocol import GuestConnection, HostConnection, State
 from shared.ranges import encode_pfn32, encode_ranges
 from shared.vocabulary import MAX_DEPTH, MAX_OBJECTS, MAX_STR_BYTES, U64_MAX
@@ -56,8 +56,10 @@ def test_messages_are_immutable_and_received_batches_arrive_decoded():
     host.receive_data(raw(3, 0, encode_ranges([7, 100], [1, 5000])))
     batch = host.next_event()
     assert batch.seq == 0 and batch.pfns.tolist() == [7, 100] and batch.counts.tolist() == [1, 5000]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # a ReceivedBatch, plain values in a tuple
         batch.seq = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Report(payload=b"").seq = 1
     with pytest.raises(TypeError):
         Stats({1: 2}).values[3] = 4
 
@@ -263,3 +265,107 @@ def test_unknown_keys_with_plain_values_are_still_ignored():
     host = HostConnection()
     host.receive_data(raw(1, body))
     assert host.next_event().guest == "g1"
+
+
+# -- the batch lane and the general path: the same events and errors (issue 19) -----------
+
+
+def _uint(value: int, form: str) -> bytes:
+    """``value`` as a msgpack unsigned integer in one of its encodings (as wide as asked)."""
+    if form == "fix" and value < 128:
+        return bytes([value])
+    for marker, width in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if form in ("fix", f"u{8 * width}") and value < 1 << (8 * width):
+            return bytes([marker]) + value.to_bytes(width, "big")
+    return b"\xcf" + (value % (1 << 64)).to_bytes(8, "big")
+
+
+def _bin(body: bytes, form: str) -> bytes:
+    widths = {"bin8": (0xC4, 1), "bin16": (0xC5, 2), "bin32": (0xC6, 4)}
+    marker, width = widths[form]
+    if len(body) >= 1 << (8 * width):
+        marker, width = 0xC6, 4
+    return bytes([marker]) + len(body).to_bytes(width, "big") + body
+
+
+@st.composite
+def batch_frames(draw):
+    """Batch frames in every encoding msgpack allows, and the near misses the lane must leave
+    to the general path: wrong arity, a str payload, a negative or huge field, a big frame."""
+    kind = draw(st.sampled_from([3, 5, 6, 7, 10, 4, 13]))
+    seq = draw(st.sampled_from([0, 1, 2, 3, 200, 70_000, 1 << 40]))
+    uint = st.sampled_from(["fix", "u8", "u16", "u32", "u64"])
+    ranges = draw(st.integers(0, 5))
+    body = encode_ranges(np.arange(ranges, dtype=np.uint64) * 4096, np.full(ranges, 4096 + ranges, np.uint64))
+    body += draw(st.sampled_from([b"", b"", b"\x01", b"\x00" * 8]))
+    fields = [_uint(kind, "fix"), _uint(seq, draw(uint))]
+    if kind == 10 or draw(st.integers(0, 9)) == 0:  # HINT's cmd_id, or an extra element elsewhere
+        cmd = draw(st.sampled_from([0, 3, 1 << 32, (1 << 32) - 1]))
+        fields.append(_uint(cmd, draw(uint)))
+    if draw(st.integers(0, 9)) == 0:
+        fields.append(msgpack.packb("not bin"))
+    elif draw(st.integers(0, 9)) == 0:
+        fields.append(msgpack.packb(-1))
+    else:
+        fields.append(_bin(body, draw(st.sampled_from(["bin8", "bin16", "bin32"]))))
+    if draw(st.integers(0, 19)) == 0:
+        fields = fields[:-1]  # one element short
+    if draw(st.integers(0, 9)) == 0:
+        header = b"\xdc" + len(fields).to_bytes(2, "big")  # array16: the same message, another form
+    else:
+        header = bytes([0x90 | len(fields)])
+    return header + b"".join(fields)
+
+
+def _events(data: bytes, cuts: list[int], lane: bool) -> list:
+    """Every event and the error of a host fed ``data`` cut at ``cuts``, by one path."""
+    host = HostConnection(max_message_bytes=4096)
+    host._lane = lane
+    seen: list = []
+    positions = sorted({0, len(data), *(cut for cut in cuts if 0 < cut < len(data))})
+    try:
+        for start, end in zip(positions, positions[1:], strict=False):
+            host.receive_data(data[start:end])
+            for event in host.events():
+                if isinstance(event, Hello):
+                    host.send(Welcome(window=3, max_ranges=4, features=("ranges52", "hinting")))
+                    host.send(HintStart(cmd_id=3))
+                    seen.append("hello")
+                elif isinstance(event, ReceivedBatch):
+                    seen.append((event.kind, event.seq, event.pfns.tolist(), event.counts.tolist(), event.cmd_id))
+                    if event.seq % 2:  # leave some in flight: window-overrun is reachable
+                        host.ack(event.seq, event.seq)
+                else:
+                    seen.append(event)
+    except RemoteProtocolError as error:
+        seen.append(("error", error.code))
+    return seen
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(batch_frames(), max_size=8), st.lists(st.integers(0, 4000), max_size=12),
+       st.sampled_from([b"", raw(14, 1), b"\xc1", raw(3, 0, b"x" * 5000)]))
+def test_the_lane_and_the_general_path_give_the_same_events_and_errors(frames, cuts, tail):
+    data = raw(1, {**HELLO, "features": ["ranges52", "hinting"]}) + b"".join(frames) + tail
+    general = _events(data, [], lane=False)
+    assert _events(data, [], lane=True) == general
+    assert _events(data, cuts, lane=True) == general
+    assert _events(data, cuts, lane=False) == general
+
+
+def test_the_lane_reads_a_whole_batch_frame_without_msgpack():
+    """The common frame never reaches the framer or the unpacker (they would count it)."""
+    host = ready_host()
+    frames = b"".join(raw(3, seq, encode_ranges([seq * 8], [1])) for seq in range(2))
+    unpacked = host._unpacker.tell()  # bytes msgpack has read so far (the HELLO)
+    host.receive_data(frames)
+    assert host._framer.at_boundary and host._unpacker.tell() == unpacked
+    assert [event.seq for event in host.events()] == [0, 1]
+
+
+def test_a_frame_announcing_more_than_the_limit_is_refused_on_its_header():
+    host = ready_host(max_message_bytes=1024)
+    host.receive_data(b"\x93\x03\x00\xc6" + (4096).to_bytes(4, "big") + b"\x00" * 8)  # body not sent
+    with pytest.raises(RemoteProtocolError) as caught:
+        host.next_event()
+    assert caught.value.code == "too-large"

@@ -26,8 +26,10 @@ from shared.messages import (
     HintStart,
     HintStop,
     Inflate,
+    MessageType,
     Ping,
     Pong,
+    ReceivedBatch,
     Report,
     Reuse,
     Stats,
@@ -89,7 +91,7 @@ def test_reports_and_acks(pair_factory):
         pfns = np.array([10 * expected_seq, 100_000], dtype=np.uint64)
         counts = np.array([1 + expected_seq, 4096], dtype=np.uint64)
         batch = pair.guest_sends(kind(payload=encode_ranges(pfns, counts)))[0]
-        assert type(batch) is kind and batch.seq == expected_seq
+        assert batch.TYPE is kind.TYPE and batch.seq == expected_seq
         assert batch.pfns.tolist() == pfns.tolist() and batch.counts.tolist() == counts.tolist()
         assert pair.host.window.in_flight == 1
         ack = pair.host_sends(Ack(seq=batch.seq, rejected_pages=expected_seq))[0]
@@ -186,7 +188,7 @@ def test_window_full_is_a_local_error_on_the_guest(pair_factory):
 def test_window_overrun_seen_by_the_host(pair_factory):
     host = ready_host(window=2)
     host.receive_data(raw(3, 0, b"") + raw(3, 1, b""))
-    assert [type(e) for e in host.events()] == [Report, Report]
+    assert [e.TYPE for e in host.events()] == [MessageType.REPORT] * 2
     error = remote_error(host, raw(3, 2, b""))
     assert error.code == "window-overrun"
     assert host.state is State.CLOSED
@@ -557,7 +559,7 @@ def session_bytes() -> tuple[bytes, bytes]:
         to_host.append(guest.send(Stats(values={round_: round_})))
         host.receive_data(b"".join(to_host[-2:]))
         for event in host.events():
-            if isinstance(event, Report):
+            if isinstance(event, ReceivedBatch):
                 to_guest.append(host.send(Ack(seq=event.seq)))
                 guest.receive_data(to_guest[-1])
                 list(guest.events())
@@ -569,7 +571,7 @@ def summarize(event):
     if event is NEED_DATA or event is CONNECTION_CLOSED:
         return event
     if getattr(event, "pfns", None) is not None:
-        return (type(event).__name__, event.seq, event.pfns.tolist(), event.counts.tolist())
+        return (event.TYPE.name, event.seq, event.pfns.tolist(), event.counts.tolist())
     return event
 
 
@@ -582,7 +584,7 @@ def events_of(connection_type, chunks, replies=()):
             seen.append(summarize(event))
             if isinstance(event, Hello):
                 connection.send(Welcome(window=4, max_ranges=64, features=("ranges52", "stats")))
-            elif isinstance(event, Report):
+            elif isinstance(event, ReceivedBatch):
                 connection.send(Ack(seq=event.seq))
     return seen
 
@@ -592,7 +594,7 @@ def test_one_byte_at_a_time_gives_the_same_events():
     whole = events_of(HostConnection, [to_host])
     bytewise = events_of(HostConnection, [to_host[i : i + 1] for i in range(len(to_host))])
     assert whole == bytewise
-    assert [e[0] for e in whole if isinstance(e, tuple)] == ["Report"] * 6
+    assert [e[0] for e in whole if isinstance(e, tuple)] == ["REPORT"] * 6
     assert isinstance(whole[0], Hello) and isinstance(whole[-1], Bye)
 
 
@@ -669,7 +671,7 @@ def test_resync_filler_completes_a_half_batch_which_is_handled_then_bad_msgpack(
     assert host.next_event() is NEED_DATA
     host.receive_data(b"\xc1" * 8)
     batch = host.next_event()
-    assert isinstance(batch, Report) and batch.pfns.tolist()[0] > 1 << 40  # far beyond the guest
+    assert batch.TYPE is MessageType.REPORT and batch.pfns.tolist()[0] > 1 << 40  # far beyond the guest
     with pytest.raises(RemoteProtocolError) as caught:
         host.next_event()
     assert caught.value.code == "bad-msgpack"

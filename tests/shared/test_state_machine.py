@@ -155,7 +155,7 @@ def test_receive_every_type_in_every_state(role, state, kind):
             assert (kind, error.code) in {(MessageType.ACK, "bad-ack")}
         return
     assert allowed is not None, f"{role} in {state} accepted {kind.name}"
-    assert type(event).TYPE is kind
+    assert event.TYPE is kind
     assert connection.state is allowed
 
 
@@ -188,7 +188,7 @@ def test_acks_owed_after_the_guests_bye_go_out_and_the_guest_takes_them():
     guest.receive_data(host.send(Welcome(window=4, max_ranges=64, features=("ranges52",))))
     assert isinstance(guest.next_event(), Welcome)
     host.receive_data(guest.send(Report(payload=PAYLOAD)) + guest.send(Bye("done")))
-    assert isinstance(host.next_event(), Report) and isinstance(host.next_event(), Bye)
+    assert host.next_event().TYPE is MessageType.REPORT and isinstance(host.next_event(), Bye)
     assert host.state is State.CLOSED and host.goodbye == "received" and guest.goodbye == "sent"
     with pytest.raises(LocalProtocolError, match="bad-ack"):
         host.send(Ack(seq=1))  # only a seq still in flight
@@ -316,11 +316,11 @@ class _Machine(RuleBasedStateMachine):
                 assert connection.state is State.CLOSED
                 self.closed = True
                 return
-            expected = RECEIVE_RULES[(self.role, before)][event.WIRE_TYPE].after
+            expected = RECEIVE_RULES[(self.role, before)][event.TYPE].after
             assert expected is connection.state
             if expected is State.CLOSED:
                 self.closed = True
-            self.reached.add(f"{self.role.value}:{type(event).__name__}")
+            self.reached.add(f"{self.role.value}:{event.TYPE.name}")
             if getattr(event, "pfns", None) is not None:
                 self.reached.add(f"{self.role.value}:batch")
             self.react(event)
@@ -364,7 +364,7 @@ class HostUnderFire(_Machine):
             accepted = negotiate_features(event.features, ("ranges52", "hinting", "stats"))
             self.connection.send(Welcome(window=3, max_ranges=64, features=accepted))
             assert self.connection.state is State.READY
-        elif event.WIRE_TYPE in (3, 5, 6, 7, 10):
+        elif event.TYPE in (3, 5, 6, 7, 10):
             assert event.seq == self.connection.expected_seq - 1
             assert event.pfns.size == event.counts.size <= self.connection.max_ranges
 
@@ -500,12 +500,12 @@ def test_uncorrupted_session_runs_clean():
     host.receive_data(STREAM)
     seen = []
     for event in host.events():
-        seen.append(type(event).__name__)
+        seen.append(event.TYPE.name)
         if isinstance(event, Hello):
             host.send(Welcome(window=8, max_ranges=64, features=("ranges52", "stats")))
-        elif isinstance(event, Report):
+        elif event.TYPE is MessageType.REPORT:
             host.send(Ack(seq=event.seq))
-    assert seen == ["Hello"] + ["Report", "Stats"] * 4 + ["Bye"]
+    assert seen == ["HELLO"] + ["REPORT", "STATS"] * 4 + ["BYE"]
     assert host.state is State.CLOSED
 
 
@@ -516,6 +516,6 @@ def test_machines_reach_ready():
         run_state_machine_as_test(machine, settings=settings(STATEFUL, max_examples=100, derandomize=True,
                                                              database=None))
     reached = HostUnderFire.reached | GuestUnderFire.reached
-    for needed in ("host:Hello", "host:batch", "host:Stats", "host:error:window-overrun", "host:error:bad-seq",
-                   "guest:Welcome", "guest:Ack", "guest:Target", "guest:sent-batch", "guest:error:bad-ack"):
+    for needed in ("host:HELLO", "host:batch", "host:STATS", "host:error:window-overrun", "host:error:bad-seq",
+                   "guest:WELCOME", "guest:ACK", "guest:TARGET", "guest:sent-batch", "guest:error:bad-ack"):
         assert needed in reached, (needed, sorted(reached))
