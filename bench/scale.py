@@ -59,7 +59,7 @@ def _command(name: str, module: str) -> list[str]:
 class Host:
     """A balloon-host subprocess (or the bare reference host) and what /proc says about it."""
 
-    def __init__(self, workdir: Path, max_guests: int, bare: bool = False) -> None:
+    def __init__(self, workdir: Path, max_guests: int, bare: bool = False, extra: list[str] = ()) -> None:
         self.sock = workdir / f"host-{time.monotonic_ns()}.sock"
         self.url = f"http://127.0.0.1:{_free_port()}"
         if bare:  # guest_agent/load/bare.py: framing only, the environment's floor
@@ -67,7 +67,7 @@ class Host:
         else:
             command = _command("balloon-host", "host_daemon") + [
                 "--listen", f"unix:{self.sock}", "--http", self.url[7:], "--max-guests", str(max_guests),
-                "--log-level", "warning"]
+                "--log-level", "warning", *extra]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -28,6 +28,8 @@ import json
 import sys
 import time
 
+import urllib.request
+
 import msgpack
 import numpy as np
 
@@ -187,6 +189,53 @@ def stays(count: int, runs: int) -> dict:
             "bare_ms": 1e3 * best["bare"] / count}
 
 
+def stays_over_sockets(guests: int, silent: float) -> dict:
+    """The same stay against a real ``balloon-host`` on a Unix socket: ``guests`` guests
+    connect, HELLO, stay silent ``silent`` seconds, say BYE and are forgotten; the host's CPU
+    (/proc) over that, less its idle CPU over as long a quiet spell, per guest."""
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from bench.scale import Host
+
+    async def guest(path: str, name: str) -> None:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(_hello(name))
+        unpacker = msgpack.Unpacker()
+        while True:
+            unpacker.feed(await reader.read(4096))
+            if any(True for _ in unpacker):
+                break
+        await asyncio.sleep(silent)
+        writer.write(msgpack.packb([BYE, "done"]))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def all_guests(path: str) -> None:
+        await asyncio.gather(*(guest(path, f"stay-{i}") for i in range(guests)))
+
+    with tempfile.TemporaryDirectory(prefix="balloon-stay-") as tmp:
+        host = Host(Path(tmp), max_guests=max(1024, 2 * guests), extra=["--forget-after", "0.5s"])
+        try:
+            time.sleep(1.0)
+            quiet_start, quiet_cpu = time.monotonic(), host.cpu_seconds()
+            time.sleep(silent + 1.5)
+            idle_rate = (host.cpu_seconds() - quiet_cpu) / (time.monotonic() - quiet_start)
+            start, cpu = time.monotonic(), host.cpu_seconds()
+            asyncio.run(all_guests(str(host.sock)))
+            time.sleep(1.5)  # --forget-after 0.5s: every guest forgotten
+            used = host.cpu_seconds() - cpu - idle_rate * (time.monotonic() - start)
+            with urllib.request.urlopen(host.url + "/api/v1/guests", timeout=5) as response:
+                if json.load(response).get("guests"):
+                    raise RuntimeError("guests were not forgotten")
+        finally:
+            host.stop()
+    return {"guests": guests, "silent_s": silent, "daemon_ms": 1e3 * max(used, 0.0) / guests,
+            "idle_cpu_share": idle_rate}
+
+
 def render(result: dict, markdown: bool) -> str:
     b, s = result["batches"], result["stays"]
     eff = b["efficiency"]
@@ -224,14 +273,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--stays", type=int, default=2000)
+    parser.add_argument("--sockets", type=int, default=200, metavar="N",
+                        help="also N stays against a real balloon-host (0: skip)")
     parser.add_argument("--quick", action="store_true", help="64 sessions, 3 rounds, 2 runs, 200 stays")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.guests, args.rounds, args.runs, args.stays = 64, 3, 2, 200
+        args.guests, args.rounds, args.runs, args.stays, args.sockets = 64, 3, 2, 200, min(args.sockets, 32)
     load_kernels()
     result = {"batches": batches(args.guests, args.rounds, args.runs), "stays": stays(args.stays, args.runs)}
+    if args.sockets:
+        result["socket_stays"] = stays_over_sockets(args.sockets, 1.0 if args.quick else 5.0)
     print(json.dumps(result) if args.json else render(result, args.markdown))
     return 0
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -90,6 +91,8 @@ ZERO_LENGTH, OUT_OF_RANGE, OVERLAP, CONFLICT = 0, 1, 2, 3
 
 U64 = np.uint64
 _EMPTY = np.empty(0, dtype=U64)
+#: ``ApplyResult.rejected`` of a batch with nothing rejected (nearly all): read-only, shared
+_NONE_REJECTED = MappingProxyType({})
 _U0 = np.uint64(0)
 _U1 = np.uint64(1)
 _U32 = np.uint64(32)
@@ -453,7 +456,7 @@ class GuestTracker(TrackerViews):
         discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
         accepted = int(result[ACCEPTED])
         if not result[REJECTED]:
-            return ApplyResult(kind, n, accepted, accepted, 0, {}, {}, discard)
+            return ApplyResult(kind, n, accepted, accepted, 0, _NONE_REJECTED, _NONE_REJECTED, discard)
         rejected, rejected_ranges = {}, {}
         at = REASONS_AT
         for reason in REASONS[:4]:

@@ -350,7 +350,7 @@ class Connection:
         limit = self.max_message_bytes
         framer = self._framer
         objects = self._objects
-        view = None
+        view = memoryview(data)  # payloads and the framer's chunks are views: nothing copied
         while pos < end:
             if framer.at_boundary:
                 header = batch_header(data, pos, end)
@@ -360,11 +360,9 @@ class Connection:
                     # nats: the size is checked on the header, before any body is waited for;
                     # a frame over the limit, or not all here yet, is the framer's to read
                     if stop <= end and stop - pos <= limit:
-                        objects.append((kind, seq, cmd_id, data[body:stop]))
+                        objects.append((kind, seq, cmd_id, view[body:stop]))
                         pos = stop
                         continue
-            if view is None:
-                view = memoryview(data)
             chunk = view[pos:]
             try:
                 framer.scan(chunk, one=True)
