@@ -45,6 +45,7 @@ SECTIONS = (
     ("allocator", "Allocator", "bench.allocator"),
     ("inflate", "Inflate", "bench.inflate"),
     ("encodings", "Encodings", "bench.encodings"),
+    ("sessions", "Hot path", "bench.sessions"),
     ("scale", "Scale", "bench.scale"),
     ("load", "Load", None),  # measured by this module
 )
@@ -177,7 +178,7 @@ def measure_load(quick: bool) -> str:
         ("balloon-load → bare host (the load generator's own ceiling)",
          f"balloon-load --connect ADDR {' '.join(single[:6])}", best["load-bare"], p99.get("load-bare"),
          best["load-bare"] / bare if bare else None),
-        ("**balloon-load → balloon-host** (issue 6: ≥ 0.8 of bare, bar 0.5)",
+        ("**balloon-load → balloon-host** (issue 19: ≥ 0.5 of bare; issue 6: 0.8)",
          f"balloon-load --connect ADDR {' '.join(single[:6])}", best["load-host"], p99.get("load-host"), verdict),
         ("balloon-load, 32 guests → balloon-host (closed loop)",
          f"balloon-load --connect ADDR {' '.join(many_args)}", many["batches_per_s"], many["latency_s"]["p99"],
@@ -196,8 +197,8 @@ def measure_load(quick: bool) -> str:
                  "meets the 0.5 bar, not the 0.8 target." if verdict >= 0.5 else
                  "below the 0.5 bar: the host's per-batch work (validation, decode, tracker, "
                  "metrics) costs more than the bare loop's framing; see ## Channel."),
-              claim("load: balloon-load → balloon-host vs the bare channel", ">= 0.8 of bare (bar 0.5)",
-                    f"{verdict:.3f}", verdict >= 0.8)]
+              claim("load: ranges52, one guest, closed loop: balloon-load → balloon-host vs the bare channel",
+                    ">= 0.5 of bare (issue 19; 0.8 issue 6)", f"{verdict:.3f}", verdict >= 0.5)]
     return "\n".join(lines)
 
 

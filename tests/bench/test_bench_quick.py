@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: scripts whose quick mode starts daemons for several seconds
-SLOW = {"scale", "channel", "inflate"}
+SLOW = {"scale", "channel", "inflate", "sessions"}
 SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py")
                  if path.stem not in ("__init__", "common", "run_all", "tracker_alternatives"))
 
