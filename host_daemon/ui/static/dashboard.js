@@ -219,6 +219,7 @@
       const w = g.window || { in_use: 0, size: 0 };
       cell(tr, "window", w.in_use, `${w.in_use}/${w.size}`);
       cell(tr, "apply_seconds_p99_recent", g.apply_seconds_p99_recent, bound(g.apply_seconds_p99_recent));
+      cell(tr, "driver", null, { "virtio-balloon": "virtio" }[g.driver] || g.driver || "–");
       const vmm = cell(tr, "vmm", null, vmmText(g.vmm));
       if (g.vmm) {
         vmm.title = g.vmm.detail || `${g.vmm.kind} ${g.vmm.address}`;
