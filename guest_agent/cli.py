@@ -175,10 +175,10 @@ async def run(settings: GuestSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, client.stop)
-    runner = None
+    server = None
     if settings.http is not None:
         try:
-            runner, host, bound = await _serve_metrics(metrics, settings)
+            server, host, bound = await _serve_metrics(metrics, settings)
         except OSError as error:
             host, port = settings.http
             log.error("cannot serve metrics", extra={"http": f"{host}:{port}", "error": str(error)})
@@ -190,8 +190,8 @@ async def run(settings: GuestSettings) -> int:
     try:
         await client.run()
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if server is not None:
+            await server.close()
     if client.refused is not None:  # retrying cannot help: say why in one line and stop (as a bad option does)
         print(f"balloon-guest: error: {refusal_line(settings.id, settings.pages, client.refused)}",
               file=sys.stderr, flush=True)
@@ -201,18 +201,18 @@ async def run(settings: GuestSettings) -> int:
 
 
 async def _serve_metrics(metrics: GuestMetrics, settings: GuestSettings):
-    """(runner, host, port) of the metrics server; with ``--http auto`` the first free port
+    """(server, host, port) of the metrics server; with ``--http auto`` the first free port
     from 9471, so a second guest on the same machine does not fail on the first one's port."""
     host, port = settings.http
     tries = AUTO_HTTP_TRIES if settings.http_auto else 1
     for offset in range(tries):
         try:
-            runner, bound = await start_http(metrics, host, port + offset)
+            server = await start_http(metrics, host, port + offset)
         except OSError as error:
             if error.errno != errno.EADDRINUSE or offset == tries - 1:
                 raise
             continue
-        return runner, host, bound
+        return server, host, server.port
     raise AssertionError("unreachable")
 
 

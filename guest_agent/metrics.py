@@ -1,4 +1,4 @@
-"""The guest's own /metrics and /healthz (aiohttp, a private CollectorRegistry).
+"""The guest's own /metrics and /healthz (guest_agent/httpd.py, a private CollectorRegistry).
 
 Counters and the ack-latency histogram are updated as things happen; gauges that are
 a view of the agent's state (memory, free, reported, isolated, inflated, window) are read
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -26,7 +25,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from shared.standard_metrics import register_standard
 
+from . import httpd
 from .batches import KINDS
+from .httpd import HttpServer
 
 # One series per counter, not two: the *_created timestamps only double the scrape.
 disable_created_metrics()
@@ -127,26 +128,13 @@ class _StateCollector:
 
 
 async def start_http(metrics: GuestMetrics, host: str, port: int,
-                     healthy: Callable[[], bool] = lambda: True) -> tuple[web.AppRunner, int]:
-    """Serve /metrics and /healthz; returns the runner (to clean up) and the bound port."""
+                     healthy: Callable[[], bool] = lambda: True) -> HttpServer:
+    """Serve /metrics and /healthz; the server's ``port`` is the bound one, ``close()`` stops it."""
 
-    async def metrics_handler(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    def metrics_page() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok") if healthy() else web.Response(status=503, text="unhealthy")
+    def healthz() -> tuple[int, str, bytes]:
+        return (200, "text/plain", b"ok") if healthy() else (503, "text/plain", b"unhealthy")
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()  # the caller may try the next port
-        raise
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
+    return await httpd.start({"/metrics": metrics_page, "/healthz": healthz}, host, port)

@@ -27,7 +27,8 @@ async def test_metrics_endpoint_serves_every_promised_name_and_healthz():
     metrics = GuestMetrics()
     Agent(allocator=allocator, reporting=FreePageReporting(allocator), balloon=Balloon(allocator),
           metrics=metrics, total_pages=4096)
-    runner, port = await start_http(metrics, "127.0.0.1", 0)
+    server = await start_http(metrics, "127.0.0.1", 0)
+    port = server.port
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
@@ -36,7 +37,7 @@ async def test_metrics_endpoint_serves_every_promised_name_and_healthz():
             async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
                 assert response.status == 200 and await response.text() == "ok"
     finally:
-        await runner.cleanup()
+        await server.close()
     samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
     assert REQUIRED <= samples.keys(), REQUIRED - samples.keys()
     assert samples["balloon_guest_memory_bytes"].value == 4096 * 4096
@@ -88,3 +89,66 @@ def test_process_metrics_build_info_and_the_deprecated_target_name():
         assert metrics.value(f"balloon_guest_{old}") == metrics.value(f"balloon_guest_{new}")
     text = generate_latest(metrics.registry).decode()
     assert "# HELP balloon_guest_balloon_target_bytes DEPRECATED: use balloon_guest_target_bytes." in text
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (or 2 s of silence for a kept-alive connection)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 2.0):
+            chunks.append(chunk)
+    except TimeoutError:
+        pass
+    writer.close()
+    return b"".join(chunks)
+
+
+async def test_healthz_503_unknown_path_404_post_405_head_and_keep_alive():
+    healthy = [False]
+    metrics = GuestMetrics()
+    server = await start_http(metrics, "127.0.0.1", 0, healthy=lambda: healthy[0])
+    try:
+        down = await _exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert down.startswith(b"HTTP/1.1 503 ") and down.endswith(b"unhealthy")
+        healthy[0] = True
+        # two requests on one HTTP/1.1 connection, the second says close: two answers, then EOF
+        both = await _exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                                             b"GET /metrics?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        first, _, rest = both.partition(b"\r\n\r\nok")
+        assert first.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 2" in first
+        assert rest.startswith(b"HTTP/1.1 200 ") and b"Content-Type: text/plain; version=" in rest
+        assert b"balloon_guest_connected" in rest
+        missing = await _exchange(server.port, b"GET /ui HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert missing.startswith(b"HTTP/1.1 404 ")
+        post = await _exchange(server.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+        assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in post and b"Connection: close" in post
+        head = await _exchange(server.port, b"HEAD /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+        garbage = await _exchange(server.port, b"hello\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 ")
+    finally:
+        await server.close()
+
+
+async def test_a_taken_port_is_an_oserror_and_close_ends_kept_alive_connections():
+    import asyncio
+    import errno
+
+    import pytest
+
+    metrics = GuestMetrics()
+    server = await start_http(metrics, "127.0.0.1", 0)
+    with pytest.raises(OSError) as taken:
+        await start_http(metrics, "127.0.0.1", server.port)
+    assert taken.value.errno == errno.EADDRINUSE
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200 ")
+    await asyncio.wait_for(server.close(), 5)  # does not wait for the idle client
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
