@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import aiohttp
 from guest_fakes import FakeBuddy
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from guest_agent.agent import Agent
@@ -61,7 +60,6 @@ def test_promtool_accepts_the_guest_metrics():
     import subprocess
 
     import pytest
-    from prometheus_client import generate_latest
 
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -71,14 +69,14 @@ def test_promtool_accepts_the_guest_metrics():
     Agent(allocator=allocator, reporting=FreePageReporting(allocator), balloon=Balloon(allocator),
           metrics=metrics, total_pages=4096)
     metrics.ack_latency.observe(0.0002)
-    result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(metrics.registry),
+    result = subprocess.run([promtool, "check", "metrics"], input=metrics.render(),
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
 def test_process_metrics_build_info_and_the_deprecated_target_name():
     from guest_agent.metrics import DEPRECATED
-    from shared.standard_metrics import version
+    from shared.standard_metrics import version  # importlib.metadata's answer
 
     metrics = GuestMetrics()
     metrics.bind(lambda: {"balloon_target_bytes": 12 << 20})
@@ -87,7 +85,7 @@ def test_process_metrics_build_info_and_the_deprecated_target_name():
     assert metrics.value("balloon_guest_target_bytes") == 12 << 20
     for old, new in DEPRECATED.items():
         assert metrics.value(f"balloon_guest_{old}") == metrics.value(f"balloon_guest_{new}")
-    text = generate_latest(metrics.registry).decode()
+    text = metrics.render().decode()
     assert "# HELP balloon_guest_balloon_target_bytes DEPRECATED: use balloon_guest_target_bytes." in text
 
 
@@ -152,3 +150,46 @@ async def test_a_taken_port_is_an_oserror_and_close_ends_kept_alive_connections(
     await asyncio.wait_for(server.close(), 5)  # does not wait for the idle client
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+def test_the_page_parses_as_prometheus_client_reads_it_with_every_value_and_escape():
+    """The guest writes the text format itself (guest_agent/metrics.py says why); the host's
+    library reads it back: types, label escapes, cumulative buckets, _count and _sum."""
+    metrics = GuestMetrics()
+    metrics.bind(lambda: {"memory_bytes": 1 << 30, "connected": 1})
+    metrics.protocol_errors.labels('odd "code"\\x\nnext').inc(2)
+    metrics.pages.labels("report").inc(512)
+    for seconds in (0.00002, 0.0002, 0.0002, 30.0):
+        metrics.ack_latency.observe(seconds)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["balloon_guest_protocol_errors"].type == "counter"
+    (error,) = families["balloon_guest_protocol_errors"].samples
+    assert error.labels == {"code": 'odd "code"\\x\nnext'} and error.value == 2
+    pages = {s.labels["kind"]: s.value for s in families["balloon_guest_pages"].samples}
+    assert pages == {"report": 512, "reuse": 0, "inflate": 0, "deflate": 0, "hint": 0}
+    histogram = families["balloon_guest_ack_latency_seconds"]
+    assert histogram.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket")}
+    assert buckets["1e-05"] == 0 and buckets["2.5e-05"] == 1 and buckets["0.00025"] == 3
+    assert buckets["10.0"] == 3 and buckets["+Inf"] == 4
+    totals = {s.name: s.value for s in histogram.samples if not s.name.endswith("_bucket")}
+    assert totals["balloon_guest_ack_latency_seconds_count"] == 4
+    assert abs(totals["balloon_guest_ack_latency_seconds_sum"] - 30.00042) < 1e-9
+    assert families["balloon_guest_memory_bytes"].samples[0].value == 1 << 30
+    assert families["balloon_guest_connected"].type == "gauge"
+    assert families["process_cpu_seconds"].type == "counter"
+    generations = {s.labels["generation"] for s in families["python_gc_collections"].samples}
+    assert generations == {"0", "1", "2"}
+    (info,) = families["python_info"].samples
+    assert info.labels["implementation"] == "CPython" and info.value == 1
+
+
+def test_counters_refuse_to_go_down_and_wrong_label_counts():
+    import pytest
+
+    metrics = GuestMetrics()
+    with pytest.raises(ValueError):
+        metrics.reconnects.inc(-1)
+    with pytest.raises(ValueError):
+        metrics.batches.labels("report", "extra")
+    assert metrics.value("balloon_guest_reconnects_total") == 0
