@@ -1,5 +1,5 @@
 """``python -m guest_agent`` is ``balloon-guest``."""
 
-from .cli import main
+from .entry import main
 
 raise SystemExit(main())

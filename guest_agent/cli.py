@@ -20,12 +20,8 @@ from shared.logfmt import configure_logging
 from shared.vocabulary import SHARED_RAM
 
 from .agent import Agent
-from .balloon import Balloon
-from .canaries import WorkloadMemory
 from .client import GuestClient, refusal_line
-from .hinting import Hinting
 from .metrics import GuestMetrics, start_http
-from .reporting import FreePageReporting
 from .settings import (
     AUTO_HTTP_TRIES,
     PAGE_SIZE,
@@ -51,9 +47,13 @@ def _call_with_supported(function, *args, **kwargs):
     return function(*args, **{k: v for k, v in accepted.items() if v is not None})
 
 
-def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, WorkloadMemory | None]:
-    """The agent for the chosen source, with its allocator, workload, reporter and balloon."""
+def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, object | None]:
+    """The agent for the chosen source, with its allocator, workload, reporter and balloon.
+
+    Each source imports only its own modules (the sources' memory models, workloads and
+    numpy.random are not loaded for a source that does not use them: guest RSS)."""
     if settings.source == "procfs":
+        from .hinting import Hinting
         from .memory import procfs
 
         root = settings.procfs_root
@@ -70,8 +70,11 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
     if settings.source == "linux":
         return _linux_agent(settings, metrics), None
 
+    from .balloon import Balloon
+    from .canaries import WorkloadMemory
     from .memory import BuddyAllocator
     from .memory.workloads import make_workload
+    from .reporting import FreePageReporting
 
     allocator = BuddyAllocator(settings.pages)
     # A new generation per run: a canary left in the persistent RAM file by an earlier run
@@ -108,6 +111,7 @@ def _machine_pages(settings: GuestSettings) -> int:
 
 def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
     """The real machine's memory (guest_agent/memory/linux.py); root only."""
+    from .hinting import Hinting
     from .memory import linux, procfs
 
     root = settings.procfs_root
@@ -129,7 +133,7 @@ def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
 class SharedRamBinder:
     """Maps the RAM file the host names in WELCOME (once; it persists across host restarts)."""
 
-    def __init__(self, settings: GuestSettings, memory: WorkloadMemory | None) -> None:
+    def __init__(self, settings: GuestSettings, memory) -> None:  # memory: canaries.WorkloadMemory
         self.settings = settings
         self.memory = memory
         self.path: str | None = None
@@ -224,16 +228,8 @@ def main(argv=None) -> int:
         print(f"balloon-guest: error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    loop_factory = asyncio.new_event_loop
-    if settings.connect.kind not in ("vsock", "serial"):  # uvloop: no AF_VSOCK; a char device: stock loop
-        try:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            pass
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+    try:  # the stock loop: uvloop would bring ssl (guest_agent/entry.py) for one connection's traffic
+        with asyncio.Runner() as runner:
             return runner.run(run(settings))
     except KeyboardInterrupt:
         return 0

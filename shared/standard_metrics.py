@@ -1,6 +1,7 @@
-"""What every daemon exports besides its own series: build info and the process collectors.
+"""What the host exports besides its own series: build info and the process collectors.
 
-Both daemons use a private ``CollectorRegistry`` (several can live in one test process), so
+The guest writes the same series without prometheus_client (guest_agent/metrics.py says
+why). The host uses a private ``CollectorRegistry`` (several can live in one test process), so
 the collectors prometheus_client puts on its global registry — ``process_*`` (from
 /proc/self), ``python_info``, ``python_gc_*`` — are registered here explicitly, with
 ``balloon_build_info{version}`` (value 1: the usual ``*_build_info`` join target, as in
