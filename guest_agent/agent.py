@@ -43,7 +43,9 @@ from .metrics import GuestMetrics
 
 log = logging.getLogger("guest_agent.agent")
 
-# virtio-balloon stat tags (virtio spec 5.5.6.3)
+#: A balloon that could not get memory tries again this often (a real guest's other
+#: processes free memory without telling the agent).
+STUCK_RETRY = 1.0
 
 
 class SessionEnded(Exception):
@@ -176,6 +178,37 @@ class Agent:
                 self._next_ping = now + self.ping_interval
                 self._ping_nonce += 1
                 self._control.append(Ping(self._ping_nonce))
+
+    def next_tick(self, now: float, tick: float) -> float:
+        """When :meth:`tick` next has something to do, if no message comes first.
+
+        A workload that still moves memory steps every ``tick``; otherwise the agent sleeps
+        until its next deadline — the canary sweep, the end of a reporting delay, the linux
+        source's MemFree check, a free page scan, STATS, PING — instead of waking 20 times a
+        second to find nothing changed (an idle agent's CPU under TCG was mostly that). What
+        changes without a deadline comes with a message from the host (TARGET, HINT_START,
+        an ACK that frees blocks), and the client ticks again after each one.
+        """
+        due = [now + 3600.0]
+        workload = self.workload
+        if workload is not None and not getattr(workload, "settled", False):
+            due.append(now + tick)
+        if self.memory is not None and self.memory.ram is not None:
+            due.append(self._next_sweep)
+        if self.balloon is not None and self.balloon.stuck:
+            due.append(now + max(tick, STUCK_RETRY))  # memory may be freed by someone else
+        if self.reporting is not None and self.connected:
+            wake = self.reporting.wake_at()
+            if wake is not None:
+                due.append(wake)
+        if self.hinting is not None and self.hinting.interval:
+            due.append(self.hinting.next_scan)
+        if self.connected:
+            if self.stats_interval and STATS in self.conn.features:
+                due.append(self._next_stats)
+            if self.ping_interval:
+                due.append(self._next_ping)
+        return min(due)
 
     def sync_canary_counters(self) -> None:
         """Fold canary checks made during workload frees into the metrics."""

@@ -62,7 +62,8 @@ def build_agent(settings: GuestSettings, metrics: GuestMetrics) -> tuple[Agent, 
             return procfs.scan_free_runs(root)
 
         pages = _machine_pages(settings)
-        hinting = Hinting(scan, interval=settings.scan_interval, background=True)
+        hinting = Hinting(scan, interval=settings.scan_interval, background=True,
+                          probe=lambda: procfs.free_bytes(root))
         log.info("procfs source: free pages are sent only as hints for host hint commands — "
                  "'possibly reclaimable', never isolated or reported", extra={"root": str(root)})
         return Agent(hinting=hinting, metrics=metrics, total_pages=pages, stats_interval=settings.stats_interval), None
@@ -121,7 +122,8 @@ def _linux_agent(settings: GuestSettings, metrics: GuestMetrics) -> Agent:
         memory.prepare()
     except OSError as error:
         raise SettingsError(f"--source linux: {error}") from None
-    hinting = Hinting(lambda: procfs.scan_free_runs(root), interval=settings.scan_interval, background=True)
+    hinting = Hinting(lambda: procfs.scan_free_runs(root), interval=settings.scan_interval, background=True,
+                      probe=lambda: procfs.free_bytes(root))
     reporting = linux.LinuxReporting(memory, pages, root, delay=settings.report_delay) if settings.reporting else None
     balloon = linux.LinuxBalloon(memory, pages, root)
     log.info("linux source: balloon and reports are pages this agent holds (mlock + pagemap); "

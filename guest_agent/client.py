@@ -5,7 +5,8 @@
   after every batch, so a host that stops reading stops the guest (backpressure reaches
   the allocator: blocks stay free, not queued in memory).
 * The workload runs on its own timer, connected or not — a guest does not stop using
-  memory because its balloon device is busy.
+  memory because its balloon device is busy. The timer sleeps while nothing is due
+  (``Agent.next_tick``): an idle agent wakes for its deadlines and the host's messages only.
 * A lost connection is retried with exponential backoff and full jitter (capped by
   ``--reconnect-max``); the new session starts from an empty host tracker, so the agent
   re-reports everything and re-inflates its balloon (``Agent.start_session``).
@@ -98,7 +99,9 @@ class GuestClient:
         self.on_welcome = on_welcome  # called with the WELCOME (shared RAM mapping)
         self.workload_ready = workload_ready
         self.stop_event = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the writer looks for work
+        self._poke = asyncio.Event()  # the clock looks at the agent again
+        self.ticks = 0  # agent ticks so far (an idle agent should add few)
         self._rng = random.Random()
         self.last_error: str | None = None
         self.refused: Refused | None = None  # set when the host refused us for good (run() returns)
@@ -184,21 +187,35 @@ class GuestClient:
             if self.port is not None:
                 self.port.close()
 
+    def poke(self) -> None:
+        """Something changed that the agent's clock should see (a message, a session)."""
+        self._poke.set()
+
     async def _tick_loop(self) -> None:
+        """The agent's clock: a tick when ``Agent.next_tick`` says, or after a poke — at
+        most one per ``tick`` either way (as often as before when busy, never when idle)."""
         hinting = self.agent.hinting
         scans: set[asyncio.Task] = set()
         while True:
             now = self._now()
-            if self.workload_ready():
+            self._poke.clear()
+            ready = self.workload_ready()
+            if ready:
                 self.agent.tick(now)
             if hinting is not None and hinting.background and hinting.scan_due(now):
                 # seconds of preads on a big machine: off the event loop
                 hinting.scanning = True
                 task = asyncio.create_task(asyncio.to_thread(hinting.run_scan, now))
                 scans.add(task)
-                task.add_done_callback(lambda t: (scans.discard(t), self._wake.set()))
+                task.add_done_callback(lambda t: (scans.discard(t), self._wake.set(), self._poke.set()))
             self._wake.set()
-            await asyncio.sleep(self.tick)
+            self.ticks += 1
+            wake_at = self.agent.next_tick(now, self.tick) if ready else now + self.tick
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), max(0.0, wake_at - self._now()))
+            rest = now + self.tick - self._now()
+            if rest > 0:
+                await asyncio.sleep(rest)
 
     async def _open(self):
         """(reader, writer) of a fresh session's stream."""
@@ -232,6 +249,7 @@ class GuestClient:
                 self.on_welcome(conn.welcome)
             self.agent.start_session(conn, self._now())
             started = True
+            self.poke()  # STATS and the first reporting pass are due from now
             self._phase = "session"
             log.info("session started", extra={
                 "guest": self.guest, "address": str(self.address), "window": conn.window.size,
@@ -257,6 +275,7 @@ class GuestClient:
         finally:
             if started:
                 self.agent.end_session(self._now())
+                self.poke()
                 log.info("session ended", extra={"guest": self.guest})
             if self.port is not None and not writer.at_eof:
                 self.resync_needed = True  # the host may still be in this session
@@ -288,6 +307,7 @@ class GuestClient:
             if conn.state is State.CLOSED:
                 raise EOFError("the host closed the connection")
             self._wake.set()
+            self._poke.set()
             conn.receive_data(await reader.read(READ_CHUNK))
 
     async def _writer(self, writer: asyncio.StreamWriter, conn: GuestConnection) -> None:

@@ -101,6 +101,10 @@ class FreePageReporting:
         elif self.state is PassState.ACTIVE:
             self._again = True
 
+    def wake_at(self) -> float | None:
+        """When the agent must look again without a message: the end of the reporting delay."""
+        return self.deadline if self.state is PassState.REQUESTED else None
+
     def due(self, now: float) -> bool:
         if self.state is PassState.REQUESTED and now >= self.deadline:
             self.state = PassState.ACTIVE

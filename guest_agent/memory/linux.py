@@ -48,6 +48,7 @@ from shared.ranges import RangeBuffer, sort_and_coalesce
 
 from ..batches import Op, payloads_for
 from ..reporting import PassState, low_watermark_pages
+from .procfs import free_bytes
 
 log = logging.getLogger("guest_agent.linux")
 
@@ -393,7 +394,17 @@ class LinuxReporting:
         self._next_check = 0.0
 
     def _free(self) -> int:
-        return read_meminfo(self.root).get("MemFree", 0)
+        return free_bytes(self.root)
+
+    def wake_at(self) -> float | None:
+        """The next MemFree check (the kernel tells nobody when memory is freed, so it is
+        polled, cheaply) or the end of the reporting delay; None while reports are out
+        (their ACKs wake the agent) or a pass is running."""
+        if self.state is PassState.REQUESTED:
+            return self.deadline
+        if self.state is PassState.IDLE and not self.isolated_pages:
+            return self._next_check
+        return None
 
     def restart(self, now: float) -> None:
         """A new session: the host knows nothing, so the first pass reports everything free."""

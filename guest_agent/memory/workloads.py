@@ -159,6 +159,10 @@ class Workload:
         self.oom_retries = 0
         self.started_at: float | None = None
 
+    #: True while a step would do nothing: the agent then stops ticking for the workload
+    #: (agent.next_tick) until a message or a deadline wakes it.
+    settled = False
+
     # -- the agent's clock
     def step(self, now: float) -> None:
         if self.started_at is None:
@@ -250,12 +254,21 @@ class Idle(Workload):
         if self.held_pages < self.target_pages:
             self._fill()
 
+    @property
+    def settled(self) -> bool:
+        """The working set is in place (a fill cut short by a full memory keeps ticking)."""
+        if self.started_at is None:
+            return False
+        pending = 1 << self._pending_order if self._pending_order is not None else 1
+        return self.held_pages + pending > self.target_pages
+
 
 class Churn(Idle):
     """Steady allocation and free around a target utilization, mixed orders, plus a surge
     of ``swing`` every second half ``period`` that takes reported memory back."""
 
     name = "churn"
+    settled = False  # it never is
 
     def __init__(self, allocator, *, utilization: float = 0.5, rate: float = 1000.0, swing: float = 0.2,
                  period: float = 23.0, **kw):
@@ -487,6 +500,10 @@ class Trace(Workload):
     @property
     def done(self) -> bool:
         return self._next >= len(self.events)
+
+    @property
+    def settled(self) -> bool:
+        return self.done
 
     def _step(self, elapsed: float) -> None:
         events = self.events

@@ -489,3 +489,74 @@ def test_background_hinting_waits_for_a_scan_that_started_after_the_command():
     hinting.run_scan()  # what the client's worker thread does
     assert not hinting.scan_due(0.0)
     assert agent.poll_batch(0.0) is not None
+
+
+def test_an_idle_agent_sleeps_until_its_next_deadline_not_for_one_tick():
+    """The client's clock sleeps until Agent.next_tick: an idle, settled guest has only its
+    STATS and PING deadlines (and a reporting delay once something was freed)."""
+    from guest_agent.memory.workloads import make_workload
+
+    h = Harness(features=("ranges52", "stats"))
+    workload = make_workload("idle", h.memory, seed=1, utilization=0.1)
+    h.agent.workload = workload
+    h.agent.stats_interval, h.agent.ping_interval = 5.0, 15.0
+    assert not workload.settled and h.agent.next_tick(h.now, 0.05) <= h.now + 0.05  # the working set is not in yet
+    h.settle()  # fill, report, ack: nothing left to do
+    assert workload.settled
+    now = h.now
+    h.advance(0.0)
+    h.pump()
+    stats_due, ping_due = h.agent._next_stats, h.agent._next_ping
+    assert h.agent.next_tick(now, 0.05) == min(stats_due, ping_due) > now + 1
+    # a free of a reportable block (as an ACK of a DEFLATE brings): the reporting delay is a deadline
+    pfn = h.allocator.alloc(9)
+    h.allocator.free(pfn, 9)
+    h.reporting.check(now)
+    assert h.agent.next_tick(now, 0.05) == pytest.approx(now + h.reporting.delay)
+    # a balloon that found no memory looks again by itself, a second later
+    h.reporting.state = h.reporting.state.IDLE
+    h.balloon.stuck = True
+    assert h.agent.next_tick(now, 0.05) == pytest.approx(now + 1.0)
+
+
+def test_churn_and_unfinished_traces_keep_the_clock_at_every_tick():
+    from guest_agent.memory.workloads import Trace as TraceWorkload
+    from guest_agent.memory.workloads import TraceEvent, make_workload
+
+    allocator = FakeBuddy(PAGES)
+    churn = make_workload("churn", allocator, seed=1)
+    churn.step(0.0)
+    assert not churn.settled
+    trace = TraceWorkload(allocator, events=[TraceEvent(0.0, "alloc", 0, "a"), TraceEvent(9.0, "free", 0, "a")])
+    trace.step(0.0)
+    assert not trace.settled
+    trace.step(9.0)
+    assert trace.settled
+    agent = Agent(allocator=allocator, workload=churn, total_pages=PAGES, ping_interval=0, stats_interval=0)
+    assert agent.next_tick(3.0, 0.05) == pytest.approx(3.05)
+
+
+def test_periodic_scans_wait_for_free_memory_to_move_but_a_hint_command_always_scans():
+    from guest_agent.hinting import CHANGE_BYTES
+
+    free = [1 << 30]
+    scans = []
+    hinting = Hinting(lambda: (scans.append(1), (np.array([10], np.uint64), np.array([5], np.uint64)))[1],
+                      interval=10.0, probe=lambda: free[0])
+    hinting.tick(0.0)
+    assert len(scans) == 1
+    free[0] += CHANGE_BYTES - 4096  # moved, but less than the figure's resolution
+    hinting.tick(10.0)
+    assert len(scans) == 1 and hinting.skipped_scans == 1 and hinting.next_scan == 20.0
+    free[0] += 8192  # now it moved enough
+    hinting.tick(20.0)
+    assert len(scans) == 2
+    hinting.start(7)  # nothing moved, but a command is never answered from an older scan
+    assert hinting.scan_due(20.5)
+    hinting.tick(20.5)
+    assert len(scans) == 3
+    failing = Hinting(lambda: (scans.append(1), (np.array([], np.uint64), np.array([], np.uint64)))[1],
+                      interval=10.0, probe=lambda: (_ for _ in ()).throw(OSError("no meminfo")))
+    failing.tick(0.0)
+    failing.tick(10.0)  # an unreadable probe scans, as without one
+    assert len(scans) == 5
