@@ -15,6 +15,8 @@ allocation, which the allocator pays anyway.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 
@@ -30,7 +32,7 @@ class WorkloadMemory:
         self.alloc_failures = 0
         self.checked_pages = 0
         self.canary_failures = 0
-        self._rng = np.random.default_rng(seed)
+        self._rng = random.Random(seed)  # not numpy.random: guest RSS (memory/workloads.py)
 
     def __getattr__(self, name):
         return getattr(self._allocator, name)
@@ -65,7 +67,7 @@ class WorkloadMemory:
         """Check the canaries of up to ``samples`` random live allocations; returns failures."""
         if self.ram is None or not self.live or samples <= 0:
             return 0
-        keys = np.fromiter(self.live.keys(), dtype=np.uint64, count=len(self.live))
-        chosen = keys if keys.size <= samples else self._rng.choice(keys, samples, replace=False)
+        keys = list(self.live) if len(self.live) <= samples else self._rng.sample(list(self.live), samples)
+        chosen = np.array(keys, dtype=np.uint64)
         orders = np.fromiter((self.live[int(p)] for p in chosen), dtype=np.uint64, count=chosen.size)
         return self._check(chosen, np.left_shift(np.uint64(1), orders))
