@@ -47,6 +47,7 @@ SECTIONS = (
     ("encodings", "Encodings", "bench.encodings"),
     ("sessions", "Hot path", "bench.sessions"),
     ("scale", "Scale", "bench.scale"),
+    ("footprint", "Guest agent footprint", "bench.footprint"),
     ("load", "Load", None),  # measured by this module
 )
 TIMEOUT_S = 1800

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"offer exactly these features in HELLO (repeatable or comma-separated; known: "
              f"{', '.join(KNOWN_FEATURES)}); default: implied by the other options")
     add("--tick", type=argument_type(parse_duration, "duration"), default="50ms", metavar="DURATION",
-        help="workload step interval")
+        help="workload step interval, and the shortest gap between two of the agent's ticks (an idle "
+             "agent sleeps until its next deadline or message instead)")
     add("--reconnect-max", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
         help="longest wait between reconnect attempts (exponential backoff with jitter)")
     add("--handshake-timeout", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
@@ -314,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--procfs-root", type=Path, default=Path("/"), metavar="DIR",
         help="root holding proc/kpageflags, proc/kpagecount and proc/iomem (for fixtures)")
     add("--scan-interval", type=argument_type(parse_duration, "duration"), default="10s", metavar="DURATION",
-        help="procfs source: how often to scan free pages for the possibly-reclaimable figure")
+        help="procfs and linux sources: how often to rescan free pages (/proc/kpageflags) for the "
+             "possibly-reclaimable figure, when MemFree moved 16MiB since the last scan; a host hint "
+             "command always gets a fresh scan; 0 = only for hint commands")
     add("--stats-interval", type=argument_type(parse_duration, "duration"), default="5s", metavar="DURATION",
         help="how often STATS (free/total/available memory, virtio-balloon's stats queue) go to the host; "
              "the host's free/usable figures and their age (balloonctl status) follow it, and a host "
