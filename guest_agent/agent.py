@@ -195,8 +195,10 @@ class Agent:
             due.append(now + tick)
         if self.memory is not None and self.memory.ram is not None:
             due.append(self._next_sweep)
-        if self.balloon is not None and self.balloon.stuck:
-            due.append(now + max(tick, STUCK_RETRY))  # memory may be freed by someone else
+        if self.balloon is not None and (self.balloon.stuck or self.balloon.wants_work()):
+            # tick() has just cleared ``stuck``; if the writer finds no memory again, a
+            # real guest's other processes may free some without telling the agent
+            due.append(now + max(tick, STUCK_RETRY))
         if self.reporting is not None and self.connected:
             wake = self.reporting.wake_at()
             if wake is not None:

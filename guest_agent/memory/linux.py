@@ -397,14 +397,11 @@ class LinuxReporting:
         return free_bytes(self.root)
 
     def wake_at(self) -> float | None:
-        """The next MemFree check (the kernel tells nobody when memory is freed, so it is
-        polled, cheaply) or the end of the reporting delay; None while reports are out
-        (their ACKs wake the agent) or a pass is running."""
+        """The end of the reporting delay, else the next MemFree check: the kernel tells
+        nobody when memory is freed, so it is polled (once a second, one system call)."""
         if self.state is PassState.REQUESTED:
             return self.deadline
-        if self.state is PassState.IDLE and not self.isolated_pages:
-            return self._next_check
-        return None
+        return self._next_check
 
     def restart(self, now: float) -> None:
         """A new session: the host knows nothing, so the first pass reports everything free."""
