@@ -116,12 +116,12 @@ def _rss_cpu(stack: Stack, pid: int, seconds: float) -> tuple[float, float]:
     vm = stack.vm
 
     def sample():
-        out = vm.run(f"cat /proc/{pid}/stat; grep -E 'VmRSS|VmLck' /proc/{pid}/status; cut -d' ' -f1 /proc/uptime")
-        stat, rss, _locked, uptime = out.strip().splitlines()[-4:]
+        out = vm.run(f"cat /proc/{pid}/stat; grep -E 'VmRSS' /proc/{pid}/status; cut -d' ' -f1 /proc/uptime")
+        stat, rss, uptime = out.strip().splitlines()[-3:]
         fields = stat.rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])  # utime + stime
-        own = int(rss.split()[1]) / 1024
-        return ticks, own, float(uptime)
+        assert rss.startswith("VmRSS:"), rss  # status lists VmLck before VmRSS: read it by name
+        return ticks, int(rss.split()[1]) / 1024, float(uptime)
 
     t_a, rss_a, up_a = sample()
     time.sleep(seconds)
