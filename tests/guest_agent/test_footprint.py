@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import Ack, Batch, Welcome
+from shared.messages import Ack, ReceivedBatch, Welcome
 from shared.protocol import HostConnection, negotiate_features
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ async def _scripted_host(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     while data := await reader.read(65536):
         conn.receive_data(data)
         for event in conn.events():
-            if isinstance(event, Batch):
+            if isinstance(event, ReceivedBatch):
                 writer.write(conn.send(Ack(event.seq, 0)))
         await writer.drain()
 
