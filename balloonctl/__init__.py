@@ -1,5 +1,5 @@
 """balloonctl: the command-line client of balloon-host's admin API.
 
 A package of its own beside the daemons: it speaks HTTP to a running host and imports
-nothing from ``host_daemon`` (the admin token's location is shared/admin_token.py's rule).
+nothing from ``host_daemon`` (the admin token's location is shared/runtime/admin_token.py's rule).
 """

@@ -41,7 +41,7 @@ import argparse
 import os
 import sys
 
-from shared.config import OneLineParser, argument_type, parse_duration, parse_size
+from shared.runtime.config import OneLineParser, argument_type, parse_duration, parse_size
 
 from .client import EXIT_FAILED, EXIT_OK, EXIT_USAGE, AdminClient, CtlError, UsageError, admin_token
 from .commands import COMMANDS, MUTATING, WAIT_CONDITIONS

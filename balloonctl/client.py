@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from shared.admin_token import TokenFileError, admin_token_path, load_admin_token
+from shared.runtime.admin_token import TokenFileError, admin_token_path, load_admin_token
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -101,7 +101,7 @@ def _reason(reason) -> str:
 
 def admin_token(host: str, token_file: str | None = None, environ=None) -> str:
     """The admin token for ``host``: ``--token-file``, $BALLOON_CTL_TOKEN_FILE, or the file
-    the host generated (shared.admin_token: the same rule the host writes by)."""
+    the host generated (shared.runtime.admin_token: the same rule the host writes by)."""
     environ = os.environ if environ is None else environ
     given = token_file or environ.get("BALLOON_CTL_TOKEN_FILE") or None
     if given:

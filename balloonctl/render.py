@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.config import format_size
+from shared.runtime.config import format_size
 
 
 def human_bytes(value: float | None) -> str:

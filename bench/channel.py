@@ -232,7 +232,7 @@ def _shell_host(path: str, window: int, max_ranges: int) -> None:
     from host_daemon.server import HostServer
     from host_daemon.settings import HostSettings
     from host_daemon.tracker import ApplyResult
-    from shared.addresses import Address
+    from shared.runtime.addresses import Address
 
     class NoTracker:
         reported_pages = inflated_pages = hinted_pages = 0

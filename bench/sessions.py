@@ -41,8 +41,8 @@ from host_daemon.metrics import HostStats
 from host_daemon.registry import Registry
 from host_daemon.settings import HostSettings
 from host_daemon.tracker import load_kernels
-from shared.addresses import Address
 from shared.ranges import encode_ranges
+from shared.runtime.addresses import Address
 
 HELLO, REPORT, BYE = 1, 3, 17
 GUEST_PAGES = 262_144  # balloon-load's default --guest-pages

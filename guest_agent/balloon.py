@@ -22,8 +22,8 @@ import logging
 
 import numpy as np
 
-from shared.config import format_size
 from shared.ranges import RangeBuffer, sort_and_coalesce
+from shared.runtime.config import format_size
 from shared.vocabulary import DEFLATE, INFLATE, PFN32, PFN32_MAX_PER_MESSAGE
 
 from .batches import Op, block_counts, payloads_for

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from shared.logfmt import configure_logging
+from shared.runtime.logfmt import configure_logging
 from shared.vocabulary import SHARED_RAM
 
 from .agent import Agent

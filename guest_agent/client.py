@@ -24,11 +24,11 @@ import logging
 import random
 import re
 
-from shared.addresses import Address
-from shared.config import format_size
 from shared.errors import CODES, ProtocolError, RemoteProtocolError
 from shared.messages import Bye
 from shared.protocol import GuestConnection, State
+from shared.runtime.addresses import Address
+from shared.runtime.config import format_size
 
 from .agent import Agent, SessionEnded
 from .transport import READ_CHUNK, SerialPort, open_stream, resync

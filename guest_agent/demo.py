@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.admin_token import admin_token_path  # where the host writes its admin token
+from shared.runtime.admin_token import admin_token_path  # where the host writes its admin token
 
 GUESTS = (
     ("idle", ["--workload", "idle"]),

@@ -256,7 +256,7 @@ class Histogram:
         yield Family(self.name, self.doc, "histogram", samples)
 
 
-# -- what every daemon exports (the host gets the same from shared/standard_metrics.py) ----
+# -- what every daemon exports (the host gets the same from host_daemon/standard_metrics.py) ----
 
 
 def version() -> str:

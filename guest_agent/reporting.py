@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from shared.config import format_size
 from shared.ranges import RangeBuffer, sort_and_coalesce
+from shared.runtime.config import format_size
 from shared.vocabulary import PAGE_SIZE, REPORT
 
 from .batches import Op, block_counts, payloads_for

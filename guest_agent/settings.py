@@ -1,5 +1,5 @@
 """The guest's options: one argparse description, layered (flag > env > TOML > default) by
-``shared.config.resolve_settings``, then checked into a frozen ``GuestSettings``.
+``shared.runtime.config.resolve_settings``, then checked into a frozen ``GuestSettings``.
 
 As for the host, every problem is found here and reported as one line naming the option
 (exit status 2), before the agent connects anywhere.
@@ -14,8 +14,15 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.addresses import GUEST_KINDS, Address, default_address, parse_address, split_host_port
-from shared.config import (
+from shared.messages import valid_guest_id
+from shared.runtime.addresses import (
+    GUEST_KINDS,
+    Address,
+    default_address,
+    parse_address,
+    split_host_port,
+)
+from shared.runtime.config import (
     ConfigFileError,
     OneLineParser,
     add_common_options,
@@ -26,7 +33,6 @@ from shared.config import (
     parse_duration,
     parse_size,
 )
-from shared.messages import valid_guest_id
 from shared.vocabulary import (
     DEFLATE_ON_OOM,
     HINTING,

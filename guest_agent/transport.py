@@ -31,7 +31,7 @@ import select
 import socket
 import stat
 
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 READ_CHUNK = 256 * 1024
 #: How often a serial port is polled while its host end is not connected.

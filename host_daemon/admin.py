@@ -15,8 +15,8 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shared.config import format_size, parse_size
 from shared.messages import valid_guest_id
+from shared.runtime.config import format_size, parse_size
 from shared.vocabulary import HINTING, PAGE_SIZE
 
 from .auth import same_secret

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shared.addresses import Address
 from shared.errors import RemoteProtocolError
 from shared.protocol import negotiate_features
+from shared.runtime.addresses import Address
 from shared.vocabulary import DEFLATE_ON_OOM, HINTING, PAGE_SIZE, PFN32, RANGES52, SHARED_RAM, STATS
 
 log = logging.getLogger("balloon.host.admission")

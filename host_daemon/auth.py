@@ -27,7 +27,7 @@ provision guests and so aim the hole punch. The token is the first non-comment l
 writes it, mode 0600, to ``--admin-token-dir``/admin-PORT.token (PORT: the --http port),
 by default beside the default socket (``/run/balloon`` as root) — as Jupyter writes its
 server token to its runtime directory. Whoever can read that file (the host's user, root)
-may change things; balloonctl finds it by the same rule (shared/admin_token.py).
+may change things; balloonctl finds it by the same rule (shared/runtime/admin_token.py).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import secrets
 import stat
 from pathlib import Path
 
-from shared.admin_token import TokenFileError
 from shared.errors import RemoteProtocolError
 from shared.messages import valid_guest_id
+from shared.runtime.admin_token import TokenFileError
 
 from .inventory import Inventory
 

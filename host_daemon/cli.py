@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 
-from shared.addresses import default_socket_path
-from shared.logfmt import configure_logging
+from shared.runtime.addresses import default_socket_path
+from shared.runtime.logfmt import configure_logging
 
 from .settings import SettingsError, parse_settings
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     except SettingsError as error:
         print(f"balloon-host: error: {error}", file=sys.stderr)
         return 2
-    from shared.admin_token import TokenFileError, load_admin_token
+    from shared.runtime.admin_token import TokenFileError, load_admin_token
 
     from .auth import load_guest_tokens
     from .inventory import InventoryError

@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 from .admission import Peer
 from .flow_control import DISCARD, WARMING, WRITING, FlowControl

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.addresses import Address, parse_address
-from shared.config import format_size, parse_size, read_toml
 from shared.messages import valid_guest_id
+from shared.runtime.addresses import Address, parse_address
+from shared.runtime.config import format_size, parse_size, read_toml
 from shared.vocabulary import PAGE_SIZE
 
 from .ramlayout import CONTIGUOUS_LIMIT, LayoutError, RamLayout, needs_map

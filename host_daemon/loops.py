@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 
 def uvloop_available() -> bool:

@@ -19,11 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from shared.errors import CODES
-from shared.standard_metrics import register_standard
 from shared.vocabulary import PAGE_SIZE
 
 from .guest_session import RESULTS
 from .registry import STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
+from .standard_metrics import register_standard
 from .tracker import KINDS
 from .vmm import INHIBIT_REASONS
 

@@ -30,8 +30,8 @@ import logging
 import time
 from pathlib import Path
 
-from shared.config import format_size
 from shared.errors import RemoteProtocolError
+from shared.runtime.config import format_size
 from shared.vocabulary import DEFLATE, INFLATE, PAGE_SIZE, STAT_AVAILABLE, STAT_FREE, STAT_TOTAL
 
 from .histogram import LatencyHistogram

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from shared.addresses import Address
-from shared.admin_token import TokenFileError, admin_token_path, load_admin_token
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.messages import HintStart, HintStop, Target
 from shared.ranges import decode_ranges, encode_ranges
+from shared.runtime.addresses import Address
+from shared.runtime.admin_token import TokenFileError, admin_token_path, load_admin_token
 from shared.vocabulary import DEFLATE, HINT, HINTING, INFLATE, REPORT, REUSE
 
 from . import tracker
@@ -244,7 +244,7 @@ class HostServer:
         self._write_admin_token(sockname[1])
 
     def _write_admin_token(self, port: int) -> None:
-        """Put the generated token where balloonctl looks for it (shared.admin_token)."""
+        """Put the generated token where balloonctl looks for it (shared.runtime.admin_token)."""
         settings = self.settings
         if settings.admin_token_file or settings.admin_token_dir is None:
             return

@@ -1,5 +1,5 @@
 """The host's options: one argparse description, layered (flag > env > TOML > default)
-by ``shared.config.resolve_settings``, then checked into a frozen ``HostSettings``.
+by ``shared.runtime.config.resolve_settings``, then checked into a frozen ``HostSettings``.
 
 Validation happens here, before anything listens, so a bad value is one clear line on
 stderr and exit status 2 (argparse's convention), never a traceback at the first guest.
@@ -12,15 +12,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.addresses import (
+from shared.runtime.addresses import (
     ROOT_SOCKET_PATH,
     Address,
     default_address,
     parse_address,
     split_host_port,
 )
-from shared.admin_token import default_admin_token_dir
-from shared.config import (
+from shared.runtime.admin_token import default_admin_token_dir
+from shared.runtime.config import (
     ConfigFileError,
     OneLineParser,
     add_common_options,
@@ -151,7 +151,7 @@ def check(s: HostSettings) -> None:
 
 def policy_settings(s: HostSettings):
     """(PolicyConfig, HostMemorySource) from the flags and ``--policy-config``; SettingsError if unusable."""
-    from shared.config import ConfigFileError, load_config_table
+    from shared.runtime.config import ConfigFileError, load_config_table
 
     from .hostmem import HostMemoryError, make_source
     from .policy import PolicyConfig, PolicyConfigError

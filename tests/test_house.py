@@ -217,6 +217,38 @@ def test_no_import_circle():
         " <-> ".join(component) for component in found)
 
 
+#: What the sans-IO core (``shared/*.py``) may not import: I/O, event loops, clocks, threads, the
+#: daemons' plumbing (``shared.runtime``) or anything of the programs built on it.
+NOT_IN_THE_CORE = ("asyncio", "socket", "selectors", "time", "threading", "logging", "os", "aiohttp",
+                   "prometheus_client", "uvloop", "shared.runtime", "host_daemon", "guest_agent",
+                   "balloonctl")
+
+
+def imported_names(file: Path, package: str) -> set[str]:
+    """Every module name ``file`` imports (relative imports resolved against ``package``)."""
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"), str(file))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([package, base] if base else [package])
+            names.update([base] + [f"{base}.{alias.name}" for alias in node.names])
+    return names
+
+
+def test_the_protocol_core_is_sans_io():
+    """shared/ is the protocol as a pure object; what the daemons share besides lives in
+    shared/runtime/, and the core never reaches for it."""
+    problems = []
+    for file in sorted((ROOT / "shared").glob("*.py")):
+        for name in sorted(imported_names(file, "shared")):
+            if any(name == banned or name.startswith(banned + ".") for banned in NOT_IN_THE_CORE):
+                problems.append(f"shared/{file.name} imports {name}")
+    assert not problems, "\n".join(problems)
+
+
 # -- private attributes ------------------------------------------------------------------------
 
 #: Private names of the standard library's public API (namedtuple's ``_replace``, ``os._exit``).
@@ -225,10 +257,10 @@ STDLIB_PRIVATE = frozenset({"_replace", "_asdict", "_fields", "_make", "_exit", 
 ALLOWED_PRIVATE = {
     # argparse has no public way to list a parser's options or tell a flag from an option;
     # resolve_settings layers the environment and a file under the command line with them.
-    ("shared/config.py", "argparse._StoreTrueAction"),
-    ("shared/config.py", "argparse._StoreFalseAction"),
-    ("shared/config.py", "argparse._AppendAction"),
-    ("shared/config.py", "parser._actions"),
+    ("shared/runtime/config.py", "argparse._StoreTrueAction"),
+    ("shared/runtime/config.py", "argparse._StoreFalseAction"),
+    ("shared/runtime/config.py", "argparse._AppendAction"),
+    ("shared/runtime/config.py", "parser._actions"),
 }
 
 

@@ -24,7 +24,7 @@ import time
 
 import msgpack
 
-from shared.addresses import parse_address
+from shared.runtime.addresses import parse_address
 from shared.vocabulary import HINTING, PFN32, RANGES52, STATS
 
 from .payloads import build_pool

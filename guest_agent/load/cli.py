@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.addresses import default_address, parse_address
+from shared.runtime.addresses import default_address, parse_address
 from shared.vocabulary import HINT, INFLATE, RANGES52, REPORT
 
 from .payloads import ENCODINGS

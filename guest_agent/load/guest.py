@@ -53,7 +53,7 @@ MAX_FIRST_CONNECT_FAILURES = 5
 class Plan:
     """What every guest of a run does (shared by the guests of a worker)."""
 
-    address: object  # shared.addresses.Address
+    address: object  # shared.runtime.addresses.Address
     kind: str = REPORT
     reuse: bool = False
     encoding: str = RANGES52

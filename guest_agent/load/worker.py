@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from shared.addresses import parse_address
+from shared.runtime.addresses import parse_address
 from shared.vocabulary import RANGES52
 
 from .guest import LoadGuest, Plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from shared.config import parse_duration, parse_size
+from shared.runtime.config import parse_duration, parse_size
 
 POLICIES = ("manual", "mom", "balance")
 MIB = 1 << 20

@@ -1,5 +1,5 @@
 """Where balloonctl finds the admin token: --token-file, $BALLOON_CTL_TOKEN_FILE, or the file
-the host generated for its port (shared/admin_token.py: the rule the host writes by)."""
+the host generated for its port (shared/runtime/admin_token.py: the rule the host writes by)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from balloonctl import client as ctl
-from shared.admin_token import default_admin_token_dir
+from shared.runtime.admin_token import default_admin_token_dir
 
 
 def test_balloonctl_looks_where_the_host_writes(tmp_path, monkeypatch):

@@ -85,8 +85,8 @@ def test_host_owns_the_socket_runtime_directory():
 
 def test_roots_balloonctl_finds_the_hosts_admin_token():
     """The unit's PrivateTmp hides the balloon user's default token directory, so the unit names
-    /run/balloon, which is where balloonctl run as root looks (shared.admin_token.default_admin_token_dir)."""
-    from shared.admin_token import default_admin_token_dir
+    /run/balloon, which is where balloonctl run as root looks (shared.runtime.admin_token.default_admin_token_dir)."""
+    from shared.runtime.admin_token import default_admin_token_dir
 
     host = (UNITS / "balloon-host.service").read_text()
     assert f"Environment=BALLOON_HOST_ADMIN_TOKEN_DIR={default_admin_token_dir(0, {})}\n" in host

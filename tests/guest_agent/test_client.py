@@ -10,9 +10,9 @@ from guest_agent.agent import Agent
 from guest_agent.balloon import Balloon
 from guest_agent.client import GuestClient
 from guest_agent.reporting import FreePageReporting
-from shared.addresses import Address
 from shared.messages import Target, Welcome
 from shared.protocol import HostConnection, negotiate_features
+from shared.runtime.addresses import Address
 
 PAGES = 4096
 

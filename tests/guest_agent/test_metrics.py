@@ -76,7 +76,7 @@ def test_promtool_accepts_the_guest_metrics():
 
 def test_process_metrics_build_info_and_the_deprecated_target_name():
     from guest_agent.metrics import DEPRECATED
-    from shared.standard_metrics import version  # importlib.metadata's answer
+    from host_daemon.standard_metrics import version  # importlib.metadata's answer
 
     metrics = GuestMetrics()
     metrics.bind(lambda: {"balloon_target_bytes": 12 << 20})

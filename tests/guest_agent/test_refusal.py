@@ -9,9 +9,9 @@ from guest_fakes import FakeBuddy
 
 from guest_agent.agent import Agent
 from guest_agent.client import REPEAT_EVERY, GuestClient, Refused, refusal_line
-from shared.addresses import Address
 from shared.messages import Error
 from shared.protocol import HostConnection
+from shared.runtime.addresses import Address
 
 
 async def _refusing_host(tmp_path, code: str, detail: str, hellos: list | None = None):

@@ -13,9 +13,9 @@ import socket
 import pytest
 
 from guest_agent.transport import RESYNC_FILL, SerialPort, SerialStream, resync
-from shared.addresses import Address, parse_address
 from shared.messages import Bye
 from shared.protocol import GuestConnection
+from shared.runtime.addresses import Address, parse_address
 
 BYE = GuestConnection("vm1", 1024, ["ranges52"]).send(Bye("resync"))
 

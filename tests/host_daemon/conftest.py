@@ -8,7 +8,7 @@ import pytest
 
 from host_daemon.server import HostServer
 from host_daemon.settings import HostSettings
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from host_daemon.guest_session import GuestSession
 from host_daemon.metrics import HostStats
 from host_daemon.registry import Registry
 from host_daemon.settings import HostSettings
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 HELLO, WELCOME, REPORT, ACK, REUSE, INFLATE = 1, 2, 3, 4, 5, 6
 TARGET, STATS, PING, ERROR, PONG, BYE = 8, 13, 14, 15, 16, 17

@@ -12,7 +12,7 @@ import pytest
 from hostkit import TARGET, WELCOME, RawGuest
 
 from host_daemon.listeners import ListenError
-from shared.admin_token import admin_token_path, default_admin_token_dir
+from shared.runtime.admin_token import admin_token_path, default_admin_token_dir
 
 
 async def test_the_generated_token_is_written_0600_and_removed_at_stop(make_host, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hostkit import BYE, ERROR, WELCOME, RawGuest, eventually
 
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 PAGES = 4096  # 16 MiB provisioned
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hostkit import WELCOME, RawGuest
 
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 GUESTS = 512
 

@@ -20,7 +20,7 @@ from hostkit import ACK, BYE, RawGuest, sample
 from host_daemon import cli, loops
 from host_daemon.listeners import ListenError, prepare_unix_path, unix_socket
 from host_daemon.settings import SettingsError, parse_settings
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 
 def host_command() -> list[str]:
@@ -234,7 +234,7 @@ async def test_vsock_listener_when_the_kernel_has_it():
 
 def test_without_listen_the_host_uses_the_one_default_socket_path(monkeypatch):
     from guest_agent.settings import parse_settings as guest_settings
-    from shared.addresses import default_address
+    from shared.runtime.addresses import default_address
 
     for name in [n for n in os.environ if n.startswith(("BALLOON_HOST_", "BALLOON_GUEST_"))]:
         monkeypatch.delenv(name)

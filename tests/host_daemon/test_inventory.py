@@ -8,8 +8,8 @@ import pytest
 
 from host_daemon.auth import GuestAuth
 from host_daemon.inventory import Inventory, InventoryError, parse_entry
-from shared.addresses import Address
 from shared.errors import RemoteProtocolError
+from shared.runtime.addresses import Address
 
 VM1 = """
 [guest.vm1]

@@ -6,7 +6,7 @@ import aiohttp
 from hostkit import RawGuest, sample, scrape
 
 from host_daemon.metrics import DEPRECATED
-from shared.standard_metrics import version
+from host_daemon.standard_metrics import version
 
 
 async def test_process_metrics_and_build_info_are_exported(make_host):

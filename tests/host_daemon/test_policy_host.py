@@ -10,7 +10,7 @@ import pytest
 
 from host_daemon import cli
 from host_daemon.settings import HostSettings, SettingsError
-from shared.addresses import Address
+from shared.runtime.addresses import Address
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -16,7 +16,7 @@ from hostkit import ACK, DEFLATE, INFLATE, REPORT, REUSE, WELCOME, RawGuest  # n
 from host_daemon import pageset, tracker  # noqa: E402
 from host_daemon.server import HostServer  # noqa: E402
 from host_daemon.settings import HostSettings  # noqa: E402
-from shared.addresses import Address  # noqa: E402
+from shared.runtime.addresses import Address  # noqa: E402
 
 RANGES = [(0, 512), (4096, 5000), (20000, 3)]  # 5000 pages: an escaped count
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.addresses import Address, default_socket_path, parse_address, split_host_port
+from shared.runtime.addresses import Address, default_socket_path, parse_address, split_host_port
 
 
 @pytest.mark.parametrize("text, expected", [

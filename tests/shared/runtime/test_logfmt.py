@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from shared.logfmt import JsonFormatter, TextFormatter, field
+from shared.runtime.logfmt import JsonFormatter, TextFormatter, field
 
 
 def _record(msg: str, **extra) -> logging.LogRecord:

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from shared.config import format_size, parse_duration, parse_size, resolve_settings
+from shared.runtime.config import format_size, parse_duration, parse_size, resolve_settings
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -103,7 +103,7 @@ def test_parse_duration_rejects(text):
 
 
 def test_layered_settings_reads_the_table_named_by_flag_or_environment(tmp_path):
-    from shared.config import ConfigFileError, layered_settings
+    from shared.runtime.config import ConfigFileError, layered_settings
 
     config = tmp_path / "balloon.toml"
     config.write_text('[tool]\nwindow = 4\nmemory = "256MiB"\n')
