@@ -263,3 +263,73 @@ def test_free_bytes_is_memfree_from_sysinfo_or_a_fixture(tmp_path):
     assert abs(live - meminfo) < 64 * MIB  # the same counter, read a moment apart
     with pytest.raises(OSError):
         free_bytes(tmp_path / "nowhere")
+
+
+async def test_a_sleeping_agent_still_reports_a_free_within_its_check_and_delay(tmp_path):
+    """The client's clock sleeps between deadlines (Agent.next_tick); the linux source's MemFree
+    check and reporting delay are such deadlines, so a free is reported as before: the first
+    pass at once, then a later growth of free memory after the next check plus the delay."""
+    import asyncio
+
+    from guest_agent.agent import Agent
+    from guest_agent.client import GuestClient
+    from shared.addresses import Address
+    from shared.messages import Ack, ReceivedBatch, Welcome
+    from shared.protocol import HostConnection, negotiate_features
+
+    reported: list[int] = []
+
+    async def host(reader, writer):
+        conn = HostConnection()
+        while conn.hello is None:
+            conn.receive_data(await reader.read(65536))
+            list(conn.events())
+        writer.write(conn.send(Welcome(window=16, max_ranges=4096,
+                                       features=negotiate_features(conn.hello.features, ("ranges52",)))))
+        while data := await reader.read(65536):
+            conn.receive_data(data)
+            for event in conn.events():
+                if isinstance(event, ReceivedBatch):
+                    reported.append(int(event.counts.sum()))
+                    writer.write(conn.send(Ack(event.seq, 0)))
+            await writer.drain()
+
+    write_proc(tmp_path, free_mib=300)
+    reporting = LinuxReporting(FakePages(), total_pages=1000 * 256, root=tmp_path, delay=0.2,
+                               chunk_bytes=64 * MIB, interval=0.1)
+    agent = Agent(reporting=reporting, total_pages=1000 * 256, ping_interval=0, stats_interval=0)
+    path = str(tmp_path / "host.sock")
+    server = await asyncio.start_unix_server(host, path)
+    client = GuestClient(agent, Address("unix", path=path), "g1", ("ranges52",))
+    task = asyncio.create_task(client.run())
+    loop = asyncio.get_running_loop()
+
+    async def reported_at_least(pages: int) -> bool:
+        deadline = loop.time() + 10
+        while loop.time() < deadline:
+            if sum(reported) >= pages and reporting.isolated_pages == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    try:
+        assert await reported_at_least(1), "the session's first pass"
+        first = sum(reported)
+
+        async def ticks(n: int) -> None:  # the clock looked at MemFree again (checks every 0.1 s)
+            target = client.ticks + n
+            deadline = loop.time() + 10
+            while client.ticks < target and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+
+        await ticks(3)
+        write_proc(tmp_path, free_mib=200)  # a process takes 100 MiB ...
+        await ticks(3)
+        write_proc(tmp_path, free_mib=450)  # ... and exits with 250 MiB more than it took
+        assert await reported_at_least(first + 250 * 256), (first, sum(reported), reporting.state)
+        assert sum(reported) == first + 250 * 256  # the growth since the lowest MemFree, not more
+    finally:
+        client.stop()
+        await asyncio.wait_for(task, 5)
+        server.close()
+        await server.wait_closed()
