@@ -273,9 +273,9 @@ async def test_a_sleeping_agent_still_reports_a_free_within_its_check_and_delay(
 
     from guest_agent.agent import Agent
     from guest_agent.client import GuestClient
-    from shared.addresses import Address
     from shared.messages import Ack, ReceivedBatch, Welcome
     from shared.protocol import HostConnection, negotiate_features
+    from shared.runtime.addresses import Address
 
     reported: list[int] = []
 
