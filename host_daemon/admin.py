@@ -151,7 +151,7 @@ class AdminApp:
         guest, record = self._record(request)
         if record is None:
             return _error(404, f"no guest {guest!r}")
-        session = record.session
+        session = record.connection
         if session is None or HINTING not in record.features:
             return _error(409, f"guest {guest!r} is not connected with the hinting feature")
         cmd_id = self.host.start_hint(record.id)

@@ -230,7 +230,10 @@ class GuestSession:
         return output
 
     def _flush(self, out: list[bytes], acks: list[bytes], output: Output) -> Output:
-        data = self._pack(out, acks)
+        if not out and len(acks) == 1:  # the common chunk: one batch, one ACK
+            data = acks[0]
+        else:
+            data = self._pack(out, acks)
         if data:
             output.data = data + output.data if output.data else data
         return output

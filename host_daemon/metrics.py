@@ -52,7 +52,7 @@ class HostCollector(Collector):
         records = list(host.registry.guests.values())
 
         connected = GaugeMetricFamily("balloon_guests_connected", "Guests with a live session.")
-        connected.add_metric([], sum(1 for r in records if r.session is not None))
+        connected.add_metric([], sum(1 for r in records if r.connection is not None))
         yield connected
         known = GaugeMetricFamily("balloon_guests_known", "Guests known: connected or retained after disconnect.")
         known.add_metric([], len(records))
@@ -109,7 +109,7 @@ class HostCollector(Collector):
             for reason, count in r.rejected.items():
                 rejected.add_metric([g, reason], count)
             received.add_metric([g], r.received_bytes)
-            session = r.session
+            session = r.connection
             up.add_metric([g], 1 if session is not None else 0)
             memory.add_metric([g], r.pages * PAGE_SIZE)
             tracker = r.tracker

@@ -60,7 +60,9 @@ class GuestRecord:
         self.provisioned = provisioned
         self.pages = pages
         self.tracker = GuestTracker(pages)
-        self.session = None  # the live Session, or None
+        #: what holds this guest's live session — its connection (connection.GuestProtocol; the
+        #: GuestSession itself when driven without one) — or None
+        self.connection = None
         self.since = time.time()  # connected since / disconnected since
         self.address = ""
         # per batch kind, indexed by its code (the index in vocabulary.BATCH_KINDS): by_kind() names them
@@ -91,13 +93,13 @@ class GuestRecord:
 
     @property
     def connected(self) -> bool:
-        return self.session is not None
+        return self.connection is not None
 
     @property
     def driver(self) -> str | None:
         """Who moves this guest's balloon: ``agent`` (our agent has connected since the host
         started) or ``virtio-balloon`` (a stock guest: QEMU's own balloon, through the VMM)."""
-        if self.sessions or self.session is not None:
+        if self.sessions or self.connection is not None:
             return "agent"
         if self.vmm is not None and self.vmm.has_balloon:
             return "virtio-balloon"
@@ -106,7 +108,7 @@ class GuestRecord:
     @property
     def reachable(self) -> bool:
         """The balloon can be moved now: an agent session, or a stock guest's VMM answering."""
-        if self.session is not None:
+        if self.connection is not None:
             return True
         return self.driver == "virtio-balloon" and self.vmm.state == "connected"
 
@@ -186,8 +188,8 @@ class GuestRecord:
     def to_json(self) -> dict:
         """The GUEST object of the admin API (docs/API.md)."""
         tracker = self.tracker
-        session = self.session
-        window = session.window_state() if session is not None else None
+        connection = self.connection
+        window = connection.window_state() if connection is not None else None
         reclaimed = resident = None
         if self.ram is not None:
             try:
@@ -285,22 +287,22 @@ class Registry:
 
     @property
     def connected(self) -> int:
-        return sum(1 for record in self.guests.values() if record.session is not None)
+        return sum(1 for record in self.guests.values() if record.connection is not None)
 
     @property
     def open_guests(self) -> int:
         """Open-mode records (connected or retained): what ``--max-guests`` caps."""
         return sum(1 for record in self.guests.values() if record.provisioned is None)
 
-    def claim(self, guest: str, pages: int, session, address: str, provisioned=None,
+    def claim(self, guest: str, pages: int, connection, address: str, provisioned=None,
               layout: RamLayout | None = None) -> GuestRecord:
-        """Bind ``guest`` to ``session`` for a new session, or raise the ERROR to send.
+        """Bind ``guest`` to ``connection`` for a new session, or raise the ERROR to send.
 
         ``provisioned`` is the inventory entry the connection proved (auth.GuestAuth), None
         for an open-mode guest; ``pages`` is the size that counts (the host's); ``layout``
         the VM's RAM map, whose GPA span (holes included) the tracker covers."""
         record = self.guests.get(guest)
-        if record is not None and record.session is not None:
+        if record is not None and record.connection is not None:
             raise RemoteProtocolError("guest-busy", f"guest {guest!r} already has a live session")
         if (record.provisioned if record is not None else None) is not provisioned:
             # the entry changed (PUT/DELETE) between the identity check and now
@@ -322,7 +324,7 @@ class Registry:
         orphan = self._orphans.pop(guest, None)
         if orphan is not None:
             orphan.cancel()
-        record.session = session
+        record.connection = connection
         record.address = address
         record.since = time.time()
         record.sessions += 1
@@ -356,7 +358,7 @@ class Registry:
         InventoryError when the entry clashes with another (listener, file, uid)."""
         record = self.guests.get(entry.id)
         old = self.inventory.get(entry.id)
-        if record is not None and record.session is not None:
+        if record is not None and record.connection is not None:
             if record.provisioned is None:
                 raise Conflict(f"guest {entry.id!r} is connected as an open-mode guest; "
                                "provision it once that session has ended")
@@ -372,7 +374,7 @@ class Registry:
             self.guests[entry.id] = GuestRecord(entry.id, entry.pages, entry)
         else:
             record.provisioned = entry
-            if record.session is None:
+            if record.connection is None:
                 record.pages = entry.pages
         return created
 
@@ -383,18 +385,18 @@ class Registry:
         record = self.guests.get(guest)
         if record is None and guest not in self.inventory:
             raise KeyError(guest)
-        if record is not None and record.session is not None:
+        if record is not None and record.connection is not None:
             raise Conflict(f"guest {guest!r} is connected; it can be deleted once its session ends")
         entry = self.inventory.remove(guest)
         if record is not None:
             # a provisioned guest's file is the VM's: closed, never removed
             self._drop(record, remove_file=entry is None)
 
-    def release(self, record: GuestRecord, session, result: str = "closed") -> None:
+    def release(self, record: GuestRecord, connection, result: str = "closed") -> None:
         """The session ended: a provisioned guest stays; an open one is forgotten later."""
-        if record.session is not session:
+        if record.connection is not connection:
             return
-        record.session = None
+        record.connection = None
         record.since = time.time()
         record.tracker.set_hint_command(None)
         if record.ram is not None and record.provisioned is not None:
@@ -415,7 +417,7 @@ class Registry:
     def forget(self, guest: str) -> None:
         """Retention is over for an open-mode guest: drop it and its RAM file."""
         record = self.guests.get(guest)
-        if record is None or record.session is not None or record.provisioned is not None:
+        if record is None or record.connection is not None or record.provisioned is not None:
             return
         self._drop(record, remove_file=True)
 

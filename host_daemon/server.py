@@ -349,7 +349,7 @@ class HostServer:
     def start_hint(self, guest_id: str) -> int | None:
         """Start a free page hinting command; its cmd_id, or None if the guest cannot hint now."""
         record = self.registry.guests[guest_id]
-        if record.session is None or HINTING not in record.features:
+        if record.connection is None or HINTING not in record.features:
             return None
         cmd_id = record.next_cmd_id
         record.next_cmd_id = cmd_id % 0xFFFFFFFF + 1
@@ -367,7 +367,7 @@ class HostServer:
 
     @staticmethod
     def _send(record, message) -> bool:
-        connection = record.session
+        connection = record.connection
         if connection is None:
             return False
         try:

@@ -93,6 +93,7 @@ U64 = np.uint64
 _EMPTY = np.empty(0, dtype=U64)
 #: ``ApplyResult.rejected`` of a batch with nothing rejected (nearly all): read-only, shared
 _NONE_REJECTED = MappingProxyType({})
+_NO_DISCARD = (_EMPTY, _EMPTY)
 _U0 = np.uint64(0)
 _U1 = np.uint64(1)
 _U32 = np.uint64(32)
@@ -453,7 +454,7 @@ class GuestTracker(TrackerViews):
         else:  # the same loop, interpreted (numpy scalars wrap where the kernel's words do)
             with np.errstate(over="ignore"):
                 k = apply_batch(code, pfns, counts, self._bits, self._sets, result, out, accepted)
-        discard = (out[:k], out[n : n + k]) if k else (_EMPTY, _EMPTY)
+        discard = (out[:k], out[n : n + k]) if k else _NO_DISCARD
         accepted = int(result[ACCEPTED])
         if not result[REJECTED]:
             return ApplyResult(kind, n, accepted, accepted, 0, _NONE_REJECTED, _NONE_REJECTED, discard)

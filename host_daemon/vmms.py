@@ -94,7 +94,7 @@ class VmmLinks:
             if before is not None and blocked is None:
                 self._punch_balloon(record)
             self._hold_ram(record, link)
-        if record.session is None and record.driver == "virtio-balloon":
+        if record.connection is None and record.driver == "virtio-balloon":
             if what == "stats" and link.stats_updated is not None:
                 age = max(0.0, time.time() - link.stats_updated)
                 record.stats = dict(link.stats)
@@ -103,7 +103,7 @@ class VmmLinks:
     def _punch_balloon(self, record) -> None:
         """Discards allowed again: punch what is still in the agent's balloon (never reported pages)."""
         ram = record.ram
-        if ram is None or record.session is None:
+        if ram is None or record.connection is None:
             return
         pfns, counts = record.tracker.inflated_ranges()
         if not pfns.size:
@@ -118,7 +118,7 @@ class VmmLinks:
 
     def _hold_ram(self, record, link) -> None:
         """A stock guest's RAM file is open while its VMM runs (for st_blocks), closed otherwise."""
-        if record.session is not None or record.provisioned is None or record.provisioned.ram_file is None:
+        if record.connection is not None or record.provisioned is None or record.provisioned.ram_file is None:
             return
         if link.state == CONNECTED and link.layout is not None:
             if record.ram is None:

@@ -574,9 +574,10 @@ class HostConnection(Connection):
         path read it; returns it decoded."""
         if seq != self.expected_seq:
             raise RemoteProtocolError("bad-seq", f"expected seq {self.expected_seq}, got {seq}")
-        if self.window.full:
-            raise RemoteProtocolError(
-                "window-overrun", f"{self.window.in_flight} batches already in flight, window is {self.window.size}")
+        try:  # its slot, as a device takes a ring entry (the connection dies if the payload is bad)
+            self.window.consume(seq)
+        except WindowFull as error:
+            raise RemoteProtocolError("window-overrun", str(error)) from None
         if self._pfn32:
             pfns, counts = decode_pfn32(payload)
         else:
@@ -586,7 +587,6 @@ class HostConnection(Connection):
             pfns, counts = decode_ranges(payload)
             if pfns.size > self.max_ranges:
                 raise RemoteProtocolError("too-many-ranges", f"{pfns.size} ranges exceed max_ranges {self.max_ranges}")
-        self.window.consume(seq)
         self.expected_seq = seq + 1
         return _new_batch(ReceivedBatch, (BATCH_KIND_CODES[kind], seq, pfns, counts, cmd_id))
 

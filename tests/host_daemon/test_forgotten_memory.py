@@ -47,7 +47,7 @@ async def test_a_forgotten_guest_leaves_nothing_behind(no_gc):
     out = session.receive(batch(REPORT, 0, [(0, 1 << 22)]) + msgpack.packb([BYE, ""]), 1.0)
     out.discard.run()
     assert decode(session.resume(1.0).data) == [[ACK, 0, 0]]
-    assert session.result == "bye" and record.session is None and session.owner is None
+    assert session.result == "bye" and record.connection is None and session.owner is None
     tracker, record_ref = weakref.ref(record.tracker), weakref.ref(record)
     del record, out
     host.registry.forget("g1")

@@ -96,7 +96,7 @@ async def test_hello_right_after_bye_is_admitted():
     first = welcomed(host)
     out = first.receive(msgpack.packb([BYE, "bye"]), 1.0)
     assert out.close and first.result == "bye"
-    assert host.registry.get("g1").session is None
+    assert host.registry.get("g1").connection is None
     second = host.session(1.0)
     assert decode(second.receive(hello(), 1.0).data)[0][0] == WELCOME
 
@@ -184,7 +184,7 @@ async def test_shutdown_says_bye_after_a_running_discard():
     assert session.shutdown(1.0).data == b""  # the discard is still running
     out = session.resume(1.0)
     assert decode(out.data) == [[ACK, 0, 0], [BYE, "host shutting down"]]
-    assert out.close and session.result == "shutdown" and host.registry.get("g1").session is None
+    assert out.close and session.result == "shutdown" and host.registry.get("g1").connection is None
 
 
 async def test_eof_ends_the_session_as_closed():
@@ -262,12 +262,12 @@ async def test_the_guest_id_stays_taken_until_a_discard_cut_off_by_a_reset_is_do
     out = session.receive(batch(REPORT, 0, [(0, 2048)]), 1.0)
     assert out.discard is not None and out.discard.offload
     session.connection_lost(ConnectionResetError(), 1.1)
-    assert session.result == "reset" and record.session is session
+    assert session.result == "reset" and record.connection is session
     early = host.session(1.2).receive(hello("g1"), 1.2)
     assert decode(early.data)[0][:2] == [ERROR, "guest-busy"]
     out.discard.run()
     assert session.resume(1.3).data == b""
-    assert record.session is None and by_kind(record.batches)["report"] == 1  # applied, counted
+    assert record.connection is None and by_kind(record.batches)["report"] == 1  # applied, counted
     late = host.session(1.4).receive(hello("g1"), 1.4)
     assert decode(late.data)[0][0] == WELCOME
 
@@ -278,6 +278,6 @@ async def test_a_debug_delay_cut_off_by_a_reset_also_holds_the_id():
     out = session.receive(batch(REPORT, 0, [(0, 8)]), 1.0)
     assert out.delay == 0.5 and out.data == b""
     session.connection_lost(None, 1.1)
-    assert host.registry.get("g1").session is session
+    assert host.registry.get("g1").connection is session
     session.resume(1.5)
-    assert host.registry.get("g1").session is None
+    assert host.registry.get("g1").connection is None

@@ -162,7 +162,7 @@ async def test_a_guest_that_never_reads_stalls_itself_and_is_closed(make_host):
     alive = asyncio.create_task(keepalive())
     flood = await RawGuest.connect(host.unix)
     await flood.hello("flood", PAGES)
-    session = host.registry.get("flood").session
+    session = host.registry.get("flood").connection
     ping = msgpack.packb([PING, 1]) * 4096
     sent = 0
     with pytest.raises((ConnectionError, OSError, TimeoutError)):

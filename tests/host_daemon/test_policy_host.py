@@ -117,7 +117,7 @@ async def test_a_forgotten_guest_has_no_series_even_before_the_next_tick(make_ho
     assert len(series) == 33 + 4 + 2, sorted(series)
     await guest.send([BYE, ""])
     await guest.closed()
-    await eventually(lambda: host.registry.get("gone").session is None)
+    await eventually(lambda: host.registry.get("gone").connection is None)
     host.registry.forget("gone")
     text = await scrape(host.url)
     assert 'guest="gone"' not in text

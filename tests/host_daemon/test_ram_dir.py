@@ -184,8 +184,8 @@ async def test_a_reconnect_waits_for_the_punch_of_a_batch_cut_off(make_host, ram
     _fill(ram_file, 1024)
     before = os.stat(ram_file).st_blocks
     await guest.batch(REPORT, [(0, 256)])
-    await eventually(lambda: host.registry.get("vm1").session.session.busy)  # the punch is running
-    session = host.registry.get("vm1").session.session
+    await eventually(lambda: host.registry.get("vm1").connection.session.busy)  # the punch is running
+    session = host.registry.get("vm1").connection.session
     guest.writer.transport.abort()  # the guest's agent dies mid-batch
     await eventually(lambda: guest.writer.get_extra_info("socket").fileno() == -1)
     # Reading is paused while the punch runs, so the host learns of it when it next writes:

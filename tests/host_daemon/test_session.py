@@ -260,7 +260,7 @@ async def test_slow_host_keeps_batches_in_flight(make_host):
     guest = await RawGuest.connect(host.unix)
     await guest.hello("slowpoke", PAGES)
     seqs = [await guest.batch(REPORT, [(i * 512, 512)]) for i in range(4)]
-    await eventually(lambda: host.registry.get("slowpoke").session.window_state()[1] >= 2)
+    await eventually(lambda: host.registry.get("slowpoke").connection.window_state()[1] >= 2)
     text = await scrape(host.url)
     assert sample(text, "balloon_inflight_batches", guest="slowpoke") >= 2
     acks = [await guest.recv() for _ in seqs]
