@@ -317,7 +317,9 @@ class RangeBuffer:
         """Add as many leading ranges as fit; returns how many were taken.
 
         The words are encoded straight into the buffer's free tail: nothing is copied and,
-        for ranges without escapes, no temporary array is made.
+        for ranges without escapes, no temporary array is made. What can fit is checked
+        once (``check_ranges``) and encoded as checked: the guest never validates a range
+        array twice.
         """
         pfns = _as_u64(pfns, "pfns")
         counts = _as_u64(counts, "counts")
@@ -328,14 +330,17 @@ class RangeBuffer:
         if take <= 0:
             return 0
         pfns, counts = check_ranges(pfns[:take], counts[:take])  # only what can fit is looked at
-        if np.count_nonzero(counts > COUNT_MASK):  # escaped ranges take two words: cut where the room ends
-            ends = np.cumsum(counts > COUNT_MASK, dtype=np.intp)
+        escaped = counts > COUNT_MASK
+        extra = int(np.count_nonzero(escaped))
+        if extra:  # escaped ranges take two words: cut where the room ends
+            ends = np.cumsum(escaped, dtype=np.intp)
             ends += np.arange(1, take + 1, dtype=np.intp)
             take = int(np.searchsorted(ends, room, side="right"))
             if take <= 0:
                 return 0
             pfns, counts = pfns[:take], counts[:take]
-        used = encode_into(pfns, counts, self._words[self._used :])
+            extra = int(ends[take - 1]) - take
+        used = _encode_checked(pfns, counts, extra, self._words[self._used :])
         self._used += used
         self._ranges += take
         self._pages += int(counts.sum())

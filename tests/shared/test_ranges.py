@@ -431,3 +431,17 @@ def test_pfn32_arbitrary_bytes(data):
 def test_encode_words_matches_encode_ranges():
     pfns, counts = [3, 4], [4096, 1]
     assert encode_words(pfns, counts).tobytes() == encode_ranges(pfns, counts)
+
+
+def test_range_buffer_validates_each_range_array_once(monkeypatch):
+    """issue 19: RangeBuffer.extend checked the ranges, then encode_into checked them again."""
+    import shared.ranges as codec
+
+    calls = []
+    check = codec.check_ranges
+    monkeypatch.setattr(codec, "check_ranges", lambda p, c: calls.append(1) or check(p, c))
+    buffer = codec.RangeBuffer(16)
+    assert buffer.extend(np.array([1, 9000, 20], np.uint64), np.array([3, 5000, 1], np.uint64)) == 3
+    assert len(calls) == 1
+    pfns, counts = codec.decode_ranges(buffer.take())
+    assert pfns.tolist() == [1, 9000, 20] and counts.tolist() == [3, 5000, 1]
