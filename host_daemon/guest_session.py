@@ -221,7 +221,10 @@ class GuestSession:
             log.exception("session failed", extra={"guest": self.guest, "address": self.peer.address})
             return self._fail(b"", RemoteProtocolError(
                 "internal", "the host failed handling this session"), result="internal")
-        output = self._flush(out, acks, Output())
+        if not out and len(acks) == 1:  # the common chunk: one batch, its ACK
+            output = Output(acks[0])
+        else:
+            output = self._flush(out, acks, Output())
         if self._eof and self.result is None:
             output.close = True
             self._end("closed", "closed")
@@ -230,10 +233,7 @@ class GuestSession:
         return output
 
     def _flush(self, out: list[bytes], acks: list[bytes], output: Output) -> Output:
-        if not out and len(acks) == 1:  # the common chunk: one batch, one ACK
-            data = acks[0]
-        else:
-            data = self._pack(out, acks)
+        data = self._pack(out, acks)
         if data:
             output.data = data + output.data if output.data else data
         return output
@@ -252,10 +252,12 @@ class GuestSession:
     def _ack(self, seq: int, rejected_pages: int) -> bytes:
         """The ACK's bytes — none once the connection is dead or over (the guest's BYE or
         ERROR still gets the ACKs it is owed: docs/PROTOCOL.md §7.1)."""
-        conn = self.conn
-        if conn.state is State.CLOSED and conn.goodbye != "received":
+        try:
+            return self.conn.ack(seq, rejected_pages)
+        except LocalProtocolError as error:  # the table allows no ACK now: nothing more may be sent
+            if error.code != "bad-state":
+                raise
             return b""
-        return conn.ack(seq, rejected_pages)
 
     # -- batches ----------------------------------------------------------------------
 

@@ -102,6 +102,13 @@ class Framer:
         """No message is under way: the next byte starts a new one."""
         return not (self._stack or self._skip or self._carry)
 
+    def batch_at(self, data, pos: int, end: int):
+        """``batch_header(data, pos, end)`` when no message is under way here, else None:
+        a batch lane may only take a frame that starts at a message boundary."""
+        if self._stack or self._skip or self._carry:
+            return None
+        return batch_header(data, pos, end)
+
     def scan(self, chunk, one: bool = False) -> int:
         """Walk ``chunk``; with ``one``, stop where the first message completes
         (``consumed`` says where), so the caller can read the next one another way."""

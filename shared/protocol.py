@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, as_remote
-from .framing import Framer, batch_header
+from .framing import Framer
 from .messages import (
     BATCH_KIND_CODES,
     BATCH_TYPES,
@@ -352,17 +352,16 @@ class Connection:
         objects = self._objects
         view = memoryview(data)  # payloads and the framer's chunks are views: nothing copied
         while pos < end:
-            if framer.at_boundary:
-                header = batch_header(data, pos, end)
-                if header is not None:
-                    kind, seq, cmd_id, body, length = header
-                    stop = body + length
-                    # nats: the size is checked on the header, before any body is waited for;
-                    # a frame over the limit, or not all here yet, is the framer's to read
-                    if stop <= end and stop - pos <= limit:
-                        objects.append((kind, seq, cmd_id, view[body:stop]))
-                        pos = stop
-                        continue
+            header = framer.batch_at(data, pos, end)
+            if header is not None:
+                kind, seq, cmd_id, body, length = header
+                stop = body + length
+                # nats: the size is checked on the header, before any body is waited for;
+                # a frame over the limit, or not all here yet, is the framer's to read
+                if stop <= end and stop - pos <= limit:
+                    objects.append((kind, seq, cmd_id, view[body:stop]))
+                    pos = stop
+                    continue
             chunk = view[pos:]
             try:
                 framer.scan(chunk, one=True)
@@ -415,9 +414,10 @@ class Connection:
             message = self._accept_batch(*obj) if lane else move.handle(self, obj)
         except ProtocolError as error:
             self._die(as_remote(error))
-        if move.after is State.CLOSED and not self._goodbye:
-            self._goodbye = "received"
-        self.state = move.after
+        if move.after is not self._state:  # READY -> READY, every batch: nothing to change
+            if move.after is State.CLOSED and not self._goodbye:
+                self._goodbye = "received"
+            self.state = move.after
         self.messages_received += 1
         return message
 
