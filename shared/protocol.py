@@ -10,9 +10,14 @@ The state machine is data. :data:`RECEIVE_RULES` and :data:`SEND_RULES` map ``(r
 state)`` to ``{message type: Move}``, and a :class:`Move` carries everything that message
 needs in that state, as h2's transition table does: the next state, the feature it
 requires, and the one function that parses (receive) or checks and numbers it (send). There
-is one receive path and one send path; a batch takes the same steps as a HELLO. Anything
-not in the tables is a protocol error — local when we try it, remote when the peer does —
-and a connection that saw a remote error is dead: every later call raises the same error.
+is one set of rules: every message, batches included, is looked up in the same tables and
+checked by the same functions. Only the *reading* of a batch frame may differ: the host
+takes a whole batch frame at a message boundary from its fixed header (the batch lane,
+``HostConnection``: one decoder per message shape, no msgpack object, no message built) and
+reads everything else through the framer and msgpack; both reach ``_accept_batch``, and
+``ReceivedBatch`` is what the host gets either way. Anything not in the tables is a protocol
+error — local when we try it, remote when the peer does — and a connection that saw a
+remote error is dead: every later call raises the same error.
 
 Receive checks run in this order (docs/PROTOCOL.md §5.1): framing limits; a non-empty array
 with an integer type (``bad-shape``); a v1 type (``unknown-type``); allowed in this state
