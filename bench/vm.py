@@ -152,7 +152,7 @@ def _drain(stack: Stack, free_mib: int, quiet, during=None) -> dict:
 
 
 def reporting_qemu(guest_mib: int, free_mib: int) -> dict:
-    with Stack(memory_mib=guest_mib, prealloc=False, free_page_reporting=True) as stack:
+    with Stack(memory_mib=guest_mib, prealloc=False, free_page_reporting=True, host_qmp=True) as stack:
         def quiet():  # let the kernel finish reporting what was free at boot
             time.sleep(6)
         result = _drain(stack, free_mib, quiet)
@@ -161,7 +161,7 @@ def reporting_qemu(guest_mib: int, free_mib: int) -> dict:
 
 
 def reporting_agent(guest_mib: int, free_mib: int) -> dict:
-    with Stack(memory_mib=guest_mib, prealloc=False) as stack:
+    with Stack(memory_mib=guest_mib, prealloc=False, host_qmp=True) as stack:  # the layout, for any size
         stack.start_agent("--source linux")
         stack.wait_connected(300)
         pid = stack.agent_pids()[0]
