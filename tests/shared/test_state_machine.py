@@ -513,7 +513,7 @@ def test_machines_reach_ready():
     """The machines above are only worth something if sessions get to carry batches."""
     for machine in (HostUnderFire, GuestUnderFire):
         machine.reached = set()
-        run_state_machine_as_test(machine, settings=settings(STATEFUL, max_examples=100, derandomize=True,
+        run_state_machine_as_test(machine, settings=settings(STATEFUL, max_examples=300, derandomize=True,
                                                              database=None))
     reached = HostUnderFire.reached | GuestUnderFire.reached
     for needed in ("host:HELLO", "host:batch", "host:STATS", "host:error:window-overrun", "host:error:bad-seq",
