@@ -91,3 +91,12 @@ def test_roots_balloonctl_finds_the_hosts_admin_token():
     host = (UNITS / "balloon-host.service").read_text()
     assert f"Environment=BALLOON_HOST_ADMIN_TOKEN_DIR={default_admin_token_dir(0, {})}\n" in host
     assert "RuntimeDirectoryMode=0750" in host  # the token directory may not be writable by others
+
+
+def test_a_refused_guest_is_not_restarted_in_a_loop():
+    """balloon-guest exits 2 when the host refuses it for good (bad-size, auth-failed, ...) or an
+    option is wrong; systemd must not restart that every RestartSec, only a crash."""
+    settings = dict(line.split("=", 1) for line in (UNITS / "balloon-guest@.service").read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["Restart"] == "on-failure"
+    assert "2" in settings["RestartPreventExitStatus"].split()
