@@ -128,9 +128,10 @@ class Stack:
     def wait_inflated(self, mib: int, timeout: float = 120) -> dict:
         pages = mib << 8
 
-        def settled():
+        def settled():  # and every batch acked: the host's view counts a batch before its punch ends
             record = self.guest()
-            return record if record["connected"] and record["inflated_pages"] == pages else None
+            done = record["connected"] and record["inflated_pages"] == pages and record["window"]["in_use"] == 0
+            return record if done else None
         return poll(settled, timeout, lambda: f"{mib} MiB inflated: {self.guest()}\n{self.agent_log()}")
 
     # -- the agent in the guest ------------------------------------------------------------

@@ -38,8 +38,12 @@ def stop_canary(stack: Stack) -> str:
 
 
 def agent_and_canary(stack: Stack, *options: str) -> None:
-    """The agent connected (balloon only, unless options say otherwise) and a canary held."""
-    stack.start_agent("--source linux", *(options or ("--no-reporting",)))
+    """The agent connected (balloon only, unless options say otherwise) and a canary held.
+
+    ``--scan-interval 0``: no periodic kpageflags scan, whose fresh 8-bytes-per-page buffers
+    (2 MiB for 1 GiB) come from the free lists — pages a deflate just left as holes — and would
+    move st_blocks by what the test does not measure."""
+    stack.start_agent("--source linux", *(options or ("--no-reporting", "--scan-interval", "0")))
     stack.wait_connected(180)
     start_canary(stack)
 
@@ -76,7 +80,10 @@ def test_host_guest_and_ram_file_agree_on_the_balloon():
             assert mem["Mlocked"] >= (mib - 1) * MIB
         stack.target(0)
         stack.wait_inflated(0, 180)
-        assert before_file - vm.ram_allocated() == 512 * MIB  # holes until the guest writes there
+        # holes until the guest writes there: the host re-backs none of them; the guest's own
+        # allocations meanwhile (each malloc of 128 KiB or more is fresh pages from the free
+        # lists, which the deflate just filled with holes) may take back a little
+        assert 508 * MIB <= before_file - vm.ram_allocated() <= 512 * MIB
         check_fresh_memory(stack)
         assert vm.ram_allocated() > before_file - 512 * MIB  # and writing backs them again
         assert "memcheck ok" in stop_canary(stack)
@@ -119,7 +126,7 @@ def test_a_restarted_agent_starts_a_fresh_session_and_nothing_is_lost():
         stack.wait_inflated(256, 180)
         stack.kill_agent(signal.SIGKILL)  # its pinned pages go back to the guest kernel
         check_fresh_memory(stack, 200)  # the kernel reuses them: none may still be discarded later
-        stack.start_agent("--source linux", "--no-reporting", log="/tmp/agent2.log")
+        stack.start_agent("--source linux", "--no-reporting", "--scan-interval", "0", log="/tmp/agent2.log")
         # The host ends the old session on the new agent's BYE "resync"; QEMU redials; HELLO.
         poll(lambda: "resynchronised" in stack.agent_log("/tmp/agent2.log"), 180,
              lambda: stack.agent_log("/tmp/agent2.log"))

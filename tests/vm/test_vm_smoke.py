@@ -20,7 +20,7 @@ BALLOON_MIB = 256
 def test_real_guest_balloon_returns_exactly_the_inflated_memory():
     with Stack(memory_mib=1024, prealloc=True, host_qmp=True) as stack:
         vm = stack.vm
-        stack.start_agent("--source linux", "--no-reporting", "--log-level info")
+        stack.start_agent("--source linux", "--no-reporting", "--scan-interval", "0", "--log-level info")
         record = stack.wait_connected(150)
         # the host asked QEMU (QMP) where guest RAM lives: one flat region for a 1 GiB pc guest
         assert record["vmm"]["state"] == "connected" and record["vmm"]["discard_blocked"] is None

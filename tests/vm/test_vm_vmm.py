@@ -35,7 +35,7 @@ GIB = 1 << 30
 
 def balloon_above_4g(stack: Stack, balloon_mib: int, below_4g: int) -> None:
     vm = stack.vm
-    stack.start_agent("--source linux", "--no-reporting")
+    stack.start_agent("--source linux", "--no-reporting", "--scan-interval", "0")
     record = stack.wait_connected(240)
     layout = record["vmm"]["layout"]
     assert record["vmm"]["state"] == "connected"
@@ -178,7 +178,7 @@ class TwoVms(Stack):
 def test_an_agent_vm_and_a_stock_vm_on_one_host_survive_qemu_and_host_restarts():
     with TwoVms() as stack:
         stack.stock.start()
-        stack.start_agent("--source linux", "--no-reporting")
+        stack.start_agent("--source linux", "--no-reporting", "--scan-interval", "0")
         stack.wait_connected(240)
         poll(lambda: stack.view("vm2")["vmm"]["state"] == "connected" and stack.view("vm2")["driver"] == "virtio-balloon",
              60, lambda: stack.view("vm2"))
