@@ -398,7 +398,7 @@ class GuestTracker(TrackerViews):
         """Reject the ranges in a hole (``not-ram``), apply the others: a rejected range
         changes nothing and counts against no other, so dropping it first is the same pass."""
         keep = ~hit
-        result = self.apply(kind, pfns[keep], counts[keep], cmd_id) if keep.any() else ApplyResult(kind)
+        result = self._apply_kernel(kind, KIND_CODES[kind], pfns[keep], counts[keep]) if keep.any() else ApplyResult(kind)
         pages = _total(counts[hit])
         ranges = int(hit.sum())
         rejected = dict(result.rejected)
@@ -442,6 +442,11 @@ class GuestTracker(TrackerViews):
             hit = self._not_ram(pfns, counts)
             if hit is not None:
                 return self._apply_around_holes(kind, pfns, counts, hit, cmd_id)
+        return self._apply_kernel(kind, code, pfns, counts)
+
+    def _apply_kernel(self, kind: str, code: int, pfns: np.ndarray, counts: np.ndarray) -> ApplyResult:
+        """One call of ``apply_batch`` on checked uint64 arrays, and its result as an ApplyResult."""
+        n = pfns.size
         if not _compiled:
             load_kernels()
         out = np.empty(2 * n, dtype=U64) if code == _REPORT or code == _INFLATE else _EMPTY

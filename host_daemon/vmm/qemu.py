@@ -49,7 +49,6 @@ from .link import (
     BACKOFF_CAP_S,
     BACKOFF_FIRST_S,
     CONNECTED,
-    CONNECTING,
     ERROR,
     MIGRATION,
     PINNED,
@@ -226,20 +225,20 @@ class QemuLink(VmmLink):
             return f"guest RAM {mem_path!r} is not mapped share=on: punching the file would free nothing"
         return ""
 
-    async def _find_balloon(self) -> None:
-        """The virtio-balloon device's QOM path (for its stats), or none."""
-        self._balloon_path = None
+    async def _devices(self) -> list[tuple[str, str]]:
+        """(QOM path, type) of every device given on the command line or hotplugged."""
+        found = []
         for parent in PERIPHERALS:
             try:
                 children = await self._execute("qom-list", {"path": parent})
             except ExecuteError:
                 continue
-            for child in children:
-                if "virtio-balloon" in child.get("type", ""):
-                    self._balloon_path = f"{parent}/{child['name']}"
-                    break
-            if self._balloon_path:
-                break
+            found += [(f"{parent}/{child['name']}", child.get("type", "")) for child in children]
+        return found
+
+    async def _find_balloon(self) -> None:
+        """The virtio-balloon device's QOM path (for its stats), or none."""
+        self._balloon_path = next((path for path, kind in await self._devices() if "virtio-balloon" in kind), None)
         if self._balloon_path is not None:
             with contextlib.suppress(ExecuteError):
                 await self._execute("qom-set", {"path": self._balloon_path,
@@ -272,14 +271,7 @@ class QemuLink(VmmLink):
             await self._read_stats()
 
     async def _pinning_device(self) -> bool:
-        for parent in PERIPHERALS:
-            try:
-                children = await self._execute("qom-list", {"path": parent})
-            except ExecuteError:
-                continue
-            if any("vfio" in child.get("type", "") for child in children):
-                return True
-        return False
+        return any("vfio" in kind for _, kind in await self._devices())
 
     async def _read_stats(self) -> None:
         try:
@@ -301,4 +293,4 @@ def _describe(error: BaseException) -> str:
     return text[:300]
 
 
-__all__ = ["QemuLink", "MIGRATING", "STAT_NAMES", "CONNECTING"]
+__all__ = ["QemuLink", "MIGRATING", "STAT_NAMES"]
